@@ -1,0 +1,1 @@
+"""Streamlit feature browser: reads storage read-only, calls pipeline for live work."""

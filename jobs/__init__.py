@@ -1,0 +1,1 @@
+"""CLI verbs and their configs: wire ``pipeline`` to ``storage``; no math here."""

@@ -1,0 +1,310 @@
+"""`saescope cache`: run a model over a corpus and store the residual stream after one block.
+
+Resumable: contexts come in a fixed order, shards are published atomically and
+listed in the manifest only once complete, so re-running the same command
+continues at the first unfinished shard and yields the same cache as an
+uninterrupted run. A different model, layer, ctx-len, corpus or dtype on an
+existing cache is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import time
+from dataclasses import dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from jobs.common import converted_models_dir, human_bytes, human_count, progress
+from jobs.config import add_config_arguments, config_from_args, config_to_mapping, option, require
+from pipeline.activations import compute_activations
+from pipeline.corpus import CorpusError, CorpusSpec, fingerprint, iter_documents
+from pipeline.models import LoadedModel, load_model
+from pipeline.packing import SpecialTokens, pack_contexts
+from pipeline.precision import DtypeChoice, choose_dtype, resolve_device
+from pipeline.residual import check_layer, hook_name
+from storage.atomic import remove_stale_temps
+from storage.run_config import update_run_config
+from storage.shards import (
+    STORAGE_DTYPES,
+    CacheError,
+    CacheManifest,
+    activations_dir,
+    manifest_exists,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Options of `saescope cache`."""
+
+    run: str = option(help="run directory, e.g. runs/demo")
+    model: str = option(
+        "default", "'default' (SmolLM2-135M-Instruct, offline), a hub id, a model folder or a .gguf file"
+    )
+    layer: int | None = option(None, "cache the residual stream after this block (0-based; default: the middle block)")
+    dataset: str = option(
+        "default", "'default' (Python's own docs, offline), a hub dataset, or .txt/.jsonl/.parquet files"
+    )
+    dataset_config: str | None = option(None, "hub dataset configuration name")
+    split: str = option("train", "dataset split")
+    text_column: str = option("text", "column holding the text")
+    tokens: int = option(1_000_000, "positions to cache (BOS included); stops early if the corpus runs out")
+    ctx_len: int = option(128, "tokens per context")
+    batch_size: int = option(8, "contexts per forward pass")
+    dtype: Literal["float16", "bfloat16", "float32"] = option("float16", "storage dtype of the activations")
+    model_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "model compute dtype; auto measures which is faster here"
+    )
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    shard_tokens: int = option(32768, "tokens per shard file (rounded down to whole contexts)")
+    writer: str = option("w00", "shard-name prefix of this process")
+
+    def __post_init__(self):
+        require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
+        require(self.ctx_len >= 2, f"--ctx-len must be at least 2, got {self.ctx_len}")
+        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        require(
+            self.shard_tokens >= self.ctx_len,
+            f"--shard-tokens ({self.shard_tokens}) must hold one context ({self.ctx_len})",
+        )
+        require(self.layer is None or self.layer >= 0, f"layer {self.layer} out of range: layers are numbered from 0")
+        require(self.writer.isalnum(), f"--writer must be alphanumeric, got {self.writer!r}")
+
+    @property
+    def shard_contexts(self) -> int:
+        return self.shard_tokens // self.ctx_len
+
+    @property
+    def target_contexts(self) -> int:
+        return math.ceil(self.tokens / self.ctx_len)
+
+    @property
+    def corpus(self) -> CorpusSpec:
+        return CorpusSpec(self.dataset, self.dataset_config, self.split, self.text_column)
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What a cache run did."""
+
+    run_dir: Path
+    manifest: CacheManifest
+    new_tokens: int
+    seconds: float
+    already_done: bool
+    corpus_exhausted: bool
+
+
+def _recorded_request(manifest: CacheManifest) -> dict:
+    prov = manifest.provenance
+    return {
+        "model": prov["model"]["spec"],
+        "layer": prov["hook"]["layer"],
+        "ctx_len": manifest.ctx_len,
+        "corpus": prov["corpus"]["spec"],
+        "dtype": manifest.dtype,
+        "shard_contexts": manifest.shard_contexts,
+        "model_dtype": prov["model_dtype"]["name"],
+    }
+
+
+def _requested(cfg: CacheConfig, recorded: dict) -> dict:
+    return {
+        "model": cfg.model,
+        "layer": recorded["layer"] if cfg.layer is None else cfg.layer,
+        "ctx_len": cfg.ctx_len,
+        "corpus": config_to_mapping(cfg.corpus),
+        "dtype": cfg.dtype,
+        "shard_contexts": cfg.shard_contexts,
+        "model_dtype": recorded["model_dtype"] if cfg.model_dtype == "auto" else cfg.model_dtype,
+    }
+
+
+def check_same_request(manifest: CacheManifest, cfg: CacheConfig) -> None:
+    """Refuse to add to a cache made with a different model, layer, ctx-len, corpus or dtype."""
+    recorded = _recorded_request(manifest)
+    requested = _requested(cfg, recorded)
+    differences = [
+        f"{key}: cache has {recorded[key]!r}, requested {requested[key]!r}"
+        for key in recorded
+        if recorded[key] != requested[key]
+    ]
+    if differences:
+        raise CacheError(
+            f"{cfg.run} already holds a different activation cache ({'; '.join(differences)}); "
+            "use a new --run folder, or repeat the original options"
+        )
+
+
+def _check_same_content(manifest: CacheManifest, provenance: dict, run: str) -> None:
+    for part, key in (("model", "revision"), ("corpus", "fingerprint")):
+        before, now = manifest.provenance[part][key], provenance[part][key]
+        if before != now:
+            raise CacheError(
+                f"{run}: the {part} changed since this cache was started ({key} {before} -> {now}); "
+                "use a new --run folder"
+            )
+
+
+def _provenance(cfg: CacheConfig, loaded: LoadedModel, layer: int, choice: DtypeChoice, device: torch.device) -> dict:
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    return {
+        "model": loaded.info.as_dict(),
+        "tokenizer": {
+            "name": loaded.info.name,
+            "vocab_size": len(loaded.tokenizer),
+            "bos_token_id": special.bos_id,
+            "separator_token_id": special.separator_id,
+        },
+        "hook": {"layer": layer, "name": hook_name(layer)},
+        "corpus": {
+            "spec": config_to_mapping(cfg.corpus),
+            "description": cfg.corpus.describe(),
+            "fingerprint": fingerprint(cfg.corpus),
+        },
+        "model_dtype": choice.as_dict(),
+        "device": str(device),
+    }
+
+
+def _new_manifest(cfg: CacheConfig, loaded: LoadedModel, provenance: dict) -> CacheManifest:
+    return CacheManifest(
+        provenance=provenance,
+        d_model=loaded.info.d_model,
+        ctx_len=cfg.ctx_len,
+        dtype=cfg.dtype,
+        special_token_ids=SpecialTokens.from_tokenizer(loaded.tokenizer).special_ids,
+        shard_contexts=cfg.shard_contexts,
+    )
+
+
+def _is_finished(manifest: CacheManifest, cfg: CacheConfig) -> bool:
+    return manifest.complete and (
+        manifest.n_contexts >= cfg.target_contexts or manifest.extra.get("corpus_exhausted", False)
+    )
+
+
+def _write_one_shard(folder: Path, cfg: CacheConfig, manifest: CacheManifest, acts_CTD, tokens_CT) -> CacheManifest:
+    index = sum(1 for record in manifest.shards if record.writer == cfg.writer)
+    try:
+        record = write_shard(folder, cfg.writer, index, manifest.n_contexts, acts_CTD, tokens_CT, cfg.dtype)
+        updated = manifest.with_shard(record)
+        write_manifest(folder, updated)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise CacheError(
+                f"disk full while writing shard {index} to {folder}: the {len(manifest.shards)} finished shards "
+                f"({human_count(manifest.n_tokens)} tokens) are kept; "
+                "free some space and re-run the same command to resume"
+            ) from error
+        raise
+    return updated
+
+
+def fill_cache(
+    cfg: CacheConfig, loaded: LoadedModel, manifest: CacheManifest, layer: int, folder: Path
+) -> tuple[CacheManifest, bool]:
+    """Compute and write shards until the token target or the end of the corpus."""
+    contexts = pack_contexts(iter_documents(cfg.corpus), loaded.tokenizer, cfg.ctx_len)
+    contexts = islice(contexts, manifest.n_contexts, None)
+    out_dtype = STORAGE_DTYPES[cfg.dtype]
+    bar = progress(cfg.target_contexts * cfg.ctx_len, "cache", initial=manifest.n_tokens)
+    exhausted = False
+    with bar:
+        while manifest.n_contexts < cfg.target_contexts:
+            wanted = min(cfg.shard_contexts, cfg.target_contexts - manifest.n_contexts)
+            batch = list(islice(contexts, wanted))
+            exhausted = len(batch) < wanted
+            if batch:
+                tokens_CT = torch.tensor(batch, dtype=torch.int32)
+                acts_CTD = compute_activations(loaded.model, tokens_CT, layer, cfg.batch_size, out_dtype)
+                manifest = _write_one_shard(folder, cfg, manifest, acts_CTD, tokens_CT)
+                bar.update(tokens_CT.numel())
+            if exhausted:
+                break
+    return manifest, exhausted
+
+
+def run_cache(cfg: CacheConfig) -> CacheSummary:
+    """Cache activations for ``cfg``, resuming or refusing as the module docstring says."""
+    run_dir, folder = Path(cfg.run), activations_dir(Path(cfg.run))
+    existing = read_manifest(folder) if manifest_exists(folder) else None
+    if existing is not None:
+        check_same_request(existing, cfg)
+        if _is_finished(existing, cfg):
+            return CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    device = resolve_device(cfg.device)
+    recorded = existing.provenance["model_dtype"]["name"] if existing else cfg.model_dtype
+    choice = choose_dtype(recorded, device)
+    loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
+    default_layer = loaded.info.default_layer if existing is None else existing.provenance["hook"]["layer"]
+    layer = check_layer(default_layer if cfg.layer is None else cfg.layer, loaded.info.n_layers)
+    provenance = _provenance(cfg, loaded, layer, choice, device)
+    if existing is not None:
+        _check_same_content(existing, provenance, cfg.run)
+        provenance["model_dtype"] = existing.provenance["model_dtype"]
+    manifest = existing or _new_manifest(cfg, loaded, provenance)
+    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=choice.name)))
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    write_manifest(folder, replace(manifest, complete=False))
+    start, before = time.perf_counter(), manifest.n_tokens
+    manifest, exhausted = fill_cache(cfg, loaded, manifest, layer, folder)
+    if manifest.n_contexts == 0:
+        raise CorpusError(
+            f"corpus {cfg.corpus.describe()!r} holds too little text for one context of {cfg.ctx_len} tokens"
+        )
+    extra = {**manifest.extra, "target_tokens": cfg.target_contexts * cfg.ctx_len, "corpus_exhausted": exhausted}
+    manifest = replace(manifest, complete=True, extra=extra)
+    write_manifest(folder, manifest)
+    return CacheSummary(run_dir, manifest, manifest.n_tokens - before, time.perf_counter() - start, False, exhausted)
+
+
+def format_summary(summary: CacheSummary) -> str:
+    """The end-of-job report: what is where, how fast, and what to run next."""
+    m = summary.manifest
+    prov = m.provenance
+    size = sum(record.n_bytes for record in m.shards)
+    lines = []
+    if summary.already_done:
+        lines.append(
+            f"{summary.run_dir}: activation cache already complete ({human_count(m.n_tokens)} tokens); nothing to do."
+        )
+    else:
+        rate = summary.new_tokens / summary.seconds if summary.seconds else 0.0
+        lines.append(
+            f"cached {human_count(summary.new_tokens)} new tokens in {summary.seconds:.0f}s ({rate:,.0f} tokens/s)"
+        )
+    if summary.corpus_exhausted:
+        asked = human_count(m.extra.get("target_tokens", 0))
+        lines.append(f"note: the corpus ran out at {human_count(m.n_tokens)} tokens (asked for {asked})")
+    model, dtype = prov["model"], prov["model_dtype"]
+    lines += [
+        f"  model      {model['name']} ({model['source']}), {prov['hook']['name']}, d_model {m.d_model}",
+        f"  compute    {dtype['name']} ({dtype['reason']})",
+        f"  corpus     {prov['corpus']['description']}",
+        f"  cache      {activations_dir(summary.run_dir)}: {len(m.shards)} shards, "
+        f"{m.n_contexts} contexts x {m.ctx_len} tokens, {m.dtype}, {human_bytes(size)}",
+        f"next: saescope verify --run {summary.run_dir}   |   saescope train --run {summary.run_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("cache", help="cache a model's residual-stream activations as shards")
+    add_config_arguments(parser, CacheConfig)
+    parser.set_defaults(handler=command)
+
+
+def command(args) -> int:
+    summary = run_cache(config_from_args(CacheConfig, args))
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,92 @@
+"""Frozen job configs whose fields carry their own help; the CLI is generated from them.
+
+``option(default, help)`` declares a field; ``add_config_arguments`` turns a
+config class into argparse flags (``batch_size`` -> ``--batch-size``);
+``config_from_args`` and ``config_from_mapping`` build the config back, the
+latter refusing unknown keys by name (for run.toml and --config files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+REQUIRED = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names it."""
+
+
+def option(default: Any = REQUIRED, help: str = "", flag: str | None = None) -> Any:
+    """A config field with its help text (shown by --help and kept as its documentation)."""
+    metadata = {"help": help, "flag": flag}
+    if default is REQUIRED:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _unwrap_optional(annotation) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls`` (a frozen dataclass made with ``option``)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        annotation, _ = _unwrap_optional(hints[field.name])
+        kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata.get("help", "")}
+        required = field.default is REQUIRED and field.default_factory is REQUIRED
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        else:
+            kwargs["type"] = annotation
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+            default = field.default
+            kwargs["help"] += "" if default is None else f" (default: {default})"
+        parser.add_argument(_flag(field), **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides):
+    """Build ``cls`` from parsed flags; flags the user left out keep the field defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def config_from_mapping(cls: type, mapping: dict, where: str):
+    """Build ``cls`` from a dict (a TOML table); an unknown key is an error naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(names))}")
+    return cls(**mapping)
+
+
+def config_to_mapping(config) -> dict:
+    """A config as a plain dict (for run.toml)."""
+    return dataclasses.asdict(config)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds (for __post_init__ checks)."""
+    if not condition:
+        raise ConfigError(message)

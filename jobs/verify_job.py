@@ -1,0 +1,27 @@
+"""`saescope verify`: check every shard of a run's activation cache against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage.shards import activations_dir, read_manifest, verify_cache
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("verify", help="check the sizes, checksums and shapes of a cache's shards")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.set_defaults(handler=command)
+
+
+def command(args) -> int:
+    folder = activations_dir(Path(args.run))
+    manifest = read_manifest(folder)
+    report = verify_cache(folder)
+    for line in report.strays:
+        print(f"note: unlisted shard file {line} (left by a killed job; the next `cache` run overwrites it)")
+    for line in report.problems:
+        print(f"BAD  {line}")
+    state = "complete" if manifest.complete else "incomplete (re-run `saescope cache` to finish)"
+    verdict = "OK" if not report.problems else f"{len(report.problems)} bad shard(s)"
+    print(f"{folder}: {report.n_shards} shards, {manifest.n_tokens:,} tokens, {state}: {verdict}")
+    return 0 if not report.problems else 1

@@ -1,0 +1,33 @@
+"""Residual-stream activations for a block of contexts, computed batch by batch.
+
+Shape legend: C contexts, T positions, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.residual import residual_after_block
+
+
+@torch.inference_mode()
+def compute_activations(
+    model: nn.Module,
+    tokens_CT: torch.Tensor,
+    layer: int,
+    batch_size: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Residual stream after block ``layer`` for every context, on CPU in ``out_dtype`` [C, T, D].
+
+    Batches are always cut at the same offsets for the same inputs, so the same
+    contexts give bit-identical activations on the same machine.
+    """
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, tokens_CT.shape[0], batch_size):
+        ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
+        acts_BTD = residual_after_block(model, ids_BT, layer)
+        outputs.append(acts_BTD.to(device="cpu", dtype=out_dtype))
+    return torch.cat(outputs)

@@ -1,0 +1,260 @@
+"""Activation shards and the manifest that lists them.
+
+A shard is one safetensors file holding ``activations`` [n_ctx, ctx_len, d_model]
+(float16, bfloat16 or float32) and ``tokens`` [n_ctx, ctx_len] int32. Its name
+carries a writer prefix (``w00-000003.safetensors``) so several processes can
+share one folder. ``manifest.json`` records provenance, shapes, dtype, and per
+shard the file name, context range and sha256; it is rewritten atomically after
+each shard, so a killed job never leaves a half shard listed.
+
+Shape legend: C contexts, T positions, D d_model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from storage.atomic import atomic_write_bytes, atomic_write_json
+from storage.constants import ACTIVATIONS_DIR, FORMAT_VERSION, MANIFEST, SHARD_SUFFIX
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CacheError(ValueError):
+    """The activation cache is missing, inconsistent or damaged."""
+
+
+class CorruptShardError(CacheError):
+    """A shard's bytes do not match the manifest (truncated, altered or unreadable)."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard as listed in the manifest."""
+
+    file: str
+    """File name inside the activations folder."""
+    writer: str
+    """Prefix of the process that wrote it."""
+    index: int
+    """Shard number within its writer."""
+    first_context: int
+    """Global index of its first context."""
+    n_ctx: int
+    """Number of contexts it holds."""
+    sha256: str
+    """Hex sha256 of the whole file."""
+    n_bytes: int
+    """File size in bytes."""
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """Everything a reader needs to trust and interpret the shards."""
+
+    provenance: dict
+    """Model, tokenizer, hook, corpus and compute dtype that produced the activations."""
+    d_model: int
+    ctx_len: int
+    dtype: str
+    """Storage dtype of ``activations``."""
+    special_token_ids: tuple[int, ...]
+    """Token ids whose positions are masked out of training and indexing."""
+    shard_contexts: int
+    """Contexts per shard (the last shard may hold fewer)."""
+    shards: tuple[ShardRecord, ...] = ()
+    complete: bool = False
+    """True once the job reached its token target or the end of the corpus."""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+    """Job notes (e.g. the token target and whether the corpus ran out)."""
+
+    @property
+    def n_contexts(self) -> int:
+        return sum(record.n_ctx for record in self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_contexts * self.ctx_len
+
+    def with_shard(self, record: ShardRecord) -> CacheManifest:
+        if record.first_context != self.n_contexts:
+            raise CacheError(
+                f"shard {record.file} starts at context {record.first_context}, expected {self.n_contexts}"
+            )
+        return replace(self, shards=(*self.shards, record))
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["special_token_ids"] = list(self.special_token_ids)
+        payload["n_contexts"] = self.n_contexts
+        payload["n_tokens"] = self.n_tokens
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> CacheManifest:
+        payload = dict(payload)
+        payload.pop("n_contexts", None)
+        payload.pop("n_tokens", None)
+        version = payload.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(f"manifest format version {version} is not supported (expected {FORMAT_VERSION})")
+        payload["shards"] = tuple(ShardRecord(**record) for record in payload.get("shards", []))
+        payload["special_token_ids"] = tuple(payload["special_token_ids"])
+        return cls(**payload)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The tensors of one shard."""
+
+    activations_CTD: torch.Tensor
+    tokens_CT: torch.Tensor
+    record: ShardRecord
+
+
+def activations_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / ACTIVATIONS_DIR
+
+
+def shard_name(writer: str, index: int) -> str:
+    return f"{writer}-{index:06d}{SHARD_SUFFIX}"
+
+
+def manifest_exists(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> CacheManifest:
+    """Read and validate ``manifest.json`` in an activations folder."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"no activation cache at {folder} (missing {MANIFEST}); run `saescope cache` first")
+    try:
+        return CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise CacheError(
+            f"{path} is unreadable ({error}); delete the activations folder and re-run `saescope cache`"
+        ) from error
+
+
+def write_manifest(folder: Path, manifest: CacheManifest) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(folder) / MANIFEST, manifest.to_dict())
+
+
+def write_shard(
+    folder: Path,
+    writer: str,
+    index: int,
+    first_context: int,
+    activations_CTD: torch.Tensor,
+    tokens_CT: torch.Tensor,
+    dtype: str,
+) -> ShardRecord:
+    """Serialize, hash and atomically publish one shard; return its manifest record."""
+    if dtype not in STORAGE_DTYPES:
+        raise CacheError(f"unknown storage dtype {dtype!r}: use one of {sorted(STORAGE_DTYPES)}")
+    if activations_CTD.shape[:2] != tokens_CT.shape:
+        raise CacheError(f"activations {tuple(activations_CTD.shape)} and tokens {tuple(tokens_CT.shape)} disagree")
+    tensors = {
+        "activations": activations_CTD.detach().to(device="cpu", dtype=STORAGE_DTYPES[dtype]).contiguous(),
+        "tokens": tokens_CT.detach().to(device="cpu", dtype=torch.int32).contiguous(),
+    }
+    data = save_safetensors_bytes(tensors, metadata={"first_context": str(first_context)})
+    name = shard_name(writer, index)
+    atomic_write_bytes(Path(folder) / name, data)
+    return ShardRecord(
+        file=name,
+        writer=writer,
+        index=index,
+        first_context=first_context,
+        n_ctx=int(tokens_CT.shape[0]),
+        sha256=hashlib.sha256(data).hexdigest(),
+        n_bytes=len(data),
+    )
+
+
+def _read_checked(path: Path, record: ShardRecord) -> bytes:
+    if not path.is_file():
+        raise CorruptShardError(f"shard {path} is listed in the manifest but missing")
+    data = path.read_bytes()
+    if len(data) != record.n_bytes:
+        raise CorruptShardError(f"shard {path} is truncated or altered: {len(data)} bytes, expected {record.n_bytes}")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != record.sha256:
+        raise CorruptShardError(
+            f"shard {path} is corrupt: sha256 {actual[:12]}… does not match the manifest's {record.sha256[:12]}…"
+        )
+    return data
+
+
+def load_shard(folder: Path, manifest: CacheManifest, record: ShardRecord, verify: bool = True) -> Shard:
+    """Load one shard, checking its size, sha256 and shapes against the manifest."""
+    path = Path(folder) / record.file
+    try:
+        if verify:
+            tensors = load_safetensors_bytes(_read_checked(path, record))
+        else:
+            with safe_open(path, framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except CorruptShardError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise CorruptShardError(f"shard {path} is unreadable: {error}") from error
+    expected = (record.n_ctx, manifest.ctx_len, manifest.d_model)
+    acts, tokens = tensors.get("activations"), tensors.get("tokens")
+    if acts is None or tokens is None or tuple(acts.shape) != expected or tuple(tokens.shape) != expected[:2]:
+        raise CorruptShardError(f"shard {path} does not hold activations {expected} and tokens {expected[:2]}")
+    return Shard(activations_CTD=acts, tokens_CT=tokens, record=record)
+
+
+def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
+    """Only the ``tokens`` tensor of a shard (no checksum; cheap random access)."""
+    with safe_open(Path(folder) / record.file, framework="pt") as handle:
+        return handle.get_tensor("tokens")
+
+
+def iter_shards(
+    folder: Path,
+    manifest: CacheManifest,
+    records: tuple[ShardRecord, ...] | None = None,
+    verify: bool = True,
+) -> Iterator[Shard]:
+    """Stream shards one at a time (bounded memory: one shard in RAM)."""
+    for record in manifest.shards if records is None else records:
+        yield load_shard(folder, manifest, record, verify=verify)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of checking a whole cache."""
+
+    n_shards: int
+    problems: tuple[str, ...]
+    """One line per missing, truncated or corrupt shard."""
+    strays: tuple[str, ...]
+    """Shard files not in the manifest (a killed job wrote them; resume overwrites them)."""
+
+
+def verify_cache(folder: Path) -> VerifyReport:
+    """Check every listed shard's size, sha256 and shapes."""
+    manifest = read_manifest(folder)
+    problems = []
+    for record in manifest.shards:
+        try:
+            load_shard(folder, manifest, record, verify=True)
+        except CacheError as error:
+            problems.append(str(error))
+    listed = {record.file for record in manifest.shards}
+    strays = sorted(str(p) for p in Path(folder).glob(f"*{SHARD_SUFFIX}") if p.name not in listed)
+    return VerifyReport(n_shards=len(manifest.shards), problems=tuple(problems), strays=tuple(strays))

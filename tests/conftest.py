@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny random Llama and a character-level tokenizer, built in code.
+
+Nothing here touches the network; the real default model is only used by tests
+marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
+CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+
+TEXTS = [
+    "The cat sat on the mat. The dog sat on the log.",
+    "Sparse autoencoders split activations into features.",
+    "Every context starts with a beginning-of-sequence token.",
+    "Residual streams carry information between blocks.",
+    "A killed job resumes at the next unfinished shard.",
+    "Python ships its own documentation as docstrings.",
+] * 12
+
+
+def pytest_configure(config):
+    """Offline before anything imports huggingface_hub (it reads these once, at import)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def make_tokenizer():
+    """A character-level fast tokenizer with <unk>, <bos>, <eos>, <pad>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def make_tiny_llama(vocab_size: int, n_layers: int = 4, d_model: int = 32, seed: int = 0):
+    """A random Llama small enough to run in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    return make_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, tiny_model) -> Path:
+    """The tiny model and tokenizer saved as a local model folder (a model spec)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A local .txt corpus (one document)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(TEXTS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    """Every test runs offline and keeps converted models in its own temp folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "saescope-home"))

@@ -1,0 +1,146 @@
+"""The cache job on a tiny model: resume after a crash, refusals, clear errors, disk full."""
+
+import errno
+
+import pytest
+import torch
+
+import jobs.cache_job as cache_job
+from jobs.cache_job import CacheConfig, run_cache
+from pipeline.corpus import CorpusError
+from pipeline.residual import residual_after_block
+from storage.shards import CacheError, iter_shards, load_shard, read_manifest
+
+
+def _cfg(run, model_dir, corpus, **overrides):
+    values = dict(
+        run=str(run),
+        model=str(model_dir),
+        dataset=str(corpus),
+        tokens=1000,
+        ctx_len=16,
+        batch_size=3,
+        shard_tokens=64,
+        dtype="float32",
+        model_dtype="float32",
+        device="cpu",
+    )
+    values.update(overrides)
+    return CacheConfig(**values)
+
+
+def _shard_hashes(run):
+    return [r.sha256 for r in read_manifest(run / "activations").shards]
+
+
+def test_cache_matches_a_direct_forward(tmp_path, tiny_model_dir, text_corpus, tiny_model):
+    summary = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1))
+    manifest = summary.manifest
+    assert manifest.complete and manifest.n_contexts == 63 and len(manifest.shards) == 16
+    assert manifest.provenance["hook"] == {"layer": 1, "name": "blocks.1.hook_resid_post"}
+    shard = next(iter_shards(tmp_path / "run" / "activations", manifest))
+    expected = residual_after_block(tiny_model, shard.tokens_CT.long(), 1)
+    torch.testing.assert_close(shard.activations_CTD, expected, rtol=1e-5, atol=1e-5)
+    assert (shard.tokens_CT[:, 0] == 1).all()
+    assert (tmp_path / "run" / "run.toml").read_text().count("layer = 1") == 1
+
+
+def test_default_layer_is_the_middle_block(tmp_path, tiny_model_dir, text_corpus):
+    manifest = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=100)).manifest
+    assert manifest.provenance["hook"]["layer"] == 2
+
+
+def test_rerun_of_a_finished_cache_does_nothing(tmp_path, tiny_model_dir, text_corpus):
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, text_corpus)
+    run_cache(cfg)
+    again = run_cache(cfg)
+    assert again.already_done and again.new_tokens == 0
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_model_dir, text_corpus, monkeypatch):
+    run_cache(_cfg(tmp_path / "whole", tiny_model_dir, text_corpus))
+    real_write = cache_job.write_shard
+    written = []
+
+    def crash_after_five(*args, **kwargs):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(cache_job, "write_shard", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_cache(_cfg(tmp_path / "killed", tiny_model_dir, text_corpus))
+    partial = read_manifest(tmp_path / "killed" / "activations")
+    assert len(partial.shards) == 5 and not partial.complete
+    monkeypatch.setattr(cache_job, "write_shard", real_write)
+    resumed = run_cache(_cfg(tmp_path / "killed", tiny_model_dir, text_corpus))
+    assert resumed.new_tokens == (63 - 20) * 16
+    assert _shard_hashes(tmp_path / "killed") == _shard_hashes(tmp_path / "whole")
+
+
+def test_asking_for_more_tokens_extends_the_cache(tmp_path, tiny_model_dir, text_corpus):
+    run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=256))
+    grown = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=512))
+    assert grown.manifest.n_tokens == 512 and grown.new_tokens == 256
+
+
+@pytest.mark.parametrize("change", [{"layer": 0}, {"ctx_len": 32, "shard_tokens": 128}, {"dtype": "float16"}])
+def test_mismatched_rerun_is_refused(tmp_path, tiny_model_dir, text_corpus, change):
+    run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=128))
+    before = _shard_hashes(tmp_path / "run")
+    with pytest.raises(CacheError, match="already holds a different activation cache"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, **{"layer": 1, "tokens": 256, **change}))
+    assert _shard_hashes(tmp_path / "run") == before
+
+
+def test_other_corpus_is_refused(tmp_path, tiny_model_dir, text_corpus):
+    run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=128))
+    other = tmp_path / "other.txt"
+    other.write_text("completely different text " * 100)
+    with pytest.raises(CacheError, match="corpus"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, other, tokens=256))
+
+
+def test_corpus_running_out_is_reported(tmp_path, tiny_model_dir, text_corpus):
+    summary = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=10**6))
+    assert summary.corpus_exhausted and summary.manifest.complete
+    assert run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=10**6)).already_done
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(CorpusError, match="too little text"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, empty))
+
+
+def test_bad_layer_is_a_clear_error(tmp_path, tiny_model_dir, text_corpus):
+    with pytest.raises(ValueError, match=r"layer 9 out of range: model has 4 layers \(0-3\)"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=9))
+
+
+def test_disk_full_keeps_finished_shards(tmp_path, tiny_model_dir, text_corpus, monkeypatch):
+    real_write = cache_job.write_shard
+    calls = []
+
+    def full_disk_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(cache_job, "write_shard", full_disk_on_third)
+    with pytest.raises(CacheError, match="disk full .* 2 finished shards .* re-run the same command"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus))
+    manifest = read_manifest(tmp_path / "run" / "activations")
+    assert len(manifest.shards) == 2
+    for record in manifest.shards:
+        load_shard(tmp_path / "run" / "activations", manifest, record)
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--tokens must be positive"):
+        CacheConfig(run=str(tmp_path), tokens=0)
+    with pytest.raises(ValueError, match="--ctx-len must be at least 2"):
+        CacheConfig(run=str(tmp_path), ctx_len=1)
