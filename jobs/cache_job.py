@@ -225,9 +225,8 @@ def fill_cache(
             exhausted = len(batch) < wanted
             if batch:
                 tokens_CT = torch.tensor(batch, dtype=torch.int32)
-                acts_CTD = compute_activations(loaded.model, tokens_CT, layer, cfg.batch_size, out_dtype)
+                acts_CTD = compute_activations(loaded.model, tokens_CT, layer, cfg.batch_size, out_dtype, bar.update)
                 manifest = _write_one_shard(folder, cfg, manifest, acts_CTD, tokens_CT)
-                bar.update(tokens_CT.numel())
             if exhausted:
                 break
     return manifest, exhausted

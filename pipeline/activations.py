@@ -5,6 +5,8 @@ Shape legend: C contexts, T positions, D d_model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,11 +20,13 @@ def compute_activations(
     layer: int,
     batch_size: int,
     out_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Residual stream after block ``layer`` for every context, on CPU in ``out_dtype`` [C, T, D].
 
     Batches are always cut at the same offsets for the same inputs, so the same
-    contexts give bit-identical activations on the same machine.
+    contexts give bit-identical activations on the same machine. ``on_batch`` is
+    called with the number of tokens after each batch (for progress bars).
     """
     device = next(model.parameters()).device
     outputs = []
@@ -30,4 +34,6 @@ def compute_activations(
         ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
         acts_BTD = residual_after_block(model, ids_BT, layer)
         outputs.append(acts_BTD.to(device="cpu", dtype=out_dtype))
+        if on_batch is not None:
+            on_batch(ids_BT.numel())
     return torch.cat(outputs)

@@ -1,0 +1,100 @@
+"""Reconstruction metrics with stated formulas, streamed in float64.
+
+Shape legend: N tokens, D d_in, F latents.
+
+    FVU                = sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mu||^2
+    explained variance = 1 - FVU
+    mu                 = mean of x over the *whole* evaluation set (not zero, not per token)
+    L0                 = mean over tokens of the number of non-zero latents
+    PCA baseline       = FVU of the best affine rank-r reconstruction of the same tokens,
+                         r = round(L0): 1 - (top r eigenvalues) / (all eigenvalues) of the
+                         covariance of x
+    dead fraction      = fraction of latents with no activation over the stated tokens
+
+Sums are kept around a shift (the first batch's mean) so that the large mean
+of residual streams does not cancel away the variance in floating point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ReconstructionMetrics:
+    """Final numbers of a ``ReconstructionStats``."""
+
+    n_tokens: int
+    fvu: float
+    explained_variance: float
+    mse: float
+    """Mean over tokens of ||x - x_hat||^2."""
+    l0: float
+    pca_rank: int
+    pca_fvu: float
+    """FVU of the best rank-``pca_rank`` affine reconstruction (PCA) of the same tokens."""
+    dead_fraction: float
+    """Latents that never fired on these tokens."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ReconstructionStats:
+    """Accumulates x, x_hat and latent activity batch by batch; see the module docstring."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.n = 0
+        self.shift_D: torch.Tensor | None = None
+        self.sum_D = torch.zeros(d_in, dtype=torch.float64)
+        self.cov_DD = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self.squared_error = 0.0
+        self.active = 0.0
+        self.fired_F = torch.zeros(d_sae, dtype=torch.bool)
+
+    def update(self, x_ND: torch.Tensor, x_hat_ND: torch.Tensor, active_N: torch.Tensor, fired_F: torch.Tensor) -> None:
+        """Add a batch: inputs, reconstructions, active latents per token [N], latents that fired [F]."""
+        x = x_ND.detach().to("cpu", torch.float64)
+        if self.shift_D is None:
+            self.shift_D = x.mean(0)
+        centered = x - self.shift_D
+        self.n += x.shape[0]
+        self.sum_D += centered.sum(0)
+        self.cov_DD += centered.T @ centered
+        self.squared_error += (x - x_hat_ND.detach().to("cpu", torch.float64)).pow(2).sum().item()
+        self.active += active_N.detach().to("cpu", torch.float64).sum().item()
+        self.fired_F |= fired_F.detach().to("cpu")
+
+    def centered_covariance(self) -> torch.Tensor:
+        """sum_n (x_n - mu)(x_n - mu)^T  [D, D]."""
+        offset = self.sum_D / self.n
+        return self.cov_DD - self.n * torch.outer(offset, offset)
+
+    def total_variance(self) -> float:
+        """sum_n ||x_n - mu||^2."""
+        return float(torch.trace(self.centered_covariance()))
+
+    def pca_fvu(self, rank: int) -> float:
+        eigenvalues = torch.linalg.eigvalsh(self.centered_covariance()).flip(0).clamp_min(0)
+        total = eigenvalues.sum()
+        return float(1 - eigenvalues[:rank].sum() / total) if total > 0 else 0.0
+
+    def result(self) -> ReconstructionMetrics:
+        if self.n == 0:
+            raise ValueError("no evaluation tokens were seen")
+        variance = self.total_variance()
+        fvu = self.squared_error / variance if variance > 0 else float("nan")
+        l0 = self.active / self.n
+        rank = max(0, min(self.sum_D.numel(), round(l0)))
+        return ReconstructionMetrics(
+            n_tokens=self.n,
+            fvu=fvu,
+            explained_variance=1 - fvu,
+            mse=self.squared_error / self.n,
+            l0=l0,
+            pca_rank=rank,
+            pca_fvu=self.pca_fvu(rank),
+            dead_fraction=1 - self.fired_F.float().mean().item(),
+        )

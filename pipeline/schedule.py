@@ -1,0 +1,28 @@
+"""Learning-rate and penalty schedules, as pure functions of the step."""
+
+from __future__ import annotations
+
+import math
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / sqrt(d_sae / 2^14): the width scaling of Gao et al. (2024), as in sparsify."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 over the last fraction."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = int(total_steps * decay_fraction)
+    decay_start = total_steps - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        return base_lr * max(0.0, (total_steps - step) / decay_steps)
+    return base_lr
+
+
+def linear_warmup(step: int, warmup_steps: int, final_value: float) -> float:
+    """Ramp a coefficient from 0 to ``final_value`` over ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return final_value
+    return final_value * min(1.0, (step + 1) / warmup_steps)
