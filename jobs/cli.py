@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import cache_job, demo_job, verify_job
-from jobs.common import quiet_libraries
+from jobs import cache_job, demo_job, eval_job, import_job, train_job, verify_job
+from jobs.common import quiet_libraries, tune_allocator
 
-VERBS = (demo_job, cache_job, verify_job)
+VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    tune_allocator()
     try:
         return int(args.handler(args) or 0)
     except ValueError as error:

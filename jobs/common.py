@@ -49,6 +49,30 @@ def quiet_libraries() -> None:
         pass
 
 
+def tune_allocator() -> None:
+    """Keep large freed buffers in the process instead of returning them to the OS (glibc only).
+
+    PyTorch on CPU allocates many 10-300 MB tensors per training step; glibc serves
+    those with fresh mmap pages that are page-faulted on every use. Raising the mmap
+    and trim thresholds made a TopK training step 25-40% faster here (2 cores,
+    d_sae 4608-16384). Called from main(), never at import.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (e.g. musl): nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 31)
+
+
 def human_count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:

@@ -21,9 +21,12 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names it."""
 
 
-def option(default: Any = REQUIRED, help: str = "", flag: str | None = None) -> Any:
-    """A config field with its help text (shown by --help and kept as its documentation)."""
-    metadata = {"help": help, "flag": flag}
+def option(default: Any = REQUIRED, help: str = "", flag: str | None = None, parse=None) -> Any:
+    """A config field with its help text (shown by --help and kept as its documentation).
+
+    ``parse`` overrides how the flag's text becomes a value (e.g. ``auto_or(float)``).
+    """
+    metadata = {"help": help, "flag": flag, "parse": parse}
     if default is REQUIRED:
         return dataclasses.field(metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -49,7 +52,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata.get("help", "")}
         required = field.default is REQUIRED and field.default_factory is REQUIRED
-        if annotation is bool:
+        if field.metadata.get("parse") is not None:
+            kwargs["type"] = field.metadata["parse"]
+        elif annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
@@ -62,6 +67,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             default = field.default
             kwargs["help"] += "" if default is None else f" (default: {default})"
         parser.add_argument(_flag(field), **kwargs)
+
+
+def auto_or(kind):
+    """Parse "auto" as None (resolved later), anything else with ``kind``."""
+
+    def parse(text: str):
+        if text == "auto":
+            return None
+        try:
+            return kind(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a {kind.__name__}, got {text!r}") from error
+
+    parse.__name__ = f"auto or {kind.__name__}"
+    return parse
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):

@@ -265,11 +265,14 @@ class Sae(nn.Module):
         vals, idx = feats_NF.topk(width, dim=1, sorted=False)
         return vals, idx
 
+    def decode_sparse(self, acts_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Reconstruction [N, D] from sparse codes, without forming [N, F]."""
+        return sparse_decode(acts_NK, idx_NK, self.W_dec) + self.b_dec
+
     @torch.no_grad()
     def reconstruct(self, x_ND: torch.Tensor) -> torch.Tensor:
         """x_hat with inference semantics (sparse decode where codes are sparse)."""
-        acts_NK, idx_NK = self.encode_sparse(x_ND)
-        return sparse_decode(acts_NK, idx_NK, self.W_dec) + self.b_dec
+        return self.decode_sparse(*self.encode_sparse(x_ND))
 
 
 def export_sae(sae: Sae, input_scale: float) -> Sae:
@@ -327,3 +330,30 @@ def sae_from_tensors(cfg: SaeConfig, tensors: dict[str, torch.Tensor]) -> Sae:
         if cfg.architecture == "batchtopk":
             sae.batch_threshold.copy_(tensors["threshold"].float().mean())
     return sae.eval()
+
+
+def fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unit-norm decoder rows: scale latent i's encoder column, bias and threshold by ||W_dec[i]||.
+
+    f_i * W_dec[i] is unchanged for ReLU and JumpReLU codes. For TopK it changes which
+    latents are selected (they are ranked by pre_i * ||W_dec[i]||), which is exactly
+    what SAELens TopK SAEs saved with ``rescale_acts_by_decoder_norm`` do.
+    """
+    norms_F = tensors["W_dec"].norm(dim=1).clamp_min(1e-12)
+    folded = dict(tensors)
+    folded["W_dec"] = tensors["W_dec"] / norms_F[:, None]
+    folded["W_enc"] = tensors["W_enc"] * norms_F[None, :]
+    folded["b_enc"] = tensors["b_enc"] * norms_F
+    if "threshold" in tensors:
+        folded["threshold"] = tensors["threshold"] * norms_F
+    return folded
+
+
+def fold_b_dec_into_b_enc(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For SAEs that do not subtract b_dec at the input: b_enc' = b_enc + b_dec @ W_enc.
+
+    Then (x - b_dec) @ W_enc + b_enc' equals x @ W_enc + b_enc, saescope's convention.
+    """
+    folded = dict(tensors)
+    folded["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    return folded

@@ -215,3 +215,30 @@ def train_sae(
             on_checkpoint(state, optimizer)
     sae.eval()
     return TrainResult(state=state, last=stats)
+
+
+def state_tree(sae: Sae, optimizer: torch.optim.Optimizer, state: TrainState) -> dict:
+    """Everything a resumed run needs, as a tree of tensors and scalars (no file format)."""
+    return {
+        "sae": sae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "train": {
+            "step": state.step,
+            "tokens_seen": state.tokens_seen,
+            "tokens_since_fired_F": state.tokens_since_fired_F,
+        },
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def restore_state_tree(tree: dict, sae: Sae, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Load ``state_tree`` output back into ``sae`` and ``optimizer``; return the TrainState."""
+    sae.load_state_dict(tree["sae"])
+    optimizer.load_state_dict(tree["optimizer"])
+    torch.set_rng_state(tree["rng"]["torch"])
+    train = tree["train"]
+    return TrainState(
+        tokens_since_fired_F=train["tokens_since_fired_F"].to(sae.W_dec.device),
+        step=int(train["step"]),
+        tokens_seen=int(train["tokens_seen"]),
+    )

@@ -94,6 +94,56 @@ def text_corpus(tmp_path_factory) -> Path:
     return path
 
 
+def synthetic_corpus(n_words: int, seed: int = 0) -> str:
+    """Deterministic pseudo-English: words from a small vocabulary in short sentences."""
+    import random
+
+    words = (
+        "the cat dog sat ran on under mat log sparse feature model token layer block reads writes "
+        "quickly slowly red blue green and or but then"
+    ).split()
+    rng = random.Random(seed)
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < n_words:
+        sentences.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".")
+    return "\n\n".join(" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished activation cache of the tiny model (~16k tokens, layer 2); copy before changing it."""
+    from jobs.cache_job import CacheConfig, run_cache
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(synthetic_corpus(4000), encoding="utf-8")
+    run = root / "run"
+    cfg = CacheConfig(
+        run=str(run),
+        model=str(tiny_model_dir),
+        dataset=str(corpus),
+        tokens=16384,
+        ctx_len=32,
+        batch_size=16,
+        shard_tokens=1024,
+        dtype="float32",
+        model_dtype="float32",
+        device="cpu",
+    )
+    run_cache(cfg)
+    return run
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny run for tests that write into it."""
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(tiny_run, target)
+    return target
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     """Every test runs offline and keeps converted models in its own temp folder."""

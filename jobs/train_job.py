@@ -1,0 +1,392 @@
+"""`saescope train`: train an SAE on a run's activation cache, checkpointed and exactly resumable.
+
+Wires storage (the cache stream, checkpoints, the artifact) to pipeline (SAE,
+trainer, metrics). Re-running on an interrupted SAE resumes from its newest
+checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
+is left alone unless --force is given (or another --name is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from jobs.common import human_count, progress
+from jobs.config import ConfigError, add_config_arguments, auto_or, config_from_args, config_to_mapping, option, require
+from jobs.evaluation import EvalSettings, evaluate
+from jobs.sae_io import write_sae
+from pipeline.init import geometric_median, normalization_factor
+from pipeline.precision import choose_dtype, resolve_device
+from pipeline.sae import ARCHITECTURES, Sae, SaeConfig, export_sae
+from pipeline.schedule import default_lr
+from pipeline.training import (
+    StepStats,
+    TrainConfig,
+    TrainState,
+    make_optimizer,
+    restore_state_tree,
+    state_tree,
+    train_sae,
+)
+from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
+from storage.constants import CHECKPOINTS_DIR, TRAIN_LOG
+from storage.run_config import update_run_config
+from storage.sae_store import is_finished, load_sae_files, sae_dir
+from storage.shards import CacheManifest, activations_dir, read_manifest
+from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts
+
+INIT_SAMPLE_TOKENS = 16384
+DEAD_WINDOW_CAP = 10_000_000
+# Options that do not change the trained weights, so a resumed run may differ in them.
+NOT_AFFECTING_WEIGHTS = ("force", "checkpoint_every", "lm_eval_contexts", "device")
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """Options of `saescope train` ("auto" values are resolved from the cache and saved)."""
+
+    run: str = option(help="run directory holding an activation cache")
+    name: str = option("default", "name of the SAE inside the run (several may coexist)")
+    arch: Literal["topk", "batchtopk", "relu", "jumprelu"] = option("topk", "SAE architecture")
+    k: int = option(32, "active latents per token (topk; mean per token for batchtopk)")
+    d_sae: int | None = option(None, "number of latents (default: expansion x d_model)", parse=auto_or(int))
+    expansion: int = option(8, "latents per residual dimension when --d-sae is not given")
+    tokens: int | None = option(
+        None, "training tokens (default: 10 passes over the cache's training part)", parse=auto_or(int)
+    )
+    batch_size: int = option(4096, "tokens per optimizer step")
+    lr: float | None = option(None, "peak Adam learning rate (default: auto, see README)", parse=auto_or(float))
+    warmup_steps: int | None = option(
+        None, "learning-rate warm-up steps (default: 5%% of steps, at most 1000)", parse=auto_or(int)
+    )
+    decay_fraction: float = option(0.2, "linear decay to zero over this final fraction of steps")
+    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "autocast dtype of the SAE forward; auto measures")
+    seed: int = option(0, "seed of the initialization and the data order")
+    auxk_coef: float = option(1 / 32, "weight of the AuxK loss that revives dead latents (topk, batchtopk)")
+    l1_coef: float = option(5.0, "L1 penalty on f_i * ||W_dec[i]|| (relu)")
+    l0_coef: float = option(0.05, "L0 penalty (jumprelu)")
+    dead_window: int | None = option(
+        None, "a latent silent this many tokens is dead (default: min(10M, training tokens))", parse=auto_or(int)
+    )
+    checkpoint_every: int | None = option(
+        None, "checkpoint every N steps (default: about 10 per run)", parse=auto_or(int)
+    )
+    heldout_contexts: int | None = option(
+        None, "contexts at the end of the cache kept for evaluation (default: 5%%, max 256)", parse=auto_or(int)
+    )
+    lm_eval_contexts: int = option(64, "held-out contexts run through the model for CE-loss recovered (0: skip)")
+    window_shards: int = option(8, "shards pooled in one shuffling window")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    force: bool = option(False, "retrain even if this SAE is finished (deletes it first)")
+
+    def __post_init__(self):
+        require(self.arch in ARCHITECTURES, f"unknown architecture {self.arch!r}")
+        require(self.k >= 1, f"--k must be at least 1, got {self.k}")
+        require(self.d_sae is None or self.d_sae > 1, f"--d-sae must be at least 2, got {self.d_sae}")
+        require(
+            self.d_sae is None or self.arch not in ("topk", "batchtopk") or self.k < self.d_sae,
+            f"--k ({self.k}) must be smaller than --d-sae ({self.d_sae})",
+        )
+        require(self.expansion >= 1, f"--expansion must be at least 1, got {self.expansion}")
+        require(self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
+        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
+        require(0 <= self.decay_fraction <= 1, f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
+        require(self.window_shards >= 1, "--window-shards must be at least 1")
+        require(self.lm_eval_contexts >= 0, "--lm-eval-contexts must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    folder: Path
+    config: TrainJobConfig
+    metrics: dict
+    already_done: bool
+    resumed_from: int
+    seconds: float
+    epochs: float
+
+
+def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream | None = None) -> TrainJobConfig:
+    """Fill every "auto" from the cache's shape and size; validate the result."""
+    d_sae = cfg.d_sae or cfg.expansion * manifest.d_model
+    if cfg.arch in ("topk", "batchtopk") and cfg.k >= d_sae:
+        raise ConfigError(f"--k ({cfg.k}) must be smaller than d_sae ({d_sae})")
+    heldout = (
+        cfg.heldout_contexts if cfg.heldout_contexts is not None else default_heldout_contexts(manifest.n_contexts)
+    )
+    resolved = dataclasses.replace(cfg, d_sae=d_sae, heldout_contexts=heldout)
+    if stream is None:
+        return resolved
+    per_epoch = stream.batches_per_epoch() * cfg.batch_size
+    tokens = cfg.tokens or 10 * per_epoch
+    steps = max(1, tokens // cfg.batch_size)
+    return dataclasses.replace(
+        resolved,
+        tokens=steps * cfg.batch_size,
+        lr=cfg.lr or auto_lr(d_sae, steps),
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, steps // 20)),
+        dead_window=cfg.dead_window or min(DEAD_WINDOW_CAP, steps * cfg.batch_size),
+        checkpoint_every=cfg.checkpoint_every or max(10, steps // 10),
+    )
+
+
+def auto_lr(d_sae: int, steps: int) -> float:
+    """2e-4 / sqrt(d_sae / 2^14) (Gao et al.), raised for short runs where it barely moves."""
+    base = default_lr(d_sae)
+    return base * min(8.0, max(1.0, 10_000 / steps) ** 0.5)
+
+
+def _stream(cfg: TrainJobConfig, manifest: CacheManifest) -> TrainingStream:
+    heldout = (
+        cfg.heldout_contexts if cfg.heldout_contexts is not None else default_heldout_contexts(manifest.n_contexts)
+    )
+    spec = StreamSpec(
+        batch_size=cfg.batch_size, seed=cfg.seed, window_shards=cfg.window_shards, heldout_contexts=heldout
+    )
+    return TrainingStream(activations_dir(Path(cfg.run)), manifest, spec)
+
+
+def trainer_config(cfg: TrainJobConfig, compute_dtype: torch.dtype) -> TrainConfig:
+    steps = cfg.tokens // cfg.batch_size
+    return TrainConfig(
+        total_steps=steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_fraction=cfg.decay_fraction,
+        auxk_coef=cfg.auxk_coef,
+        auxk_dead_tokens=max(cfg.batch_size, min(DEAD_WINDOW_CAP, cfg.tokens // 10)),
+        l1_coef=cfg.l1_coef,
+        l1_warmup_steps=max(1, steps // 20),
+        l0_coef=cfg.l0_coef,
+        compute_dtype=compute_dtype,
+        log_every=max(1, min(50, steps // 100)),
+        checkpoint_every=cfg.checkpoint_every,
+    )
+
+
+def _weights_config(cfg: TrainJobConfig) -> dict:
+    return {k: v for k, v in config_to_mapping(cfg).items() if k not in NOT_AFFECTING_WEIGHTS}
+
+
+def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device) -> tuple[Sae, float]:
+    sample_ND = stream.sample(INIT_SAMPLE_TOKENS)
+    scale = normalization_factor(sample_ND)
+    sae = Sae(SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k))
+    decoder_norm = 0.1 if cfg.arch == "relu" else 1.0
+    sae.initialize(torch.Generator().manual_seed(cfg.seed), decoder_norm=decoder_norm)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample_ND * scale))
+    return sae.to(device), scale
+
+
+def _resume(folder: Path, cfg: TrainJobConfig, sae_shape: SaeConfig, device, tcfg: TrainConfig):
+    """(sae, optimizer, state, scale) from the newest checkpoint, or None."""
+    newest = latest_checkpoint(folder / CHECKPOINTS_DIR)
+    if newest is None:
+        return None
+    tree = load_checkpoint(newest)
+    saved, wanted = tree["job"]["weights_config"], _weights_config(cfg)
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {wanted.get(k)!r}" for k in changed)
+        raise ConfigError(f"{folder} has a checkpoint made with other options ({detail}): repeat them, or pass --force")
+    sae = Sae(sae_shape).to(device)
+    optimizer = make_optimizer(sae, tcfg)
+    state = restore_state_tree(tree["trainer"], sae, optimizer)
+    return sae, optimizer, state, float(tree["job"]["scale"])
+
+
+def _append_log(folder: Path, stats: StepStats, state: TrainState, cfg: TrainJobConfig, started: float) -> None:
+    line = {
+        **stats._asdict(),
+        "tokens": state.tokens_seen,
+        "seconds": round(time.perf_counter() - started, 2),
+        "dead_fraction": state.dead_fraction(cfg.dead_window),
+    }
+    with open(folder / TRAIN_LOG, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def _truncate_log(folder: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from."""
+    path = folder / TRAIN_LOG
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _meta(manifest: CacheManifest) -> dict:
+    prov = manifest.provenance
+    return {
+        "model_name": prov["model"]["name"],
+        "hook_name": prov["hook"]["name"],
+        "hook_layer": prov["hook"]["layer"],
+        "context_size": manifest.ctx_len,
+        "prepend_bos": True,
+        "exclude_special_tokens": list(manifest.special_token_ids),
+        "dataset_path": prov["corpus"]["description"],
+    }
+
+
+def _record(
+    cfg: TrainJobConfig, manifest: CacheManifest, scale: float, state: TrainState, metrics: dict, trained_arch: str
+) -> dict:
+    return {
+        "format_version": 1,
+        "trained_architecture": trained_arch,
+        "model": manifest.provenance["model"],
+        "hook": manifest.provenance["hook"],
+        "normalization": {"factor": scale, "target": "E||x|| = sqrt(d_in)", "folded": True},
+        "training": {**config_to_mapping(cfg), "tokens_trained": state.tokens_seen, "steps": state.step},
+        "metrics": metrics,
+    }
+
+
+def _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg) -> TrainState:
+    started = time.perf_counter()
+    bar = progress(tcfg.total_steps * cfg.batch_size, f"train {cfg.name}", initial=state.tokens_seen)
+
+    def on_log(stats: StepStats, st: TrainState) -> None:
+        _append_log(folder, stats, st, cfg, started)
+        bar.update(st.tokens_seen - bar.n)
+        bar.set_postfix(
+            loss=f"{stats.loss:.3g}",
+            fvu=f"{stats.fvu:.3f}",
+            l0=f"{stats.l0:.1f}",
+            dead=f"{100 * st.dead_fraction(cfg.dead_window):.1f}%",
+            refresh=False,
+        )
+
+    def on_checkpoint(st: TrainState, opt) -> None:
+        job = {"weights_config": _weights_config(cfg), "scale": scale}
+        save_checkpoint(folder / CHECKPOINTS_DIR, st.step, {"job": job, "trainer": state_tree(sae, opt, st)})
+
+    batches = (x * scale for x in stream.iter_batches(start=state.step, device=sae.W_dec.device))
+    with bar:
+        result = train_sae(sae, batches, tcfg, state, optimizer, on_log=on_log, on_checkpoint=on_checkpoint)
+    return result.state
+
+
+def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> TrainSummary:
+    """Train (or resume, or skip) the SAE described by ``cfg``; ``say`` receives progress notes."""
+    run_dir = Path(cfg.run)
+    manifest = read_manifest(activations_dir(run_dir))
+    folder = sae_dir(run_dir, cfg.name)
+    if is_finished(folder) and not cfg.force:
+        _, saved = load_sae_files(folder)
+        record = saved.get("saescope", {})
+        return TrainSummary(folder, cfg, record.get("metrics", {}), True, 0, 0.0, 0.0)
+    resolve(cfg, manifest)  # validate shapes before touching anything
+    if cfg.force and folder.exists():
+        shutil.rmtree(folder)
+    stream = _stream(cfg, manifest)
+    cfg = resolve(cfg, manifest, stream)
+    device = resolve_device(cfg.device)
+    compute = choose_dtype(cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, dtype=compute.name)
+    tcfg = trainer_config(cfg, compute.dtype)
+    per_epoch = stream.batches_per_epoch() * cfg.batch_size
+    say(
+        f"training on {human_count(cfg.tokens)} tokens: {cfg.tokens / per_epoch:.1f} passes over the cache's "
+        f"{human_count(per_epoch)} training tokens ({cfg.heldout_contexts} contexts held out); "
+        f"lr {cfg.lr:.2e}, compute {compute.name} ({compute.reason})"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_incomplete(folder / CHECKPOINTS_DIR)
+    resumed = _resume(folder, cfg, SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k), device, tcfg)
+    if resumed is None:
+        sae, scale = _fresh_start(cfg, stream, device)
+        optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
+        (folder / TRAIN_LOG).unlink(missing_ok=True)
+    else:
+        sae, optimizer, state, scale = resumed
+        _truncate_log(folder, state.step)
+    resumed_from = state.step
+    if resumed_from:
+        say(f"resuming {cfg.name!r} from its checkpoint at step {resumed_from} of {tcfg.total_steps}")
+    update_run_config(run_dir, f"train.{cfg.name}", config_to_mapping(cfg))
+    started = time.perf_counter()
+    state = _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg)
+    seconds = time.perf_counter() - started
+    exported = export_sae(sae, scale)
+    settings = EvalSettings(heldout_contexts=cfg.heldout_contexts, lm_contexts=cfg.lm_eval_contexts)
+    say(f"evaluating on {cfg.heldout_contexts} held-out contexts")
+    metrics = evaluate(exported, run_dir, manifest, settings, device)
+    metrics.update(
+        dead_fraction=state.dead_fraction(cfg.dead_window),
+        dead_window_tokens=cfg.dead_window,
+        training_tokens_per_second=(state.tokens_seen - resumed_from * cfg.batch_size) / max(seconds, 1e-9),
+    )
+    write_sae(folder, exported, _meta(manifest), _record(cfg, manifest, scale, state, metrics, cfg.arch), metrics)
+    shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
+    epochs = state.tokens_seen / max(1, per_epoch)
+    return TrainSummary(folder, cfg, metrics, False, resumed_from, seconds, epochs)
+
+
+def format_metrics(metrics: dict) -> list[str]:
+    """Human lines for the standard metrics (missing ones are skipped)."""
+    lines = []
+    if "fvu" in metrics:
+        lines.append(
+            f"  FVU {metrics['fvu']:.4f} (explained variance {metrics['explained_variance']:.4f}) on "
+            f"{human_count(metrics['n_tokens'])} held-out tokens; PCA baseline at rank "
+            f"{metrics['pca_rank']}: {metrics['pca_fvu']:.4f}"
+        )
+        lines.append(
+            f"  without the {metrics['outlier_tokens']} outlier-norm tokens: FVU {metrics['fvu_without_outliers']:.4f}, "
+            f"PCA {metrics['pca_fvu_without_outliers']:.4f}"
+        )
+        lines.append(f"  L0 {metrics['l0']:.1f}")
+    if "dead_fraction" in metrics:
+        lines.append(
+            f"  dead {100 * metrics['dead_fraction']:.2f}% (no activation in the last "
+            f"{human_count(metrics['dead_window_tokens'])} training tokens)"
+        )
+    if "ce_loss_recovered" in metrics:
+        lines.append(
+            f"  CE-loss recovered {metrics['ce_loss_recovered']:.4f}, delta LM loss {metrics['delta_lm_loss']:+.4f} nats "
+            f"(clean {metrics['ce_clean']:.3f}, spliced {metrics['ce_spliced']:.3f}, zero-ablated "
+            f"{metrics['ce_zero']:.3f}), KL {metrics['kl_spliced']:.4f} on {human_count(metrics['n_tokens_lm'])} tokens"
+        )
+    return lines
+
+
+def format_summary(summary: TrainSummary) -> str:
+    cfg = summary.config
+    if summary.already_done:
+        head = f"{summary.folder}: already trained; nothing to do (use --force to retrain, or --name for another SAE)"
+    else:
+        resumed = f", resumed from step {summary.resumed_from}" if summary.resumed_from else ""
+        head = (
+            f"trained {cfg.arch} SAE {cfg.name!r} (d_sae {cfg.d_sae}, k {cfg.k}) on {human_count(cfg.tokens)} tokens "
+            f"({summary.epochs:.1f} passes over the cache) in {summary.seconds:.0f}s{resumed}"
+        )
+    return "\n".join(
+        [
+            head,
+            *format_metrics(summary.metrics),
+            f"  saved {summary.folder}",
+            f"next: saescope eval --run {cfg.run}   |   saescope index --run {cfg.run}",
+        ]
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a sparse autoencoder on a run's activation cache")
+    add_config_arguments(parser, TrainJobConfig)
+    parser.set_defaults(handler=command)
+
+
+def command(args) -> int:
+    print(format_summary(run_train(config_from_args(TrainJobConfig, args), say=print)))
+    return 0

@@ -1,0 +1,99 @@
+"""SAE artifacts on disk: ``saes/<name>/sae_weights.safetensors`` + ``cfg.json`` (SAELens layout).
+
+Weights are named ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
+``b_dec`` [d_in] and, for JumpReLU, ``threshold`` [d_sae]. ``cfg.json`` carries the
+SAELens fields at the top level (architecture, d_in, d_sae, k, dtype, ...), the
+SAELens ``meta`` block, and saescope's own record under the key ``saescope``
+(SAELens ignores unknown top-level keys). An SAE counts as finished once both
+files exist; ``cfg.json`` is written last, each file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from storage.atomic import atomic_write_bytes, atomic_write_json
+from storage.constants import SAE_CFG, SAE_METRICS, SAE_WEIGHTS, SAES_DIR
+
+
+class SaeStoreError(ValueError):
+    """An SAE folder is missing, ambiguous or unreadable."""
+
+
+def saes_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SAES_DIR
+
+
+def sae_dir(run_dir: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise SaeStoreError(f"invalid SAE name {name!r}: use letters, digits, '-' or '_'")
+    return saes_dir(run_dir) / name
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / SAE_WEIGHTS).is_file() and (Path(folder) / SAE_CFG).is_file()
+
+
+def finished_sae_names(run_dir: Path) -> list[str]:
+    root = saes_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_finished(p))
+
+
+def resolve_sae(run_dir: Path, name: str | None) -> Path:
+    """The folder of SAE ``name``, or of the run's only SAE when name is None."""
+    names = finished_sae_names(run_dir)
+    if name is not None:
+        folder = sae_dir(run_dir, name)
+        if not is_finished(folder):
+            known = ", ".join(names) or "none"
+            raise SaeStoreError(f"{run_dir} has no trained SAE named {name!r} (trained: {known})")
+        return folder
+    if not names:
+        raise SaeStoreError(f"{run_dir} has no trained SAE yet: run `saescope train --run {run_dir}` first")
+    if len(names) > 1:
+        raise SaeStoreError(f"{run_dir} holds several SAEs ({', '.join(names)}): choose one with --sae NAME")
+    return sae_dir(run_dir, names[0])
+
+
+def save_sae(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict, metrics: dict | None = None) -> None:
+    """Write weights, then metrics, then cfg.json (which marks the SAE finished)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(folder / SAE_WEIGHTS, data)
+    if metrics is not None:
+        atomic_write_json(folder / SAE_METRICS, metrics)
+    atomic_write_json(folder / SAE_CFG, cfg)
+
+
+def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, cfg dict) of an SAE folder in SAELens layout."""
+    folder = Path(folder)
+    weights, cfg_path = folder / SAE_WEIGHTS, folder / SAE_CFG
+    if not weights.is_file() or not cfg_path.is_file():
+        raise SaeStoreError(f"{folder} is not an SAE folder: it needs {SAE_WEIGHTS} and {SAE_CFG}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SaeStoreError(f"{cfg_path} is not valid JSON: {error}") from error
+    try:
+        tensors = load_safetensors_bytes(weights.read_bytes())
+    except Exception as error:  # safetensors raises its own error types
+        raise SaeStoreError(f"{weights} is unreadable: {error}") from error
+    return tensors, cfg
+
+
+def update_cfg(folder: Path, update: dict) -> dict:
+    """Merge ``update`` into the ``saescope`` record of cfg.json (e.g. new metrics)."""
+    path = Path(folder) / SAE_CFG
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.setdefault("saescope", {}).update(update)
+    atomic_write_json(path, cfg)
+    return cfg
