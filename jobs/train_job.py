@@ -343,8 +343,8 @@ def format_metrics(metrics: dict) -> list[str]:
             f"{metrics['pca_rank']}: {metrics['pca_fvu']:.4f}"
         )
         lines.append(
-            f"  without the {metrics['outlier_tokens']} outlier-norm tokens: FVU {metrics['fvu_without_outliers']:.4f}, "
-            f"PCA {metrics['pca_fvu_without_outliers']:.4f}"
+            f"  without the {metrics['outlier_tokens']} outlier-norm tokens: "
+            f"FVU {metrics['fvu_without_outliers']:.4f}, PCA {metrics['pca_fvu_without_outliers']:.4f}"
         )
         lines.append(f"  L0 {metrics['l0']:.1f}")
     if "dead_fraction" in metrics:
@@ -354,9 +354,10 @@ def format_metrics(metrics: dict) -> list[str]:
         )
     if "ce_loss_recovered" in metrics:
         lines.append(
-            f"  CE-loss recovered {metrics['ce_loss_recovered']:.4f}, delta LM loss {metrics['delta_lm_loss']:+.4f} nats "
-            f"(clean {metrics['ce_clean']:.3f}, spliced {metrics['ce_spliced']:.3f}, zero-ablated "
-            f"{metrics['ce_zero']:.3f}), KL {metrics['kl_spliced']:.4f} on {human_count(metrics['n_tokens_lm'])} tokens"
+            f"  CE-loss recovered {metrics['ce_loss_recovered']:.4f}, "
+            f"delta LM loss {metrics['delta_lm_loss']:+.4f} nats (clean {metrics['ce_clean']:.3f}, "
+            f"spliced {metrics['ce_spliced']:.3f}, zero-ablated {metrics['ce_zero']:.3f}), "
+            f"KL {metrics['kl_spliced']:.4f} on {human_count(metrics['n_tokens_lm'])} tokens"
         )
     return lines
 
