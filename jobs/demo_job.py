@@ -1,22 +1,63 @@
-"""`saescope demo`: the whole pipeline on the offline defaults, reusing finished stages."""
+"""`saescope demo`: cache, train and index on the offline defaults, reusing finished stages.
+
+Sizes are chosen to finish in about 10-15 minutes on a 2-core laptop CPU:
+200k tokens of SmolLM2-135M-Instruct layer-15 activations, a 4608-latent TopK
+SAE (k=32) trained for 10 passes over them, and an index of all cached tokens.
+"""
 
 from __future__ import annotations
 
-from jobs.cache_job import CacheConfig, format_summary, run_cache
+import time
+
+from jobs import browse_job, cache_job, index_job, train_job
+from jobs.browse_job import render_example
+from storage.feature_index import index_path
+from storage.sae_store import sae_dir
 
 DEMO_RUN = "runs/demo"
 DEMO_TOKENS = 200_000
+DEMO_D_SAE = 4608
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="cache, train and index on the offline default model and corpus")
     parser.add_argument("--run", default=DEMO_RUN, help=f"run directory (default: {DEMO_RUN})")
-    parser.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens to cache (default: {DEMO_TOKENS})")
+    parser.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens to cache (default: {DEMO_TOKENS:,})")
+    parser.add_argument("--d-sae", type=int, default=DEMO_D_SAE, help=f"SAE latents (default: {DEMO_D_SAE})")
     parser.set_defaults(handler=command)
 
 
+def _stage(number: int, text: str) -> None:
+    print(f"\n[{number}/3] {text}", flush=True)
+
+
 def command(args) -> int:
-    print(f"[1/1] caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
-    summary = run_cache(CacheConfig(run=args.run, tokens=args.tokens))
-    print(format_summary(summary))
+    started = time.perf_counter()
+    _stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
+    print(cache_job.format_summary(cache_job.run_cache(cache_job.CacheConfig(run=args.run, tokens=args.tokens))))
+    _stage(2, f"training a TopK SAE (d_sae {args.d_sae}, k 32)")
+    train_cfg = train_job.TrainJobConfig(run=args.run, d_sae=args.d_sae)
+    print(train_job.format_summary(train_job.run_train(train_cfg, say=print)))
+    _stage(3, "indexing every feature's statistics and examples")
+    folder = sae_dir(args.run, "default")
+    if index_path(folder).is_file():
+        print(f"{index_path(folder)}: index already built; nothing to do (run `saescope index` to rebuild)")
+    else:
+        print(index_job.format_summary(index_job.run_index(index_job.IndexConfig(run=args.run)), args.run))
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. A few features worth reading first:")
+    print_interesting(args.run)
+    print("\nlook further:")
+    for line in ("features --run {run} --sort max", "show --run {run} --feature N", "eval --run {run}"):
+        print("  saescope " + line.format(run=args.run))
     return 0
+
+
+def print_interesting(run: str, count: int = 5) -> None:
+    colour = browse_job._use_colour()
+    with browse_job.open_index(run, None) as index:
+        for feature in index.interesting(count):
+            summary = index.summary(feature)
+            example = index.top_examples(feature, 1)[0]
+            promoted = " ".join(repr(t) for t, _ in summary["promoted"][:5])
+            print(f"  #{feature:<5} density {summary['density']:.2e}  promotes {promoted}")
+            print(f"         {render_example(example, colour, summary['max_act'])}")

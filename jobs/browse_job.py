@@ -1,0 +1,142 @@
+"""`saescope features` and `saescope show`: the feature index in the terminal (or as JSON).
+
+Peak tokens are highlighted with ANSI colours on a terminal (background
+strength follows the activation) and with plain markers otherwise:
+``[[token]]`` for the example's own token, ``[token]`` for other active tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from storage.feature_index import index_path
+from storage.feature_queries import SORT_COLUMNS, Example, FeatureIndex
+from storage.sae_store import resolve_sae
+
+
+def open_index(run: str, sae: str | None) -> FeatureIndex:
+    return FeatureIndex(index_path(resolve_sae(Path(run), sae)))
+
+
+def _visible(token: str) -> str:
+    return token.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def render_example(example: Example, colour: bool, max_act: float | None = None) -> str:
+    """One line: the window's tokens with active ones highlighted."""
+    scale = max_act or max(example.acts) or 1.0
+    parts = []
+    for i, (token, act) in enumerate(zip(example.tokens, example.acts, strict=True)):
+        text = _visible(token)
+        if act <= 0:
+            parts.append(text)
+        elif colour:
+            level = min(5, max(1, round(5 * act / scale)))
+            style = "1;30;48;5;" + str(194 + (level - 1) * 6 if level < 5 else 46)
+            parts.append(f"\x1b[{style}m{text}\x1b[0m" if i != example.peak else f"\x1b[{style};4m{text}\x1b[0m")
+        else:
+            parts.append(f"[[{text}]]" if i == example.peak else f"[{text}]")
+    return "".join(parts)
+
+
+def _use_colour() -> bool:
+    return sys.stdout.isatty()
+
+
+def register(subparsers) -> None:
+    listing = subparsers.add_parser("features", help="list features with density, max activation and top tokens")
+    listing.add_argument("--run", required=True, help="run directory")
+    listing.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
+    listing.add_argument("--sort", choices=list(SORT_COLUMNS), default="density", help="sort key (default: density)")
+    listing.add_argument("--ascending", action="store_true", help="smallest first")
+    listing.add_argument("--only", choices=["all", "live", "dead"], default="all", help="which features to list")
+    listing.add_argument("--min-density", type=float, default=None)
+    listing.add_argument("--max-density", type=float, default=None)
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--search", default=None, help="only features whose top examples or promoted tokens match")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=list_command)
+
+    show = subparsers.add_parser("show", help="one feature: statistics, logit effects and top examples")
+    show.add_argument("--run", required=True, help="run directory")
+    show.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
+    show.add_argument("--feature", type=int, required=True, help="feature id")
+    show.add_argument("--examples", type=int, default=8, help="top examples to print")
+    show.add_argument("--intervals", action="store_true", help="also print examples from each quantile bin")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=show_command)
+
+
+def list_command(args) -> int:
+    dead = {"all": None, "live": False, "dead": True}[args.only]
+    with open_index(args.run, args.sae) as index:
+        if args.search:
+            hits = {row["feature"]: row for row in index.search_tokens(args.search, limit=1000)}
+            rows = [
+                r
+                for r in index.list_features(
+                    args.sort, not args.ascending, dead, args.min_density, args.max_density, limit=index.n_features
+                )
+                if r["feature"] in hits
+            ]
+            rows = rows[args.offset : args.offset + args.limit]
+        else:
+            rows = index.list_features(
+                args.sort, not args.ascending, dead, args.min_density, args.max_density, args.limit, args.offset
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2, default=float))
+            return 0
+        print(f"{'feature':>8} {'density':>10} {'max':>9} {'mean':>9}  top promoted tokens")
+        for row in rows:
+            tokens = " ".join(repr(t) for t in row["promoted"])
+            state = "  (dead)" if row["dead"] else ""
+            print(
+                f"{row['feature']:>8} {row['density']:>10.3e} {row['max_act']:>9.3g} {row['mean_act']:>9.3g}  "
+                f"{tokens}{state}"
+            )
+        print(f"({len(rows)} of {index.n_features} features; sorted by {args.sort})")
+    return 0
+
+
+def show_command(args) -> int:
+    with open_index(args.run, args.sae) as index:
+        summary = index.summary(args.feature)
+        top = index.top_examples(args.feature, args.examples)
+        intervals = index.interval_examples(args.feature, "quantile") if args.intervals else []
+        if args.json:
+            payload = {
+                **summary,
+                "top_examples": [dataclasses.asdict(e) for e in top],
+                "quantile_bins": [{**b, "examples": [dataclasses.asdict(e) for e in b["examples"]]} for b in intervals],
+            }
+            print(json.dumps(payload, indent=2, default=float))
+            return 0
+        print("\n".join(format_feature(summary, top, intervals, _use_colour())))
+    return 0
+
+
+def format_feature(summary: dict, top: list[Example], intervals: list[dict], colour: bool) -> list[str]:
+    f = summary["feature"]
+    lines = [f"feature {f}" + ("  (dead: never active on the indexed tokens)" if summary["dead"] else "")]
+    lines.append(
+        f"  density {summary['density']:.3e} ({summary['n_active']:,} activations)   "
+        f"max {summary['max_act']:.4g}   mean {summary['mean_act']:.4g}"
+    )
+    lines.append("  promotes:   " + "  ".join(f"{t!r} {v:+.3f}" for t, v in summary["promoted"]))
+    lines.append("  suppresses: " + "  ".join(f"{t!r} {v:+.3f}" for t, v in summary["suppressed"]))
+    lines.append("  nearest:    " + "  ".join(f"#{n} ({c:.2f})" for n, c in summary["neighbours"][:5]))
+    lines.append("  top examples:")
+    for example in top:
+        lines.append(f"    {example.activation:8.3f}  {render_example(example, colour, summary['max_act'])}")
+    for entry in intervals:
+        lines.append(
+            f"  activations {entry['lower']:.3g}-{entry['upper']:.3g} ({entry['n_activations']:,} in this bin):"
+        )
+        for example in entry["examples"]:
+            lines.append(f"    {example.activation:8.3f}  {render_example(example, colour, summary['max_act'])}")
+    return lines

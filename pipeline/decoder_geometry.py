@@ -1,0 +1,77 @@
+"""What a feature's decoder direction does: its direct logit effects and its nearest neighbours.
+
+Shape legend: F features, D d_model, V vocabulary, T top entries kept.
+
+Logit effects follow the direct path used by SAEDashboard and Neuronpedia
+(TransformerLens folds the final norm's weight into W_U):
+
+    effect[i, v] = (W_dec[i] * gamma) . W_U[v]
+
+with ``gamma`` the elementwise weight of the model's final norm (RMSNorm or
+LayerNorm). The norm's input-dependent division (by the RMS or the standard
+deviation) and LayerNorm's centering are not applied: the numbers rank tokens
+by how directly the feature pushes them up (promoted) or down (suppressed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def final_norm_weight(model: nn.Module) -> torch.Tensor | None:
+    """Elementwise weight of the model's final normalization, if it has one."""
+    base = model.base_model
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if module is not None and getattr(module, "weight", None) is not None:
+            return module.weight.detach()
+    return None
+
+
+def unembedding(model: nn.Module) -> torch.Tensor:
+    """The LM head's weight [V, D]."""
+    return model.get_output_embeddings().weight.detach()
+
+
+@torch.no_grad()
+def logit_effects(
+    W_dec_FD: torch.Tensor,
+    W_U_VD: torch.Tensor,
+    gamma_D: torch.Tensor | None,
+    top_n: int = 10,
+    chunk: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(promoted values, promoted ids, suppressed values, suppressed ids), each [F, top_n].
+
+    Suppressed values are the most negative effects, most negative first.
+    """
+    direction_FD = W_dec_FD.float() * (gamma_D.float() if gamma_D is not None else 1.0)
+    W_U = W_U_VD.float().to(direction_FD.device)
+    parts = []
+    for start in range(0, direction_FD.shape[0], chunk):
+        effects = direction_FD[start : start + chunk] @ W_U.T
+        up = effects.topk(top_n, dim=1)
+        down = effects.topk(top_n, dim=1, largest=False)
+        parts.append((up.values, up.indices, down.values, down.indices))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+@torch.no_grad()
+def nearest_by_decoder(W_dec_FD: torch.Tensor, top_n: int = 10, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine [F, top_n], neighbour ids [F, top_n]) of the most similar other decoder directions."""
+    unit = F.normalize(W_dec_FD.float(), dim=1)
+    n = unit.shape[0]
+    top_n = min(top_n, n - 1)
+    cosines, ids = [], []
+    for start in range(0, n, chunk):
+        sims = unit[start : start + chunk] @ unit.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + start] = -float("inf")
+        best = sims.topk(top_n, dim=1)
+        cosines.append(best.values)
+        ids.append(best.indices)
+    return torch.cat(cosines), torch.cat(ids)

@@ -1,0 +1,216 @@
+"""Read-only queries over a feature index: what a feature page, a feature list and a search need.
+
+Every function is a handful of indexed lookups (tables are sorted by feature, so
+DuckDB's zone maps narrow a ``WHERE feature = ?`` to one row group). Token ids
+are decoded through the index's own ``vocab`` table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
+
+
+class FeatureIndexError(ValueError):
+    """The index is missing, or a query asks for something it does not hold."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a feature: a window of tokens and the feature's activation on each."""
+
+    kind: str
+    """"top", "width" (equal-width bin) or "quantile" (equal-count bin)."""
+    bin: int
+    rank: int
+    context: int
+    position: int
+    """Position of the example's token in its context."""
+    activation: float
+    tokens: list[str]
+    """Decoded tokens of the window."""
+    acts: list[float]
+    """The feature's activation on each window token."""
+    peak: int
+    """Index of the example's token within ``tokens``."""
+
+
+class FeatureIndex:
+    """A read-only connection to ``features.duckdb`` with the query API."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FeatureIndexError(f"no feature index at {path}: run `saescope index` first")
+        self.path = path
+        self.con = duckdb.connect(str(path), read_only=True)
+        self.metadata = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM metadata").fetchall()}
+        self.n_features = self.con.execute("SELECT count(*) FROM features").fetchone()[0]
+        self.vocab = [text for (text,) in self.con.execute("SELECT text FROM vocab ORDER BY token_id").fetchall()]
+        self.window = int(self.metadata["index"]["window"])
+        self.ctx_len = int(self.metadata["index"]["ctx_len"])
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> FeatureIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_feature(self, feature: int) -> int:
+        if not isinstance(feature, int) or not 0 <= feature < self.n_features:
+            raise FeatureIndexError(
+                f"feature {feature} out of range: this SAE has {self.n_features} features (0-{self.n_features - 1})"
+            )
+        return feature
+
+    def decode(self, token_ids: list[int]) -> list[str]:
+        return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in token_ids]
+
+    def _rows(self, sql: str, params: list) -> list[dict]:
+        cursor = self.con.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def summary(self, feature: int) -> dict:
+        """Statistics, histogram, logit effects and nearest features of one feature."""
+        self.check_feature(feature)
+        stats = self._rows("SELECT * FROM features WHERE feature = ?", [feature])[0]
+        hist = self._rows("SELECT bin_width, counts FROM histograms WHERE feature = ?", [feature])
+        effects = self._rows("SELECT * FROM logit_effects WHERE feature = ?", [feature])[0]
+        near = self._rows("SELECT neighbour_ids, cosines FROM neighbours WHERE feature = ?", [feature])[0]
+        return {
+            **stats,
+            "histogram": hist[0] if hist else {"bin_width": 0.0, "counts": []},
+            "promoted": list(zip(self.decode(effects["promoted_ids"]), effects["promoted_values"], strict=True)),
+            "suppressed": list(zip(self.decode(effects["suppressed_ids"]), effects["suppressed_values"], strict=True)),
+            "neighbours": list(zip(near["neighbour_ids"], near["cosines"], strict=True)),
+        }
+
+    def _examples(self, feature: int, kind: str, limit: int | None = None) -> list[Example]:
+        sql = """SELECT e.*, c.tokens FROM examples e JOIN contexts c USING (context)
+                 WHERE e.feature = ? AND e.kind = ? ORDER BY e.bin, e.rank"""
+        rows = self._rows(sql + (f" LIMIT {int(limit)}" if limit else ""), [feature, kind])
+        return [self._example(row) for row in rows]
+
+    def _example(self, row: dict) -> Example:
+        start = row["window_start"]
+        end = min(len(row["tokens"]), row["position"] + self.window + 1)
+        acts = [0.0] * (end - start)
+        for offset, value in zip(row["window_offsets"] or [], row["window_values"] or [], strict=True):
+            acts[offset] = float(value)
+        return Example(
+            kind=row["kind"],
+            bin=row["bin"],
+            rank=row["rank"],
+            context=row["context"],
+            position=row["position"],
+            activation=float(row["activation"]),
+            tokens=self.decode(row["tokens"][start:end]),
+            acts=acts,
+            peak=row["position"] - start,
+        )
+
+    def top_examples(self, feature: int, limit: int = 20) -> list[Example]:
+        """Highest-activating examples (one per context), strongest first."""
+        return self._examples(self.check_feature(feature), "top", limit)
+
+    def interval_examples(self, feature: int, kind: str = "quantile") -> list[dict]:
+        """Per bin ("width" or "quantile"): its range, how many activations fell in it, and examples."""
+        if kind not in ("width", "quantile"):
+            raise FeatureIndexError(f"unknown bin kind {kind!r}: use 'width' or 'quantile'")
+        self.check_feature(feature)
+        bins = self._rows(
+            "SELECT bin, lower, upper, n_activations FROM interval_bins WHERE feature = ? AND kind = ? ORDER BY bin",
+            [feature, kind],
+        )
+        examples = self._examples(feature, kind)
+        for entry in bins:
+            entry["examples"] = [e for e in examples if e.bin == entry["bin"]]
+        return bins
+
+    def list_features(
+        self,
+        sort: str = "density",
+        descending: bool = True,
+        dead: bool | None = None,
+        min_density: float | None = None,
+        max_density: float | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict]:
+        """A page of features with their statistics and top promoted tokens."""
+        if sort not in SORT_COLUMNS:
+            raise FeatureIndexError(f"unknown sort {sort!r}: use one of {', '.join(SORT_COLUMNS)}")
+        where, params = ["TRUE"], []
+        if dead is not None:
+            where.append("f.dead = ?")
+            params.append(dead)
+        if min_density is not None:
+            where.append("f.density >= ?")
+            params.append(min_density)
+        if max_density is not None:
+            where.append("f.density <= ?")
+            params.append(max_density)
+        order = f"f.{SORT_COLUMNS[sort]} {'DESC' if descending else 'ASC'}, f.feature"
+        sql = (
+            f"SELECT f.*, l.promoted_ids[1:5] AS top_ids FROM features f JOIN logit_effects l USING (feature) "
+            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ? OFFSET ?"
+        )
+        rows = self._rows(sql, [*params, int(limit), int(offset)])
+        for row in rows:
+            row["promoted"] = self.decode(row.pop("top_ids"))
+        return rows
+
+    def search_tokens(self, text: str, limit: int = 50) -> list[dict]:
+        """Features whose top examples peak on, or whose top promoted tokens include, a token matching ``text``.
+
+        Matching ignores case and surrounding whitespace of the decoded token.
+        """
+        wanted = text.strip().lower()
+        if not wanted:
+            raise FeatureIndexError("search text is empty")
+        ids = [i for i, t in enumerate(self.vocab) if t.strip().lower() == wanted]
+        if not ids:
+            return []
+        sql = """SELECT feature, sum(hits) AS hits, bool_or(source = 'example') AS in_examples,
+                        bool_or(source = 'logit') AS in_promoted
+                 FROM (SELECT feature, count(*) AS hits, 'example' AS source FROM examples
+                       WHERE kind = 'top' AND list_contains(?, token_id) GROUP BY feature
+                       UNION ALL
+                       SELECT feature, len(list_intersect(promoted_ids, ?)), 'logit' FROM logit_effects
+                       WHERE len(list_intersect(promoted_ids, ?)) > 0)
+                 GROUP BY feature ORDER BY hits DESC, feature LIMIT ?"""
+        return self._rows(sql, [ids, ids, ids, int(limit)])
+
+    def interesting(self, limit: int = 5, min_density: float = 1e-3, max_density: float = 5e-2) -> list[int]:
+        """Live features of moderate density whose top examples mostly peak on one token (easy to read first).
+
+        Score: the share of a feature's top examples whose peak token is its most common
+        peak token; ties go to the higher maximum activation.
+        """
+        sql = """WITH peaks AS (
+                   SELECT e.feature, e.token_id, count(*) AS n FROM examples e JOIN features f USING (feature)
+                   WHERE e.kind = 'top' AND NOT f.dead AND f.density BETWEEN ? AND ? GROUP BY ALL),
+                 shares AS (
+                   SELECT feature, max(n) / sum(n) AS share, sum(n) AS total FROM peaks GROUP BY feature)
+                 SELECT s.feature FROM shares s JOIN features f USING (feature) WHERE s.total >= 5
+                 ORDER BY s.share DESC, f.max_act DESC, s.feature LIMIT ?"""
+        return [row[0] for row in self.con.execute(sql, [min_density, max_density, int(limit)]).fetchall()]
+
+    def overview(self) -> dict:
+        """Run metadata plus counts over all features and the log-density histogram."""
+        counts = self._rows(
+            "SELECT count(*) AS n_features, count(*) FILTER (WHERE dead) AS n_dead, "
+            "median(density) FILTER (WHERE NOT dead) AS median_density FROM features",
+            [],
+        )[0]
+        hist = self._rows("SELECT * FROM density_histogram ORDER BY bin_low", [])
+        return {**self.metadata, **counts, "density_histogram": hist}

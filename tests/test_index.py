@@ -1,0 +1,174 @@
+"""The feature index on a tiny model: exact bins, logit effects, queries, atomic rebuilds."""
+
+import duckdb
+import pytest
+import torch
+
+import jobs.index_job as index_job
+from jobs.cli import main
+from jobs.index_job import IndexConfig, run_index
+from jobs.sae_io import read_sae
+from jobs.train_job import TrainJobConfig, run_train
+from pipeline.decoder_geometry import logit_effects, nearest_by_decoder
+from pipeline.packing import special_mask
+from storage.feature_queries import FeatureIndex, FeatureIndexError
+from storage.shards import iter_shards, read_manifest
+
+
+@pytest.fixture(scope="module")
+def indexed_run(tmp_path_factory, tiny_run):
+    import shutil
+
+    run = tmp_path_factory.mktemp("indexed") / "run"
+    shutil.copytree(tiny_run, run)
+    run_train(
+        TrainJobConfig(
+            run=str(run),
+            d_sae=64,
+            k=4,
+            tokens=256 * 24,
+            batch_size=256,
+            lm_eval_contexts=0,
+            device="cpu",
+            dtype="float32",
+        )
+    )
+    summary = run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4, batch_contexts=7))
+    return run, summary.path
+
+
+def dense_codes(run):
+    """Every ordinary token's dense code, computed independently of the index job."""
+    sae, _ = read_sae(run / "saes" / "default")
+    manifest = read_manifest(run / "activations")
+    codes = []
+    for shard in iter_shards(run / "activations", manifest):
+        ordinary = ~special_mask(shard.tokens_CT, manifest.special_token_ids)
+        codes.append(sae.encode(shard.activations_CTD[ordinary].float()).detach())
+    return torch.cat(codes)
+
+
+def test_statistics_match_dense_codes(indexed_run):
+    run, path = indexed_run
+    codes = dense_codes(run)
+    con = duckdb.connect(str(path), read_only=True)
+    n_active, max_act = zip(
+        *con.execute("SELECT n_active, max_act FROM features ORDER BY feature").fetchall(), strict=True
+    )
+    assert list(n_active) == (codes > 0).sum(0).tolist()
+    torch.testing.assert_close(torch.tensor(max_act), codes.max(0).values)
+    for kind in ("width", "quantile"):
+        sums = dict(
+            con.execute(
+                "SELECT feature, sum(n_activations) FROM interval_bins WHERE kind = ? GROUP BY feature", [kind]
+            ).fetchall()
+        )
+        assert all(sums[f] == n_active[f] for f in sums) and len(sums) == sum(n > 0 for n in n_active)
+    spread = con.execute(
+        "SELECT max(n) - min(n) FROM (SELECT feature, max(n_activations) - min(n_activations) AS n "
+        "FROM interval_bins WHERE kind = 'quantile' GROUP BY feature)"
+    ).fetchone()[0]
+    hist_total = dict(con.execute("SELECT feature, list_sum(counts) FROM histograms").fetchall())
+    assert spread <= 1
+    assert all(hist_total[f] == n_active[f] for f in hist_total)
+
+
+def test_equal_width_bin_counts_by_hand(indexed_run):
+    run, path = indexed_run
+    codes = dense_codes(run)
+    con = duckdb.connect(str(path), read_only=True)
+    feature = int((codes > 0).sum(0).argmax())
+    values = codes[:, feature][codes[:, feature] > 0]
+    bins = torch.clamp((values / values.max() * 8).floor().long(), max=7)
+    expected = torch.bincount(bins, minlength=8).tolist()
+    got = [
+        n
+        for (n,) in con.execute(
+            "SELECT n_activations FROM interval_bins WHERE feature = ? AND kind = 'width' ORDER BY bin", [feature]
+        ).fetchall()
+    ]
+    assert got == expected
+
+
+def test_logit_effects_equal_an_independent_computation(tiny_model):
+    W_dec = torch.randn(6, 32)
+    gamma = tiny_model.model.norm.weight.detach()
+    W_U = tiny_model.lm_head.weight.detach()
+    up_v, up_i, down_v, down_i = logit_effects(W_dec, W_U, gamma, top_n=3, chunk=4)
+    for f in range(6):
+        effects = [(float((W_dec[f] * gamma) @ W_U[v]), v) for v in range(W_U.shape[0])]
+        best = sorted(effects, reverse=True)[:3]
+        worst = sorted(effects)[:3]
+        assert up_i[f].tolist() == [v for _, v in best]
+        assert down_i[f].tolist() == [v for _, v in worst]
+        torch.testing.assert_close(up_v[f], torch.tensor([e for e, _ in best]), rtol=1e-4, atol=1e-5)
+
+
+def test_neighbours_exclude_self_and_rank_by_cosine():
+    W = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    cos, ids = nearest_by_decoder(W, top_n=2, chunk=3)
+    assert ids[0].tolist() == [1, 2] and ids[3].tolist() == [2, 1]
+    assert cos[0, 0] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
+
+
+def test_queries_return_sensible_rows(indexed_run):
+    run, path = indexed_run
+    with FeatureIndex(path) as index:
+        live = index.list_features(sort="max", dead=False, limit=3)
+        assert [r["max_act"] for r in live] == sorted((r["max_act"] for r in live), reverse=True)
+        feature = live[0]["feature"]
+        summary = index.summary(feature)
+        assert len(summary["promoted"]) == 10 and len(summary["neighbours"]) == 10
+        top = index.top_examples(feature)
+        assert 0 < len(top) <= 5 and top[0].activation == pytest.approx(summary["max_act"])
+        assert all(e.acts[e.peak] == pytest.approx(e.activation) for e in top)
+        assert len({e.context for e in top}) == len(top)
+        bins = index.interval_examples(feature, "quantile")
+        assert sum(b["n_activations"] for b in bins) == summary["n_active"]
+        assert all(b["lower"] <= e.activation <= b["upper"] for b in bins for e in b["examples"])
+        token = top[0].tokens[top[0].peak]
+        assert feature in [r["feature"] for r in index.search_tokens(token)]
+        page = index.list_features(sort="id", descending=False, limit=5, offset=10)
+        assert [r["feature"] for r in page] == [10, 11, 12, 13, 14]
+        assert index.overview()["n_features"] == 64
+
+
+def test_feature_out_of_range_is_a_clear_error(indexed_run):
+    _, path = indexed_run
+    with (
+        FeatureIndex(path) as index,
+        pytest.raises(FeatureIndexError, match=r"feature 64 out of range: this SAE has 64 features \(0-63\)"),
+    ):
+        index.summary(64)
+
+
+def test_killed_rebuild_leaves_the_old_index_readable(indexed_run, monkeypatch):
+    run, path = indexed_run
+    reader = FeatureIndex(path)
+    before = reader.summary(3)
+
+    def killed(*args, **kwargs):
+        with FeatureIndex(path) as during:  # the old index still opens read-only mid-build
+            assert during.summary(3) == before
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_job, "nearest_by_decoder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4))
+    assert reader.summary(3) == before
+    assert sorted(p.name for p in path.parent.iterdir() if "features" in p.name or "scratch" in p.name) == [
+        "features.duckdb"
+    ]
+    reader.close()
+
+
+def test_show_and_features_cli(indexed_run, capsys):
+    run, _ = indexed_run
+    assert main(["features", "--run", str(run), "--limit", "3", "--only", "live"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("\n") >= 4 and "top promoted tokens" in listing
+    assert main(["show", "--run", str(run), "--feature", "3", "--intervals"]) == 0
+    shown = capsys.readouterr().out
+    assert "feature 3" in shown and "[[" in shown and "promotes:" in shown
+    assert main(["show", "--run", str(run), "--feature", "999"]) == 2
+    assert "out of range" in capsys.readouterr().err
