@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import browse_job, cache_job, demo_job, eval_job, import_job, index_job, train_job, verify_job
+from jobs import (
+    browse_job,
+    cache_job,
+    demo_job,
+    eval_job,
+    import_job,
+    index_job,
+    steer_job,
+    train_job,
+    verify_job,
+)
 from jobs.common import quiet_libraries, tune_allocator
 
-VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job, index_job, browse_job)
+VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job, index_job, browse_job, steer_job)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.sparse_ops import encode_selected, sparse_decode
@@ -197,8 +198,8 @@ class Sae(nn.Module):
         raise AttributeError(f"a {self.cfg.architecture} SAE has no threshold")
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """(x - b_dec) @ W_enc + b_enc, with autograd [N, F]."""
-        return torch.addmm(self.b_enc, x_ND - self.b_dec, self.W_enc_FD.t())
+        """(x - b_dec) @ W_enc + b_enc, with autograd [..., F] (any leading shape)."""
+        return F.linear(x_ND - self.b_dec, self.W_enc_FD, self.b_enc)
 
     def _topk_forward(self, x_ND: torch.Tensor) -> SaeOutput:
         with torch.no_grad():
@@ -236,8 +237,8 @@ class Sae(nn.Module):
             return _JumpReLU.apply(pre_NF, self.threshold, self.cfg.jumprelu_bandwidth)
         if arch == "batchtopk":
             return pre_NF * (pre_NF > self.threshold)
-        vals, idx = pre_NF.topk(self.cfg.k, dim=1, sorted=False)
-        return torch.zeros_like(pre_NF).scatter(1, idx, torch.relu(vals))
+        vals, idx = pre_NF.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_NF).scatter(-1, idx, torch.relu(vals))
 
     def forward(self, x_ND: torch.Tensor) -> SaeOutput:
         """Encode and decode; training-mode BatchTopK selects over the batch."""

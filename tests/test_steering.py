@@ -1,0 +1,174 @@
+"""Steering on a tiny model: no-op edits, position masks under a KV cache, hook hygiene, a planted feature."""
+
+import pytest
+import torch
+
+from pipeline.generation import SamplingConfig, compare, sample
+from pipeline.residual import decoder_blocks, residual_after_block
+from pipeline.sae import Sae, SaeConfig
+from pipeline.steering import FeatureSteer, SteeringSpec, steer
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def sae(tiny_model):
+    torch.manual_seed(0)
+    model_sae = Sae(SaeConfig(d_in=32, d_sae=48, architecture="relu")).initialize(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model_sae.b_enc.fill_(0.05)
+    return model_sae.eval()
+
+
+@pytest.fixture
+def ids(tokenizer):
+    return [tokenizer.bos_token_id] + tokenizer("The cat sat on the", add_special_tokens=False).input_ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+
+
+def _active_feature(model, sae, ids):
+    with torch.no_grad():
+        feats = sae.encode(residual_after_block(model, torch.tensor([ids]), LAYER)[0])
+    return int((feats > 0).sum(0).argmax()), feats
+
+
+def test_clamping_each_position_to_its_own_value_changes_nothing(tiny_model, sae, ids):
+    clean = _logits(tiny_model, ids)
+    feature, feats = _active_feature(tiny_model, sae, ids)
+    past = None
+    for t, token in enumerate(ids):
+        spec = SteeringSpec((FeatureSteer(feature, "clamp", float(feats[t, feature])),))
+        with steer(tiny_model, sae, LAYER, spec), torch.no_grad():
+            out = tiny_model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        torch.testing.assert_close(out.logits[0, -1], clean[t], rtol=1e-4, atol=1e-5)
+
+
+def test_adding_zero_changes_nothing(tiny_model, sae, ids):
+    with steer(tiny_model, sae, LAYER, SteeringSpec((FeatureSteer(3, "add", 0.0), FeatureSteer(5, "scale", 1.0)))):
+        steered = _logits(tiny_model, ids)
+    assert torch.equal(steered, _logits(tiny_model, ids))
+
+
+def test_generated_only_leaves_prompt_logits_identical(tiny_model, sae, ids):
+    spec = SteeringSpec((FeatureSteer(3, "add", 50.0, positions="generated"),), prompt_len=len(ids))
+    with steer(tiny_model, sae, LAYER, spec):
+        steered = _logits(tiny_model, ids)
+    assert torch.equal(steered, _logits(tiny_model, ids))
+    longer = ids + ids[1:3]
+    with steer(tiny_model, sae, LAYER, spec):
+        changed = _logits(tiny_model, longer)
+    assert torch.equal(changed[: len(ids)], _logits(tiny_model, longer)[: len(ids)])
+    assert not torch.allclose(changed[len(ids) :], _logits(tiny_model, longer)[len(ids) :])
+
+
+def _edited_positions(model, sae, ids, run):
+    edited = []
+
+    def record(positions, delta):
+        rows = delta.abs().sum(-1) > 0
+        edited.extend(positions[rows].tolist())
+
+    spec = SteeringSpec((FeatureSteer(3, "add", 1.0, positions="all"),), prompt_len=len(ids))
+    with steer(model, sae, LAYER, spec, on_edit=record):
+        new = run()
+    return edited, new
+
+
+def test_all_positions_edited_exactly_once_under_kv_cache_generation(tiny_model, sae, ids):
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    edited, new = _edited_positions(tiny_model, sae, ids, lambda: sample(tiny_model, ids, cfg, eos_id=None))
+    assert sorted(edited) == list(range(len(ids) + len(new) - 1))
+
+
+def test_all_positions_edited_exactly_once_under_hf_generate(tiny_model, sae, ids):
+    def run():
+        out = tiny_model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=3)
+        return out[0, len(ids) :].tolist()
+
+    edited, new = _edited_positions(tiny_model, sae, ids, run)
+    assert sorted(edited) == list(range(len(ids) + len(new) - 1))
+
+
+def test_only_the_hooked_block_output_changes(tiny_model, sae, ids):
+    blocks = decoder_blocks(tiny_model)
+
+    def outputs(spec=None, deltas=None):
+        seen = []
+        handles = [
+            b.register_forward_hook(lambda _m, _i, o: seen.append(o[0] if isinstance(o, tuple) else o)) for b in blocks
+        ]
+        try:
+            if spec is None:
+                _logits(tiny_model, ids)
+            else:
+                with steer(tiny_model, sae, LAYER, spec, on_edit=lambda _p, d: deltas.append(d)):
+                    _logits(tiny_model, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    deltas = []
+    clean = outputs()
+    steered = outputs(SteeringSpec((FeatureSteer(7, "add", 3.0),)), deltas)
+    for layer in range(LAYER):
+        assert torch.equal(clean[layer], steered[layer])
+    # The hook list sees the block's own output before the steering hook edits it.
+    assert torch.equal(clean[LAYER], steered[LAYER])
+    torch.testing.assert_close(deltas[0][0], 3.0 * sae.W_dec[7].expand(len(ids), -1).detach())
+    assert not torch.allclose(clean[LAYER + 1], steered[LAYER + 1])
+
+
+def test_hooks_are_removed_even_when_generation_raises(tiny_model, sae, ids):
+    block = decoder_blocks(tiny_model)[LAYER]
+    before = (len(block._forward_hooks), len(block._forward_pre_hooks))
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(tiny_model, sae, LAYER, SteeringSpec((FeatureSteer(1, "add", 1.0),))):
+            raise RuntimeError("boom")
+    assert (len(block._forward_hooks), len(block._forward_pre_hooks)) == before
+
+
+def test_bad_specs_are_clear_errors(tiny_model, sae):
+    with pytest.raises(ValueError, match=r"feature 48 out of range: this SAE has 48 features \(0-47\)"):
+        with steer(tiny_model, sae, LAYER, SteeringSpec((FeatureSteer(48, "add", 1.0),))):
+            pass
+    with pytest.raises(ValueError, match="unknown steering mode 'pin'"):
+        FeatureSteer(1, "pin", 1.0)
+
+
+def planted(tokenizer):
+    """A model whose blocks are identities (residual = embedding) with a feature planted on one token."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    with torch.no_grad():
+        for block in decoder_blocks(model):
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    return model
+
+
+def test_clamping_a_planted_feature_makes_the_model_produce_it(tokenizer):
+    model = planted(tokenizer)
+    prompt = [tokenizer.bos_token_id] + tokenizer("the dog", add_special_tokens=False).input_ids
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    default = sample(model, prompt, cfg, eos_id=None)
+    target = next(t for t in range(4, len(tokenizer)) if t not in default)
+    direction = model.model.embed_tokens.weight[target].detach()
+    sae = Sae(SaeConfig(d_in=32, d_sae=8, architecture="relu")).initialize(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_dec[0] = direction / direction.norm()
+        sae.W_enc_FD[0] = direction / direction.norm()
+        sae.b_enc.fill_(-1e3)  # every other feature off
+        sae.b_enc[0] = 0.0
+    spec = SteeringSpec((FeatureSteer(0, "clamp", 40.0 * float(direction.norm())),))
+    result = compare(model, sae.eval(), LAYER, spec, prompt, cfg, eos_id=None)
+    assert result.steered.token_ids.count(target) >= 4
+    assert result.steered.mean_activation(0) > 2 * result.default.mean_activation(0)
+    assert result.default.kl > 0 and all(lp <= 0 for lp in result.steered.logprob_other)
