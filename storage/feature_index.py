@@ -26,6 +26,7 @@ Tables (one row per feature unless noted; all sorted by feature):
   logit_effects(feature, promoted_ids, promoted_values, suppressed_ids, suppressed_values)
   neighbours(feature, neighbour_ids, cosines)
   density_histogram(bin_low, bin_high, n_features)    log10 density over live features
+  token_features(token_id, feature, source, hits)     search: top-example peak tokens and promoted tokens
 """
 
 from __future__ import annotations
@@ -302,6 +303,13 @@ def _finishing_sql(ctx_len, window, width_bins, quantile_bins, samples_per_bin, 
             GROUP BY ALL
             ORDER BY e.feature, e.kind, e.bin, e.rank""",
         """CREATE TABLE contexts AS SELECT * FROM scratch.contexts ORDER BY context""",
+        # Token -> features lookup for search: peak tokens of top examples, and top promoted tokens.
+        """CREATE TABLE token_features AS
+            SELECT token_id, feature, 'example' AS source, count(*) AS hits FROM examples
+            WHERE kind = 'top' GROUP BY ALL
+            UNION ALL
+            SELECT unnest(promoted_ids) AS token_id, feature, 'logit' AS source, 1 AS hits FROM logit_effects
+            ORDER BY token_id, feature""",
         f"""INSERT INTO metadata VALUES ('index', '{
             json.dumps(
                 {

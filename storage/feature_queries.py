@@ -182,13 +182,9 @@ class FeatureIndex:
             return []
         sql = """SELECT feature, sum(hits) AS hits, bool_or(source = 'example') AS in_examples,
                         bool_or(source = 'logit') AS in_promoted
-                 FROM (SELECT feature, count(*) AS hits, 'example' AS source FROM examples
-                       WHERE kind = 'top' AND list_contains(?, token_id) GROUP BY feature
-                       UNION ALL
-                       SELECT feature, len(list_intersect(promoted_ids, ?)), 'logit' FROM logit_effects
-                       WHERE len(list_intersect(promoted_ids, ?)) > 0)
+                 FROM token_features WHERE list_contains(?, token_id)
                  GROUP BY feature ORDER BY hits DESC, feature LIMIT ?"""
-        return self._rows(sql, [ids, ids, ids, int(limit)])
+        return self._rows(sql, [ids, int(limit)])
 
     def interesting(self, limit: int = 5, min_density: float = 1e-3, max_density: float = 5e-2) -> list[int]:
         """Live features of moderate density whose top examples mostly peak on one token (easy to read first).
