@@ -6,8 +6,8 @@ tokens. Steps of the trainers are interleaved (one step of each in turn), so
 drifts in machine speed affect all of them alike.
 
 Trainers:
-  saescope  pipeline.sae + pipeline.training with their defaults (sparse TopK kernels,
-            geometric-median b_dec, AuxK, auto learning rate)
+  saescope  pipeline.init + pipeline.training with their defaults (sparse TopK kernels,
+            geometric-median b_dec, encoder at 0.5x the decoder, AuxK, auto learning rate)
   dense     a plain PyTorch TopK SAE written below: dense decode, Adam at
             2e-4/sqrt(d_sae/2^14), mean-initialized b_dec, unit-norm decoder
   sparsify  EleutherAI sparsify's SparseCoder with its default optimizer (signum +
@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from jobs.common import tune_allocator
-from pipeline.init import geometric_median, normalization_factor
+from pipeline.init import init_sae, normalization_factor
 from pipeline.metrics import ReconstructionStats
-from pipeline.sae import Sae, SaeConfig
-from pipeline.schedule import default_lr
+from pipeline.sae import SaeConfig
+from pipeline.schedule import auto_lr, default_lr
 from pipeline.training import TrainConfig, TrainState, make_optimizer, train_step
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts, iter_heldout
@@ -72,10 +72,8 @@ class Runner:
 
 
 def saescope_runner(d_in, d_sae, sample, total_steps, dtype):
-    sae = Sae(SaeConfig(d_in, d_sae, "topk", K)).initialize(torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample))
-    lr = default_lr(d_sae) * min(8.0, max(1.0, 10_000 / total_steps) ** 0.5)
+    sae = init_sae(SaeConfig(d_in, d_sae, "topk", K), sample, seed=0)
+    lr = auto_lr(d_sae, total_steps)
     cfg = TrainConfig(
         total_steps=total_steps,
         lr=lr,

@@ -44,7 +44,13 @@ def _flag(field: dataclasses.Field) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of ``cls`` (a frozen dataclass made with ``option``)."""
+    """Add one flag per field of ``cls`` (a frozen dataclass made with ``option``), plus ``--config FILE``."""
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        default=None,
+        help="TOML file of option values (keys as in run.toml); flags given on the command line win",
+    )
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
@@ -61,7 +67,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         else:
             kwargs["type"] = annotation
         if required:
-            kwargs["required"] = True
+            kwargs["default"] = argparse.SUPPRESS
+            kwargs["help"] += " (required)"
         else:
             kwargs["default"] = argparse.SUPPRESS
             default = field.default
@@ -85,16 +92,33 @@ def auto_or(kind):
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):
-    """Build ``cls`` from parsed flags; flags the user left out keep the field defaults."""
+    """Build ``cls`` from a --config file (if any), then the flags given, then ``overrides``."""
+    import tomllib
+
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values: dict = {}
+    path = getattr(args, "config_file", None)
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                values.update(config_from_mapping(dict, tomllib.load(handle), path, names))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from error
+    values.update({k: v for k, v in vars(args).items() if k in names})
     values.update(overrides)
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f))
+    if missing:
+        raise ConfigError(f"missing required option --{missing[0].replace('_', '-')}")
     return cls(**values)
 
 
-def config_from_mapping(cls: type, mapping: dict, where: str):
+def _is_required(field: dataclasses.Field) -> bool:
+    return field.default is REQUIRED and field.default_factory is REQUIRED
+
+
+def config_from_mapping(cls: type, mapping: dict, where: str, names: set[str] | None = None):
     """Build ``cls`` from a dict (a TOML table); an unknown key is an error naming it."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = names if names is not None else {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - names)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(names))}")

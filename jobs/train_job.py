@@ -24,10 +24,10 @@ from jobs.common import human_count, progress
 from jobs.config import ConfigError, add_config_arguments, auto_or, config_from_args, config_to_mapping, option, require
 from jobs.evaluation import EvalSettings, evaluate
 from jobs.sae_io import write_sae
-from pipeline.init import geometric_median, normalization_factor
+from pipeline.init import init_sae, normalization_factor
 from pipeline.precision import choose_dtype, resolve_device
 from pipeline.sae import ARCHITECTURES, Sae, SaeConfig, export_sae
-from pipeline.schedule import default_lr
+from pipeline.schedule import auto_lr
 from pipeline.training import (
     StepStats,
     TrainConfig,
@@ -140,12 +140,6 @@ def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream
     )
 
 
-def auto_lr(d_sae: int, steps: int) -> float:
-    """2e-4 / sqrt(d_sae / 2^14) (Gao et al.), raised for short runs where it barely moves."""
-    base = default_lr(d_sae)
-    return base * min(8.0, max(1.0, 10_000 / steps) ** 0.5)
-
-
 def _stream(cfg: TrainJobConfig, manifest: CacheManifest) -> TrainingStream:
     heldout = (
         cfg.heldout_contexts if cfg.heldout_contexts is not None else default_heldout_contexts(manifest.n_contexts)
@@ -181,12 +175,8 @@ def _weights_config(cfg: TrainJobConfig) -> dict:
 def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device) -> tuple[Sae, float]:
     sample_ND = stream.sample(INIT_SAMPLE_TOKENS)
     scale = normalization_factor(sample_ND)
-    sae = Sae(SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k))
-    decoder_norm = 0.1 if cfg.arch == "relu" else 1.0
-    sae.initialize(torch.Generator().manual_seed(cfg.seed), decoder_norm=decoder_norm)
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample_ND * scale))
-    return sae.to(device), scale
+    shape = SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
+    return init_sae(shape, sample_ND * scale, cfg.seed).to(device), scale
 
 
 def _resume(folder: Path, cfg: TrainJobConfig, sae_shape: SaeConfig, device, tcfg: TrainConfig):

@@ -173,12 +173,12 @@ class Sae(nn.Module):
             self.register_buffer("batch_threshold", torch.zeros((), device=device))
 
     @torch.no_grad()
-    def initialize(self, generator: torch.Generator, decoder_norm: float = 1.0) -> Sae:
-        """Random decoder rows of norm ``decoder_norm``, W_enc = W_dec^T, biases zero."""
+    def initialize(self, generator: torch.Generator, decoder_norm: float = 1.0, encoder_scale: float = 1.0) -> Sae:
+        """Random decoder rows of norm ``decoder_norm``, W_enc = encoder_scale * W_dec^T, biases zero."""
         W_FD = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
         W_FD = W_FD / W_FD.norm(dim=1, keepdim=True) * decoder_norm
         self.W_dec.copy_(W_FD)
-        self.W_enc_FD.copy_(W_FD)
+        self.W_enc_FD.copy_(W_FD * encoder_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
         return self

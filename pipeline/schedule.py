@@ -10,6 +10,11 @@ def default_lr(d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
+def auto_lr(d_sae: int, steps: int) -> float:
+    """``default_lr`` raised for short runs, where it barely moves the weights: x sqrt(10k / steps), at most 8x."""
+    return default_lr(d_sae) * min(8.0, max(1.0, 10_000 / steps) ** 0.5)
+
+
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, decay_fraction: float) -> float:
     """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 over the last fraction."""
     if warmup_steps > 0 and step < warmup_steps:

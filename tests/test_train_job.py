@@ -31,6 +31,19 @@ def _cfg(run, **overrides):
     return TrainJobConfig(**values)
 
 
+def crash_training_at(monkeypatch, step: int):
+    """Make the next training run raise KeyboardInterrupt when it reaches ``step``; returns an undo."""
+    real_step = training.train_step
+
+    def crashing(sae, optimizer, x, state, cfg):
+        if state.step == step:
+            raise KeyboardInterrupt
+        return real_step(sae, optimizer, x, state, cfg)
+
+    monkeypatch.setattr(training, "train_step", crashing)
+    return lambda: monkeypatch.setattr(training, "train_step", real_step)
+
+
 def test_train_writes_a_saelens_layout_sae_with_metrics(run_copy):
     summary = run_train(_cfg(run_copy))
     folder = run_copy / "saes" / "default"
@@ -81,18 +94,11 @@ def test_killed_training_resumes_to_identical_weights(run_copy, tmp_path, monkey
     other = tmp_path / "whole"
     shutil.copytree(run_copy, other)
     run_train(_cfg(other))
-    real_step = training.train_step
-
-    def crash_at_step_13(sae, optimizer, x, state, cfg):
-        if state.step == 13:
-            raise KeyboardInterrupt
-        return real_step(sae, optimizer, x, state, cfg)
-
-    monkeypatch.setattr(training, "train_step", crash_at_step_13)
+    undo = crash_training_at(monkeypatch, 13)
     with pytest.raises(KeyboardInterrupt):
         run_train(_cfg(run_copy))
     assert (run_copy / "saes" / "default" / "checkpoints" / "step-000000010").is_dir()
-    monkeypatch.setattr(training, "train_step", real_step)
+    undo()
     summary = run_train(_cfg(run_copy))
     assert summary.resumed_from == 10
     resumed = load_file(run_copy / "saes" / "default" / "sae_weights.safetensors")
@@ -102,17 +108,10 @@ def test_killed_training_resumes_to_identical_weights(run_copy, tmp_path, monkey
 
 
 def test_resume_with_other_options_is_refused(run_copy, monkeypatch):
-    real_step = training.train_step
-
-    def crash(sae, optimizer, x, state, cfg):
-        if state.step == 6:
-            raise KeyboardInterrupt
-        return real_step(sae, optimizer, x, state, cfg)
-
-    monkeypatch.setattr(training, "train_step", crash)
+    undo = crash_training_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         run_train(_cfg(run_copy))
-    monkeypatch.setattr(training, "train_step", real_step)
+    undo()
     with pytest.raises(ConfigError, match="lr: checkpoint .* now 0.5"):
         run_train(_cfg(run_copy, lr=0.5))
 
