@@ -73,6 +73,24 @@ def test_auxk_moves_dead_latents_only_when_enabled():
     assert results == {0.0: False, 1.0: True}
 
 
+def test_dense_and_sparse_auxk_paths_agree(monkeypatch):
+    import pipeline.training as training
+
+    x, _ = planted_data(256)
+    grads = []
+    for limit in (10**6, 0):  # dense path, then forced sparse path
+        monkeypatch.setattr(training, "DENSE_AUX_MAX_DEAD", limit)
+        sae = Sae(SaeConfig(d_in=16, d_sae=40, k=3)).initialize(torch.Generator().manual_seed(5), encoder_scale=0.5)
+        dead = torch.zeros(40, dtype=torch.bool)
+        dead[::3] = True  # 14 dead latents, more than k_aux = 8
+        loss = training.auxk_loss(sae, x, sae(x), dead)
+        loss.backward()
+        grads.append((loss.detach(), sae.W_enc_FD.grad.clone(), sae.W_dec.grad.clone(), sae.b_enc.grad.clone()))
+    for dense, sparse in zip(*grads, strict=True):
+        torch.testing.assert_close(dense, sparse, rtol=1e-4, atol=1e-5)
+    assert grads[0][0] > 0
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_resume_equals_uninterrupted(arch):
     x, _ = planted_data(4096, seed=1)
