@@ -30,8 +30,8 @@ from jobs.common import tune_allocator
 from pipeline.init import init_sae, normalization_factor
 from pipeline.metrics import ReconstructionStats
 from pipeline.sae import SaeConfig
-from pipeline.schedule import auto_lr, default_lr
-from pipeline.training import TrainConfig, TrainState, make_optimizer, train_step
+from pipeline.schedule import auto_lr, default_lr, default_warmup_steps
+from pipeline.training import TrainConfig, TrainState, default_auxk_dead_tokens, make_optimizer, train_step
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts, iter_heldout
 
@@ -77,8 +77,8 @@ def saescope_runner(d_in, d_sae, sample, total_steps, dtype):
     cfg = TrainConfig(
         total_steps=total_steps,
         lr=lr,
-        warmup_steps=max(1, total_steps // 20),
-        auxk_dead_tokens=max(BATCH, total_steps * BATCH // 10),
+        warmup_steps=default_warmup_steps(total_steps),
+        auxk_dead_tokens=default_auxk_dead_tokens(total_steps * BATCH, BATCH),
         compute_dtype=dtype,
     )
     optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(d_sae)

@@ -27,11 +27,13 @@ from jobs.sae_io import write_sae
 from pipeline.init import init_sae, normalization_factor
 from pipeline.precision import choose_dtype, resolve_device
 from pipeline.sae import ARCHITECTURES, Sae, SaeConfig, export_sae
-from pipeline.schedule import auto_lr
+from pipeline.schedule import auto_lr, default_warmup_steps
 from pipeline.training import (
+    DEAD_WINDOW_CAP,
     StepStats,
     TrainConfig,
     TrainState,
+    default_auxk_dead_tokens,
     make_optimizer,
     restore_state_tree,
     state_tree,
@@ -45,7 +47,6 @@ from storage.shards import CacheManifest, activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts
 
 INIT_SAMPLE_TOKENS = 16384
-DEAD_WINDOW_CAP = 10_000_000
 # Options that do not change the trained weights, so a resumed run may differ in them.
 NOT_AFFECTING_WEIGHTS = ("force", "checkpoint_every", "lm_eval_contexts", "device")
 
@@ -134,7 +135,7 @@ def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream
         resolved,
         tokens=steps * cfg.batch_size,
         lr=cfg.lr or auto_lr(d_sae, steps),
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, steps // 20)),
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(steps),
         dead_window=cfg.dead_window or min(DEAD_WINDOW_CAP, steps * cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every or max(10, steps // 10),
     )
@@ -158,7 +159,7 @@ def trainer_config(cfg: TrainJobConfig, compute_dtype: torch.dtype) -> TrainConf
         warmup_steps=cfg.warmup_steps,
         decay_fraction=cfg.decay_fraction,
         auxk_coef=cfg.auxk_coef,
-        auxk_dead_tokens=max(cfg.batch_size, min(DEAD_WINDOW_CAP, cfg.tokens // 10)),
+        auxk_dead_tokens=default_auxk_dead_tokens(cfg.tokens, cfg.batch_size),
         l1_coef=cfg.l1_coef,
         l1_warmup_steps=max(1, steps // 20),
         l0_coef=cfg.l0_coef,

@@ -15,6 +15,11 @@ def auto_lr(d_sae: int, steps: int) -> float:
     return default_lr(d_sae) * min(8.0, max(1.0, 10_000 / steps) ** 0.5)
 
 
+def default_warmup_steps(steps: int) -> int:
+    """Learning-rate warm-up: 5% of the steps, at least 1, at most 1000."""
+    return min(1000, max(1, steps // 20))
+
+
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, decay_fraction: float) -> float:
     """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 over the last fraction."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -105,6 +105,15 @@ def make_optimizer(sae: Sae, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
 
 
+DEAD_WINDOW_CAP = 10_000_000
+"""Gao et al. (2024): a latent silent for 10M tokens is dead."""
+
+
+def default_auxk_dead_tokens(tokens: int, batch_size: int) -> int:
+    """AuxK's dead window: 10M tokens, or a tenth of a shorter run (at least one batch) so it still revives."""
+    return max(batch_size, min(DEAD_WINDOW_CAP, tokens // 10))
+
+
 DENSE_AUX_MAX_DEAD = 2048
 
 
