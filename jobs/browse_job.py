@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from storage.feature_index import index_path
-from storage.feature_queries import SORT_COLUMNS, Example, FeatureIndex
+from jobs.config import counted, finite_float
+from storage.feature_queries import SORT_COLUMNS, Example, open_sae_index
 from storage.sae_store import resolve_sae
 
 
-def open_index(run: str, sae: str | None) -> FeatureIndex:
-    return FeatureIndex(index_path(resolve_sae(Path(run), sae)))
+def open_index(run: str, sae: str | None):
+    return open_sae_index(resolve_sae(Path(run), sae))
 
 
 def _visible(token: str) -> str:
@@ -53,10 +53,10 @@ def register(subparsers) -> None:
     listing.add_argument("--sort", choices=list(SORT_COLUMNS), default="density", help="sort key (default: density)")
     listing.add_argument("--ascending", action="store_true", help="smallest first")
     listing.add_argument("--only", choices=["all", "live", "dead"], default="all", help="which features to list")
-    listing.add_argument("--min-density", type=float, default=None)
-    listing.add_argument("--max-density", type=float, default=None)
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--min-density", type=finite_float, default=None, help="only features at least this dense")
+    listing.add_argument("--max-density", type=finite_float, default=None, help="only features at most this dense")
+    listing.add_argument("--limit", type=counted(1), default=20, help="features per page (default: 20)")
+    listing.add_argument("--offset", type=counted(0), default=0, help="skip this many features first")
     listing.add_argument("--search", default=None, help="only features whose top examples or promoted tokens match")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=list_command)
@@ -64,14 +64,16 @@ def register(subparsers) -> None:
     show = subparsers.add_parser("show", help="one feature: statistics, logit effects and top examples")
     show.add_argument("--run", required=True, help="run directory")
     show.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
-    show.add_argument("--feature", type=int, required=True, help="feature id")
-    show.add_argument("--examples", type=int, default=8, help="top examples to print")
+    show.add_argument("--feature", type=counted(0), required=True, help="feature id")
+    show.add_argument("--examples", type=counted(1), default=8, help="top examples to print")
     show.add_argument("--intervals", action="store_true", help="also print examples from each quantile bin")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=show_command)
 
 
 def list_command(args) -> int:
+    if args.min_density is not None and args.max_density is not None and args.min_density > args.max_density:
+        raise ValueError(f"--min-density ({args.min_density}) is above --max-density ({args.max_density})")
     dead = {"all": None, "live": False, "dead": True}[args.only]
     with open_index(args.run, args.sae) as index:
         if args.search:

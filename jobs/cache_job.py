@@ -22,7 +22,7 @@ import torch
 from jobs.common import converted_models_dir, human_bytes, human_count, progress
 from jobs.config import add_config_arguments, config_from_args, config_to_mapping, option, require
 from pipeline.activations import compute_activations
-from pipeline.corpus import CorpusError, CorpusSpec, fingerprint, iter_documents
+from pipeline.corpus import CorpusError, CorpusSpec, check_corpus, fingerprint, iter_documents
 from pipeline.models import LoadedModel, load_model
 from pipeline.packing import SpecialTokens, pack_contexts
 from pipeline.precision import DtypeChoice, choose_dtype, resolve_device
@@ -232,20 +232,33 @@ def fill_cache(
     return manifest, exhausted
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """A --run that exists must be a folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CacheError(f"--run {run_dir} is a file, not a run folder: choose another path")
+
+
 def run_cache(cfg: CacheConfig) -> CacheSummary:
     """Cache activations for ``cfg``, resuming or refusing as the module docstring says."""
     run_dir, folder = Path(cfg.run), activations_dir(Path(cfg.run))
+    check_run_folder(run_dir)
     existing = read_manifest(folder) if manifest_exists(folder) else None
+    if existing is not None and not existing.shards:
+        existing = None  # nothing finished yet: the cache may restart with other options
     if existing is not None:
         check_same_request(existing, cfg)
         if _is_finished(existing, cfg):
             return CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
     device = resolve_device(cfg.device)
+    check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
     recorded = existing.provenance["model_dtype"]["name"] if existing else cfg.model_dtype
     choice = choose_dtype(recorded, device)
     loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
     default_layer = loaded.info.default_layer if existing is None else existing.provenance["hook"]["layer"]
     layer = check_layer(default_layer if cfg.layer is None else cfg.layer, loaded.info.n_layers)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.ctx_len > max_positions:
+        raise CacheError(f"--ctx-len {cfg.ctx_len} is beyond the model's {max_positions} positions")
     provenance = _provenance(cfg, loaded, layer, choice, device)
     if existing is not None:
         _check_same_content(existing, provenance, cfg.run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -91,6 +92,33 @@ def auto_or(kind):
     return parse
 
 
+def counted(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (e.g. counted(1) for --limit)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from error
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):
     """Build ``cls`` from a --config file (if any), then the flags given, then ``overrides``."""
     import tomllib
@@ -101,7 +129,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
     if path:
         try:
             with open(path, "rb") as handle:
-                values.update(config_from_mapping(dict, tomllib.load(handle), path, names))
+                values.update(config_from_mapping(dict, tomllib.load(handle), path, names, fields_of=cls))
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"cannot read config file {path}: {error}") from error
     values.update({k: v for k, v in vars(args).items() if k in names})
@@ -109,6 +137,9 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f))
     if missing:
         raise ConfigError(f"missing required option --{missing[0].replace('_', '-')}")
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     return cls(**values)
 
 
@@ -116,13 +147,52 @@ def _is_required(field: dataclasses.Field) -> bool:
     return field.default is REQUIRED and field.default_factory is REQUIRED
 
 
-def config_from_mapping(cls: type, mapping: dict, where: str, names: set[str] | None = None):
-    """Build ``cls`` from a dict (a TOML table); an unknown key is an error naming it."""
-    names = names if names is not None else {f.name for f in dataclasses.fields(cls)}
+def config_from_mapping(cls: type, mapping: dict, where: str, names: set[str] | None = None, fields_of=None):
+    """Build ``cls`` from a dict (a TOML table); an unknown key or a value of the wrong type is an error naming it.
+
+    ``fields_of`` is the config class whose field types check the values (default: ``cls``).
+    """
+    schema = fields_of or cls
+    names = names if names is not None else {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(mapping) - names)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(names))}")
+    if dataclasses.is_dataclass(schema):
+        hints = typing.get_type_hints(schema)
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        mapping = {key: checked_value(fields[key], hints[key], value, where) for key, value in mapping.items()}
     return cls(**mapping)
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(annotation))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, "a value")
+
+
+def checked_value(field: dataclasses.Field, hint, value, where: str):
+    """``value`` (from a TOML file) converted to the field's type, or a ConfigError naming the file and key."""
+    annotation, optional = _unwrap_optional(hint)
+    if optional and value == "auto" and field.metadata.get("parse") is not None:
+        return None
+    ok = False
+    if typing.get_origin(annotation) is Literal:
+        ok = value in typing.get_args(annotation)
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif annotation is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        auto = " or 'auto'" if optional and field.metadata.get("parse") is not None else ""
+        raise ConfigError(f"{where}: {field.name} = {value!r} is not valid: expected {_type_name(annotation)}{auto}")
+    return value
 
 
 def config_to_mapping(config) -> dict:

@@ -12,6 +12,7 @@ import time
 from jobs import browse_job, cache_job, index_job, train_job
 from jobs.browse_job import render_example
 from storage.feature_index import index_path
+from storage.feature_queries import open_sae_index
 from storage.sae_store import sae_dir
 
 DEMO_RUN = "runs/demo"
@@ -40,7 +41,7 @@ def command(args) -> int:
     print(train_job.format_summary(train_job.run_train(train_cfg, say=print)))
     _stage(3, "indexing every feature's statistics and examples")
     folder = sae_dir(args.run, "default")
-    if index_path(folder).is_file():
+    if index_is_current(folder):
         print(f"{index_path(folder)}: index already built; nothing to do (run `saescope index` to rebuild)")
     else:
         print(index_job.format_summary(index_job.run_index(index_job.IndexConfig(run=args.run)), args.run))
@@ -50,6 +51,17 @@ def command(args) -> int:
     for line in ("features --run {run} --sort max", "show --run {run} --feature N", "eval --run {run}"):
         print("  saescope " + line.format(run=args.run))
     return 0
+
+
+def index_is_current(sae_folder) -> bool:
+    """An index exists and was built from the SAE's current weights."""
+    if not index_path(sae_folder).is_file():
+        return False
+    try:
+        open_sae_index(sae_folder).close()
+    except ValueError:
+        return False
+    return True
 
 
 def print_interesting(run: str, count: int = 5) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jobs.config import counted
 from jobs.evaluation import EvalSettings, evaluate
 from jobs.sae_io import read_sae
 from jobs.train_job import format_metrics
@@ -18,7 +19,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="held-out metrics of a trained or imported SAE")
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
-    parser.add_argument("--lm-eval-contexts", type=int, default=64, help="contexts for CE-loss recovered (0: skip)")
+    parser.add_argument(
+        "--lm-eval-contexts", type=counted(0), default=64, help="contexts for CE-loss recovered (0: skip)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=command)

@@ -8,6 +8,7 @@ one atomically.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from pipeline.packing import special_mask
 from pipeline.precision import resolve_device
 from pipeline.sae import Sae
 from storage.feature_index import IndexBuilder
-from storage.sae_store import resolve_sae
+from storage.sae_store import resolve_sae, weights_fingerprint
 from storage.shards import CacheManifest, activations_dir, iter_shards, read_manifest
+
+MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class IndexConfig:
         require(self.samples_per_bin >= 1, "--samples-per-bin must be at least 1")
         require(self.batch_contexts >= 1, "--batch-contexts must be at least 1")
         require(self.tokens is None or self.tokens > 0, "--tokens must be positive")
+        require(
+            MEMORY_LIMIT.fullmatch(self.memory_limit.strip()) is not None,
+            f"--memory-limit {self.memory_limit!r} is not a size: use e.g. 512MB, 1GB or 2.5GiB",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,13 @@ def _vocab_strings(tokenizer, vocab_size: int) -> list[str]:
 
 
 def _metadata(
-    manifest: CacheManifest, sae: Sae, sae_cfg: dict, sae_name: str, cfg: IndexConfig, acc: FeatureAccumulator
+    manifest: CacheManifest,
+    sae: Sae,
+    sae_cfg: dict,
+    sae_name: str,
+    fingerprint: str,
+    cfg: IndexConfig,
+    acc: FeatureAccumulator,
 ) -> dict:
     record = sae_cfg.get("saescope", {})
     return {
@@ -103,6 +116,7 @@ def _metadata(
             "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k if sae.cfg.architecture == "topk" else None,
             "trained_architecture": record.get("trained_architecture", sae.cfg.architecture),
+            "weights_sha256": fingerprint,
         },
         "metrics": record.get("metrics") or record.get("last_eval") or {},
         "tokens_indexed": acc.n_tokens,
@@ -117,6 +131,7 @@ def run_index(cfg: IndexConfig) -> IndexSummary:
     folder = activations_dir(run_dir)
     manifest = read_manifest(folder)
     sae_folder = resolve_sae(run_dir, cfg.sae)
+    fingerprint = weights_fingerprint(sae_folder)
     sae, sae_cfg = read_sae(sae_folder)
     check_fits_cache(sae_cfg, manifest, sae_folder)
     device = resolve_device(cfg.device)
@@ -141,7 +156,7 @@ def run_index(cfg: IndexConfig) -> IndexSummary:
         builder.write_logit_effects(*logit_effects(sae.W_dec.detach(), unembedding(loaded.model), gamma))
         builder.write_neighbours(*nearest_by_decoder(sae.W_dec.detach()))
         builder.write_vocab(_vocab_strings(loaded.tokenizer, loaded.info.vocab_size))
-        builder.write_metadata(_metadata(manifest, sae, sae_cfg, sae_folder.name, cfg, acc))
+        builder.write_metadata(_metadata(manifest, sae, sae_cfg, sae_folder.name, fingerprint, cfg, acc))
         path = builder.finish(manifest.ctx_len, cfg.window, cfg.width_bins, cfg.quantile_bins, cfg.samples_per_bin)
     n_dead = int((acc.count_F == 0).sum())
     return IndexSummary(path, acc.n_tokens, sae.cfg.d_sae, n_dead, time.perf_counter() - started, encode_seconds)

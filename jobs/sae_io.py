@@ -97,8 +97,11 @@ def read_sae(folder: Path) -> tuple[Sae, dict]:
         tensors = fold_b_dec_into_b_enc(tensors)
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         tensors = fold_decoder_norms(tensors)
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    k = int(cfg.get("k", 32)) if arch == "topk" else min(32, d_sae - 1)
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        k = int(cfg.get("k", 32)) if arch == "topk" else min(32, d_sae - 1)
+    except (KeyError, TypeError, ValueError) as error:
+        raise SaeStoreError(f"{folder}/cfg.json lacks a valid {error} (d_in, d_sae and k must be integers)") from error
     try:
         sae = sae_from_tensors(SaeConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k), tensors)
     except ValueError as error:

@@ -8,18 +8,20 @@ scale`` the value is the multiplier itself (``2`` or ``2x``).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jobs.config import counted, finite_float
 from jobs.evaluation import load_run_model
 from jobs.sae_io import read_sae
 from pipeline.generation import Comparison, SamplingConfig, compare
 from pipeline.precision import resolve_device
 from pipeline.steering import MODES, POSITIONS, FeatureSteer, SteeringSpec
 from storage.feature_index import index_path
-from storage.feature_queries import FeatureIndex
+from storage.feature_queries import open_sae_index
 from storage.sae_store import resolve_sae
 from storage.shards import activations_dir, read_manifest
 
@@ -46,6 +48,8 @@ class Strength:
             raise SteerError(
                 f"bad value {text!r}: use a number like 3.5, or a multiple of the feature's max activation like 8x"
             ) from error
+        if not math.isfinite(amount):
+            raise SteerError(f"bad value {text!r}: steering values must be finite numbers")
         return cls(amount, relative, text.strip())
 
     def resolve(self, mode: str, max_act: float | None, feature: int) -> float:
@@ -63,7 +67,7 @@ def _max_activations(run: Path, sae_folder: Path, features: list[int]) -> dict[i
     path = index_path(sae_folder)
     if not path.is_file():
         return None
-    with FeatureIndex(path) as index:
+    with open_sae_index(sae_folder) as index:
         return {f: float(index.summary(f)["max_act"]) for f in features}
 
 
@@ -74,13 +78,24 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return [bos, *tokenizer(prompt, add_special_tokens=False).input_ids]
 
 
+def check_length(prompt_len: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Prompt plus new tokens must fit the model's positions."""
+    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
+        raise SteerError(
+            f"--max-new-tokens {max_new_tokens} with a {prompt_len}-token prompt is beyond the model's "
+            f"{max_positions} positions"
+        )
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "steer", help="generate with a feature clamped, added or scaled, next to the default"
     )
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
-    parser.add_argument("--feature", type=int, action="append", required=True, help="feature id (repeat for several)")
+    parser.add_argument(
+        "--feature", type=counted(0), action="append", required=True, help="feature id (repeat for several)"
+    )
     parser.add_argument(
         "--value",
         action="append",
@@ -93,9 +108,9 @@ def register(subparsers) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--sweep", default=None, help="comma-separated values for a table, e.g. 0,2x,4x,8x")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--temperature", type=float, default=0.5, help="0 for greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=counted(1), default=40)
+    parser.add_argument("--temperature", type=finite_float, default=0.5, help="0 for greedy")
+    parser.add_argument("--top-p", type=finite_float, default=0.9)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print everything, per token, as JSON")
     parser.set_defaults(handler=command)
@@ -125,6 +140,8 @@ def _spec(args, features, strengths, max_acts) -> SteeringSpec:
 
 
 def command(args) -> int:
+    if not args.prompt.strip() and not args.chat:
+        raise SteerError("--prompt is empty: give some text to continue")
     request = _request(args)
     sweep = [Strength.parse(v) for v in args.sweep.split(",")] if args.sweep else None
     run = Path(args.run)
@@ -140,6 +157,7 @@ def command(args) -> int:
     sae = sae.to(device)
     layer = manifest.provenance["hook"]["layer"]
     prompt = _prompt_ids(loaded.tokenizer, args.prompt, args.chat)
+    check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if sweep is None:

@@ -104,6 +104,13 @@ class TrainJobConfig:
         require(0 <= self.decay_fraction <= 1, f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
         require(self.window_shards >= 1, "--window-shards must be at least 1")
         require(self.lm_eval_contexts >= 0, "--lm-eval-contexts must be >= 0")
+        for name in ("heldout_contexts", "warmup_steps", "dead_window", "checkpoint_every"):
+            value = getattr(self, name)
+            least = 0 if name == "warmup_steps" else 1
+            flag = "--" + name.replace("_", "-")
+            require(value is None or value >= least, f"{flag} must be at least {least}, got {value}")
+        for name in ("auxk_coef", "l1_coef", "l0_coef"):
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,14 @@ def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device) -> tuple[S
     scale = normalization_factor(sample_ND)
     shape = SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
     return init_sae(shape, sample_ND * scale, cfg.seed).to(device), scale
+
+
+def _recorded_dtype(folder: Path) -> str | None:
+    """The compute dtype an interrupted run chose when it started (so "auto" is not measured again)."""
+    newest = latest_checkpoint(folder / CHECKPOINTS_DIR) if folder.is_dir() else None
+    if newest is None:
+        return None
+    return load_checkpoint(newest)["job"]["weights_config"].get("dtype")
 
 
 def _resume(folder: Path, cfg: TrainJobConfig, sae_shape: SaeConfig, device, tcfg: TrainConfig):
@@ -283,7 +298,7 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
     stream = _stream(cfg, manifest)
     cfg = resolve(cfg, manifest, stream)
     device = resolve_device(cfg.device)
-    compute = choose_dtype(cfg.dtype, device)
+    compute = choose_dtype(_recorded_dtype(folder) or cfg.dtype, device)
     cfg = dataclasses.replace(cfg, dtype=compute.name)
     tcfg = trainer_config(cfg, compute.dtype)
     per_epoch = stream.batches_per_epoch() * cfg.batch_size

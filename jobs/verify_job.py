@@ -21,6 +21,9 @@ def command(args) -> int:
         print(f"note: unlisted shard file {line} (left by a killed job; the next `cache` run overwrites it)")
     for line in report.problems:
         print(f"BAD  {line}")
+    if not manifest.shards:
+        print(f"{folder}: no finished shard yet: the cache is empty (run `saescope cache --run {args.run}`)")
+        return 1
     state = "complete" if manifest.complete else "incomplete (re-run `saescope cache` to finish)"
     verdict = "OK" if not report.problems else f"{len(report.problems)} bad shard(s)"
     print(f"{folder}: {report.n_shards} shards, {manifest.n_tokens:,} tokens, {state}: {verdict}")

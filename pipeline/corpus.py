@@ -152,6 +152,12 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     yield from _dataset_texts(dataset, spec.text_column, f"dataset {spec.source!r}")
 
 
+def check_corpus(spec: CorpusSpec) -> None:
+    """Raise CorpusError unless the corpus opens and yields at least one document (reads only the first)."""
+    if next(iter_documents(spec), None) is None:
+        raise CorpusError(f"corpus {spec.describe()!r} holds no text: give a file or folder with non-empty documents")
+
+
 def fingerprint(spec: CorpusSpec) -> str:
     """A content identity for the corpus, used to refuse mixing corpora in one cache."""
     digest = hashlib.sha256()

@@ -10,6 +10,7 @@ target device and picks bfloat16 only when it is clearly faster.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,10 @@ def resolve_device(device: str) -> torch.device:
     """ "auto" -> cuda if available else cpu; anything else is passed to torch.device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
     return resolved
@@ -70,17 +74,31 @@ def linear_gflops(dtype: torch.dtype, device: torch.device, min_seconds: float =
     return 2.0 * rows * d_in * d_out * reps / elapsed / 1e9
 
 
-def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
-    """Resolve "float32" | "bfloat16" | "auto" to a concrete compute dtype on ``device``."""
+def measure_speeds(device: torch.device) -> dict[str, float]:
+    """GFLOP/s of the reference product in float32 and bfloat16 on ``device``."""
+    return {"float32": linear_gflops(torch.float32, device), "bfloat16": linear_gflops(torch.bfloat16, device)}
+
+
+def decide_dtype(speeds: dict[str, float]) -> DtypeChoice:
+    """The "auto" rule as a pure function of a measurement: bfloat16 only if >= 1.3x faster."""
+    fp32, bf16 = speeds["float32"], speeds["bfloat16"]
+    rounded = {"float32": round(fp32, 1), "bfloat16": round(bf16, 1)}
+    if bf16 >= BF16_MIN_SPEEDUP * fp32:
+        return DtypeChoice("bfloat16", f"bfloat16 measured {bf16 / fp32:.1f}x faster than float32", rounded)
+    return DtypeChoice("float32", f"bfloat16 measured {bf16 / fp32:.2f}x the speed of float32", rounded)
+
+
+def choose_dtype(
+    requested: str, device: torch.device, measure: Callable[[torch.device], dict[str, float]] | None = None
+) -> DtypeChoice:
+    """Resolve "float32" | "bfloat16" | "auto" to a concrete compute dtype on ``device``.
+
+    ``measure`` (default ``measure_speeds``) supplies the speeds "auto" decides from.
+    """
     if requested in ("float32", "bfloat16"):
         return DtypeChoice(requested, "requested explicitly")
     if requested != "auto":
         raise ValueError(f"unknown compute dtype {requested!r}: use float32, bfloat16 or auto")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return DtypeChoice("float32", "this GPU has no bfloat16 support")
-    fp32 = linear_gflops(torch.float32, device)
-    bf16 = linear_gflops(torch.bfloat16, device)
-    speeds = {"float32": round(fp32, 1), "bfloat16": round(bf16, 1)}
-    if bf16 >= BF16_MIN_SPEEDUP * fp32:
-        return DtypeChoice("bfloat16", f"bfloat16 measured {bf16 / fp32:.1f}x faster than float32", speeds)
-    return DtypeChoice("float32", f"bfloat16 measured {bf16 / fp32:.2f}x the speed of float32", speeds)
+    return decide_dtype((measure or measure_speeds)(device))

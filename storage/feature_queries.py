@@ -13,6 +13,9 @@ from pathlib import Path
 
 import duckdb
 
+from storage.constants import FEATURE_INDEX
+from storage.sae_store import weights_fingerprint
+
 SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
 
 
@@ -48,12 +51,32 @@ class FeatureIndex:
         if not path.is_file():
             raise FeatureIndexError(f"no feature index at {path}: run `saescope index` first")
         self.path = path
-        self.con = duckdb.connect(str(path), read_only=True)
-        self.metadata = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM metadata").fetchall()}
-        self.n_features = self.con.execute("SELECT count(*) FROM features").fetchone()[0]
-        self.vocab = [text for (text,) in self.con.execute("SELECT text FROM vocab ORDER BY token_id").fetchall()]
-        self.window = int(self.metadata["index"]["window"])
-        self.ctx_len = int(self.metadata["index"]["ctx_len"])
+        try:
+            self.con = duckdb.connect(str(path), read_only=True)
+            rows = self.con.execute("SELECT key, value FROM metadata").fetchall()
+            self.metadata = {k: json.loads(v) for k, v in rows}
+            self.n_features = self.con.execute("SELECT count(*) FROM features").fetchone()[0]
+            self.vocab = [text for (text,) in self.con.execute("SELECT text FROM vocab ORDER BY token_id").fetchall()]
+            self.window = int(self.metadata["index"]["window"])
+            self.ctx_len = int(self.metadata["index"]["ctx_len"])
+        except (duckdb.Error, KeyError, ValueError) as error:
+            raise FeatureIndexError(
+                f"{path} is damaged or not a feature index ({str(error).splitlines()[0]}): "
+                "rebuild it with `saescope index`"
+            ) from error
+
+    @classmethod
+    def for_sae(cls, sae_folder: Path, fingerprint: str) -> FeatureIndex:
+        """Open the index of an SAE, refusing one built from other weights (``fingerprint`` of the weights now)."""
+        index = cls(Path(sae_folder) / FEATURE_INDEX)
+        built_from = index.metadata.get("sae", {}).get("weights_sha256")
+        if built_from != fingerprint:
+            index.close()
+            raise FeatureIndexError(
+                f"{index.path} was built from other weights than {Path(sae_folder).name!r} holds now "
+                f"(the SAE was retrained or replaced): rebuild it with `saescope index --sae {Path(sae_folder).name}`"
+            )
+        return index
 
     def close(self) -> None:
         self.con.close()
@@ -210,3 +233,8 @@ class FeatureIndex:
         )[0]
         hist = self._rows("SELECT * FROM density_histogram ORDER BY bin_low", [])
         return {**self.metadata, **counts, "density_histogram": hist}
+
+
+def open_sae_index(sae_folder: Path) -> FeatureIndex:
+    """The feature index of an SAE folder, checked to belong to the weights it holds now."""
+    return FeatureIndex.for_sae(sae_folder, weights_fingerprint(sae_folder))

@@ -10,7 +10,9 @@ files exist; ``cfg.json`` is written last, each file atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -40,18 +42,24 @@ def is_finished(folder: Path) -> bool:
 
 
 def finished_sae_names(run_dir: Path) -> list[str]:
+    """SAEs whose cfg.json (written last) exists; a missing weights file is reported when one is loaded."""
     root = saes_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_finished(p))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / SAE_CFG).is_file())
 
 
 def resolve_sae(run_dir: Path, name: str | None) -> Path:
     """The folder of SAE ``name``, or of the run's only SAE when name is None."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise SaeStoreError(f"run folder {run_dir} does not exist: check --run")
+    if not run_dir.is_dir():
+        raise SaeStoreError(f"--run {run_dir} is a file, not a run folder")
     names = finished_sae_names(run_dir)
     if name is not None:
         folder = sae_dir(run_dir, name)
-        if not is_finished(folder):
+        if not (folder / SAE_CFG).is_file():
             known = ", ".join(names) or "none"
             raise SaeStoreError(f"{run_dir} has no trained SAE named {name!r} (trained: {known})")
         return folder
@@ -77,16 +85,28 @@ def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, cfg dict) of an SAE folder in SAELens layout."""
     folder = Path(folder)
     weights, cfg_path = folder / SAE_WEIGHTS, folder / SAE_CFG
+    if cfg_path.is_file() and not weights.is_file():
+        raise SaeStoreError(
+            f"{weights} is missing (deleted?): retrain with `saescope train --name {folder.name} --force`, "
+            "or import the SAE again"
+        )
     if not weights.is_file() or not cfg_path.is_file():
         raise SaeStoreError(f"{folder} is not an SAE folder: it needs {SAE_WEIGHTS} and {SAE_CFG}")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise SaeStoreError(f"{cfg_path} is not valid JSON: {error}") from error
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SaeStoreError(
+            f"{cfg_path} is damaged ({error}): retrain with `saescope train --name {folder.name} --force`"
+        ) from error
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as error:  # safetensors raises its own error types
-        raise SaeStoreError(f"{weights} is unreadable: {error}") from error
+        raise SaeStoreError(
+            f"{weights} is damaged ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+            f"retrain with `saescope train --name {folder.name} --force`"
+        ) from error
     return tensors, cfg
 
 
@@ -97,3 +117,21 @@ def update_cfg(folder: Path, update: dict) -> dict:
     cfg.setdefault("saescope", {}).update(update)
     atomic_write_json(path, cfg)
     return cfg
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """sha256 of the SAE's weights file (memoized per path, size and modification time)."""
+    path = Path(folder) / SAE_WEIGHTS
+    if not path.is_file():
+        raise SaeStoreError(f"{path} is missing: retrain with `saescope train --force` or import the SAE again")
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()

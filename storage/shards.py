@@ -29,6 +29,13 @@ from storage.constants import ACTIVATIONS_DIR, FORMAT_VERSION, MANIFEST, SHARD_S
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+REPAIR = "; `saescope verify` lists bad shards: delete the activations folder and re-run `saescope cache`"
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class CacheError(ValueError):
     """The activation cache is missing, inconsistent or damaged."""
 
@@ -137,11 +144,16 @@ def manifest_exists(folder: Path) -> bool:
 def read_manifest(folder: Path) -> CacheManifest:
     """Read and validate ``manifest.json`` in an activations folder."""
     path = Path(folder) / MANIFEST
+    run_dir = Path(folder).parent
+    if not run_dir.exists():
+        raise CacheError(f"run folder {run_dir} does not exist: check --run, or create it with `saescope cache`")
+    if not run_dir.is_dir():
+        raise CacheError(f"--run {run_dir} is a file, not a run folder")
     if not path.is_file():
         raise CacheError(f"no activation cache at {folder} (missing {MANIFEST}); run `saescope cache` first")
     try:
         return CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, KeyError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as error:
         raise CacheError(
             f"{path} is unreadable ({error}); delete the activations folder and re-run `saescope cache`"
         ) from error
@@ -186,14 +198,17 @@ def write_shard(
 
 def _read_checked(path: Path, record: ShardRecord) -> bytes:
     if not path.is_file():
-        raise CorruptShardError(f"shard {path} is listed in the manifest but missing")
+        raise CorruptShardError(f"shard {path} is listed in the manifest but missing{REPAIR}")
     data = path.read_bytes()
     if len(data) != record.n_bytes:
-        raise CorruptShardError(f"shard {path} is truncated or altered: {len(data)} bytes, expected {record.n_bytes}")
+        raise CorruptShardError(
+            f"shard {path} is truncated or altered: {len(data)} bytes, expected {record.n_bytes}{REPAIR}"
+        )
     actual = hashlib.sha256(data).hexdigest()
     if actual != record.sha256:
         raise CorruptShardError(
             f"shard {path} is corrupt: sha256 {actual[:12]}… does not match the manifest's {record.sha256[:12]}…"
+            + REPAIR
         )
     return data
 
@@ -210,7 +225,7 @@ def load_shard(folder: Path, manifest: CacheManifest, record: ShardRecord, verif
     except CorruptShardError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise CorruptShardError(f"shard {path} is unreadable: {error}") from error
+        raise CorruptShardError(f"shard {path} is unreadable ({first_line(error)}){REPAIR}") from error
     expected = (record.n_ctx, manifest.ctx_len, manifest.d_model)
     acts, tokens = tensors.get("activations"), tensors.get("tokens")
     if acts is None or tokens is None or tuple(acts.shape) != expected or tuple(tokens.shape) != expected[:2]:
@@ -220,8 +235,14 @@ def load_shard(folder: Path, manifest: CacheManifest, record: ShardRecord, verif
 
 def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
     """Only the ``tokens`` tensor of a shard (no checksum; cheap random access)."""
-    with safe_open(Path(folder) / record.file, framework="pt") as handle:
-        return handle.get_tensor("tokens")
+    path = Path(folder) / record.file
+    if not path.is_file():
+        raise CorruptShardError(f"shard {path} is listed in the manifest but missing{REPAIR}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor("tokens")
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise CorruptShardError(f"shard {path} is unreadable ({first_line(error)}){REPAIR}") from error
 
 
 def iter_shards(

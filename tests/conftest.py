@@ -26,6 +26,16 @@ TEXTS = [
 ] * 12
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--force-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="make --model-dtype/--dtype auto resolve to this dtype, as on a CPU where it is the faster one; "
+        "the end-to-end tests then cache and train in it",
+    )
+
+
 def pytest_configure(config):
     """Offline before anything imports huggingface_hub (it reads these once, at import)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -142,6 +152,22 @@ def run_copy(tiny_run, tmp_path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(tiny_run, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def forced_dtype(pytestconfig) -> str | None:
+    return pytestconfig.getoption("--force-dtype")
+
+
+@pytest.fixture(autouse=True)
+def _auto_dtype(monkeypatch, forced_dtype):
+    """With --force-dtype, "auto" sees a measurement where the forced dtype is 4x faster."""
+    if forced_dtype is None:
+        return
+    import pipeline.precision
+
+    speeds = {"float32": 100.0, "bfloat16": 25.0} if forced_dtype == "float32" else {"float32": 25.0, "bfloat16": 100.0}
+    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _device: dict(speeds))
 
 
 @pytest.fixture(autouse=True)

@@ -108,11 +108,42 @@ def test_corpus_running_out_is_reported(tmp_path, tiny_model_dir, text_corpus):
     assert run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, tokens=10**6)).already_done
 
 
-def test_empty_corpus_is_a_clear_error(tmp_path, tiny_model_dir):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("   \n")
+def _bad_corpus(tmp_path, kind: str):
+    if kind == "missing":
+        return tmp_path / "missing.txt", "no such file"
+    if kind == "empty-file":
+        (tmp_path / "empty.txt").write_text("   \n")
+        return tmp_path / "empty.txt", "holds no text"
+    (tmp_path / "empty-folder").mkdir()
+    return tmp_path / "empty-folder", "no such file or directory, or no .txt"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-file", "empty-folder"])
+def test_a_bad_corpus_writes_nothing_and_never_locks_the_run(tmp_path, tiny_model_dir, text_corpus, kind):
+    corpus, message = _bad_corpus(tmp_path, kind)
+    run = tmp_path / "run"
+    with pytest.raises(CorpusError, match=message):
+        run_cache(_cfg(run, tiny_model_dir, corpus))
+    assert not (run / "activations").exists()
+    assert run_cache(_cfg(run, tiny_model_dir, text_corpus, layer=1)).manifest.n_contexts > 0
+
+
+def test_too_little_text_leaves_a_run_that_restarts_with_other_options(tmp_path, tiny_model_dir, text_corpus):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    run = tmp_path / "run"
     with pytest.raises(CorpusError, match="too little text"):
-        run_cache(_cfg(tmp_path / "run", tiny_model_dir, empty))
+        run_cache(_cfg(run, tiny_model_dir, short, ctx_len=64, shard_tokens=128))
+    assert read_manifest(run / "activations").shards == ()
+    assert cache_job_verify(run) == 1  # an empty cache is not "OK"
+    summary = run_cache(_cfg(run, tiny_model_dir, text_corpus, layer=0))
+    assert summary.manifest.provenance["hook"]["layer"] == 0 and summary.manifest.n_contexts > 0
+
+
+def cache_job_verify(run) -> int:
+    from jobs.cli import main
+
+    return main(["verify", "--run", str(run)])
 
 
 def test_bad_layer_is_a_clear_error(tmp_path, tiny_model_dir, text_corpus):
