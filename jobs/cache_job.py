@@ -28,6 +28,8 @@ from pipeline.packing import SpecialTokens, pack_contexts
 from pipeline.precision import DtypeChoice, choose_dtype, resolve_device
 from pipeline.residual import check_layer, hook_name
 from storage.atomic import remove_stale_temps
+from storage.constants import CACHE_LOCK
+from storage.locks import exclusive
 from storage.run_config import update_run_config
 from storage.shards import (
     STORAGE_DTYPES,
@@ -240,8 +242,16 @@ def check_run_folder(run_dir: Path) -> None:
 
 def run_cache(cfg: CacheConfig) -> CacheSummary:
     """Cache activations for ``cfg``, resuming or refusing as the module docstring says."""
-    run_dir, folder = Path(cfg.run), activations_dir(Path(cfg.run))
+    run_dir = Path(cfg.run)
     check_run_folder(run_dir)
+    resolve_device(cfg.device)
+    check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
+    with exclusive(run_dir / CACHE_LOCK, f"the activation cache of {run_dir}"):
+        return _run_cache_locked(cfg, run_dir)
+
+
+def _run_cache_locked(cfg: CacheConfig, run_dir: Path) -> CacheSummary:
+    folder = activations_dir(run_dir)
     existing = read_manifest(folder) if manifest_exists(folder) else None
     if existing is not None and not existing.shards:
         existing = None  # nothing finished yet: the cache may restart with other options
@@ -250,7 +260,6 @@ def run_cache(cfg: CacheConfig) -> CacheSummary:
         if _is_finished(existing, cfg):
             return CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
     device = resolve_device(cfg.device)
-    check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
     recorded = existing.provenance["model_dtype"]["name"] if existing else cfg.model_dtype
     choice = choose_dtype(recorded, device)
     loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())

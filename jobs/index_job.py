@@ -25,7 +25,9 @@ from pipeline.feature_stats import CodeBatch, FeatureAccumulator
 from pipeline.packing import special_mask
 from pipeline.precision import resolve_device
 from pipeline.sae import Sae
+from storage.constants import INDEX_LOCK
 from storage.feature_index import IndexBuilder
+from storage.locks import exclusive
 from storage.sae_store import resolve_sae, weights_fingerprint
 from storage.shards import CacheManifest, activations_dir, iter_shards, read_manifest
 
@@ -131,10 +133,15 @@ def run_index(cfg: IndexConfig) -> IndexSummary:
     folder = activations_dir(run_dir)
     manifest = read_manifest(folder)
     sae_folder = resolve_sae(run_dir, cfg.sae)
+    device = resolve_device(cfg.device)
+    with exclusive(sae_folder / INDEX_LOCK, f"the feature index of {sae_folder}"):
+        return _index_locked(cfg, run_dir, folder, manifest, sae_folder, device, started)
+
+
+def _index_locked(cfg, run_dir, folder, manifest, sae_folder, device, started) -> IndexSummary:
     fingerprint = weights_fingerprint(sae_folder)
     sae, sae_cfg = read_sae(sae_folder)
     check_fits_cache(sae_cfg, manifest, sae_folder)
-    device = resolve_device(cfg.device)
     sae = sae.to(device).eval()
     loaded = load_run_model(manifest, device)
     acc = FeatureAccumulator(sae.cfg.d_sae, cfg.top_k)

@@ -40,7 +40,16 @@ from pipeline.training import (
     train_sae,
 )
 from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
-from storage.constants import CHECKPOINTS_DIR, TRAIN_LOG
+from storage.constants import (
+    CHECKPOINTS_DIR,
+    FEATURE_INDEX,
+    SAE_CFG,
+    SAE_METRICS,
+    SAE_WEIGHTS,
+    TRAIN_LOCK,
+    TRAIN_LOG,
+)
+from storage.locks import exclusive
 from storage.run_config import update_run_config
 from storage.sae_store import is_finished, load_sae_files, sae_dir
 from storage.shards import CacheManifest, activations_dir, read_manifest
@@ -293,8 +302,16 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
         record = saved.get("saescope", {})
         return TrainSummary(folder, cfg, record.get("metrics", {}), True, 0, 0.0, 0.0)
     resolve(cfg, manifest)  # validate shapes before touching anything
-    if cfg.force and folder.exists():
-        shutil.rmtree(folder)
+    resolve_device(cfg.device)
+    with exclusive(folder / TRAIN_LOCK, f"SAE {cfg.name!r} of {run_dir}"):
+        return _train_locked(cfg, run_dir, manifest, folder, say)
+
+
+def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, folder: Path, say) -> TrainSummary:
+    if cfg.force:
+        for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX):
+            (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
     stream = _stream(cfg, manifest)
     cfg = resolve(cfg, manifest, stream)
     device = resolve_device(cfg.device)

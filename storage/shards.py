@@ -238,6 +238,11 @@ def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
     path = Path(folder) / record.file
     if not path.is_file():
         raise CorruptShardError(f"shard {path} is listed in the manifest but missing{REPAIR}")
+    size = path.stat().st_size
+    if size != record.n_bytes:
+        raise CorruptShardError(
+            f"shard {path} is truncated or altered: {size} bytes, expected {record.n_bytes}{REPAIR}"
+        )
     try:
         with safe_open(path, framework="pt") as handle:
             return handle.get_tensor("tokens")

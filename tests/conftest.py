@@ -176,3 +176,39 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "saescope-home"))
+
+
+@pytest.fixture(scope="session")
+def indexed_run(tmp_path_factory, tiny_run):
+    """(run folder, index path): the tiny run with a 64-latent TopK SAE and its feature index; copy to change."""
+    import shutil
+
+    from jobs.index_job import IndexConfig, run_index
+    from jobs.train_job import TrainJobConfig, run_train
+
+    run = tmp_path_factory.mktemp("indexed") / "run"
+    shutil.copytree(tiny_run, run)
+    run_train(
+        TrainJobConfig(
+            run=str(run),
+            d_sae=64,
+            k=4,
+            tokens=256 * 24,
+            batch_size=256,
+            lm_eval_contexts=0,
+            device="cpu",
+            dtype="float32",
+        )
+    )
+    summary = run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4, batch_contexts=7))
+    return run, summary.path
+
+
+@pytest.fixture
+def indexed_copy(indexed_run, tmp_path) -> Path:
+    """A private copy of the indexed tiny run."""
+    import shutil
+
+    target = tmp_path / "indexed"
+    shutil.copytree(indexed_run[0], target)
+    return target

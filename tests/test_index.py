@@ -8,33 +8,10 @@ import jobs.index_job as index_job
 from jobs.cli import main
 from jobs.index_job import IndexConfig, run_index
 from jobs.sae_io import read_sae
-from jobs.train_job import TrainJobConfig, run_train
 from pipeline.decoder_geometry import logit_effects, nearest_by_decoder
 from pipeline.packing import special_mask
 from storage.feature_queries import FeatureIndex, FeatureIndexError
 from storage.shards import iter_shards, read_manifest
-
-
-@pytest.fixture(scope="module")
-def indexed_run(tmp_path_factory, tiny_run):
-    import shutil
-
-    run = tmp_path_factory.mktemp("indexed") / "run"
-    shutil.copytree(tiny_run, run)
-    run_train(
-        TrainJobConfig(
-            run=str(run),
-            d_sae=64,
-            k=4,
-            tokens=256 * 24,
-            batch_size=256,
-            lm_eval_contexts=0,
-            device="cpu",
-            dtype="float32",
-        )
-    )
-    summary = run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4, batch_contexts=7))
-    return run, summary.path
 
 
 def dense_codes(run):
