@@ -81,3 +81,53 @@ def nearest_by_decoder(W_dec_FD: torch.Tensor, top_n: int = 10, chunk: int = 102
         cosines.append(best.values)
         ids.append(best.indices)
     return torch.cat(cosines), torch.cat(ids)
+
+
+@torch.no_grad()
+def token_effect_moments(
+    direction_FD: torch.Tensor, W_U_VD: torch.Tensor, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [V], standard deviation [V]) of each token's effect over all features (float64 sums)."""
+    n_features, W_U = direction_FD.shape[0], W_U_VD.float().to(direction_FD.device)
+    total = torch.zeros(W_U.shape[0], dtype=torch.float64, device=W_U.device)
+    squares = torch.zeros_like(total)
+    buffer = direction_FD.new_empty(min(chunk, n_features), W_U.shape[0])
+    for start in range(0, n_features, chunk):
+        block = direction_FD[start : start + chunk]
+        effects = torch.matmul(block, W_U.T, out=buffer[: block.shape[0]])
+        total += effects.sum(0, dtype=torch.float64)
+        squares += effects.double().square().sum(0)
+    mean = total / n_features
+    std = (squares / n_features - mean.square()).clamp_min(0).sqrt()
+    return mean.float(), std.float().clamp_min(1e-8)
+
+
+@torch.no_grad()
+def standardized_logit_effects(
+    W_dec_FD: torch.Tensor,
+    W_U_VD: torch.Tensor,
+    gamma_D: torch.Tensor | None,
+    top_n: int = 10,
+    chunk: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Tokens ranked by effect standardized over features, each [F, top_n].
+
+    z[i, v] = (effect[i, v] - mean_i effect[., v]) / std_i effect[., v]: a token that every
+    direction pushes (a "junk" token) no longer tops every list. Returns promoted/suppressed
+    ids, their z-scores and their raw effects.
+    """
+    direction_FD = W_dec_FD.float() * (gamma_D.float() if gamma_D is not None else 1.0)
+    W_U = W_U_VD.float().to(direction_FD.device)
+    mean_V, std_V = token_effect_moments(direction_FD, W_U, chunk)
+    buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U.shape[0])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, direction_FD.shape[0], chunk):
+        block = direction_FD[start : start + chunk]
+        raw = torch.matmul(block, W_U.T, out=buffer[: block.shape[0]])
+        z = (raw - mean_V) / std_V
+        for side, largest in (("promoted", True), ("suppressed", False)):
+            best = z.topk(top_n, dim=1, largest=largest)
+            parts.setdefault(f"{side}_ids", []).append(best.indices)
+            parts.setdefault(f"{side}_z", []).append(best.values)
+            parts.setdefault(f"{side}_raw", []).append(raw.gather(1, best.indices))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -23,7 +23,8 @@ Tables (one row per feature unless noted; all sorted by feature):
            window_start, window_offsets, window_values)              kind: top | width | quantile
   contexts(context, tokens)             token ids of every indexed context
   vocab(token_id, text)                 decoded token strings
-  logit_effects(feature, promoted_ids, promoted_values, suppressed_ids, suppressed_values)
+  logit_effects(feature, promoted_ids, promoted_values, suppressed_ids, suppressed_values)   raw W_dec.W_U
+  logit_effects_std(feature, promoted_ids, promoted_z, promoted_raw, suppressed_...)   standardized per token
   neighbours(feature, neighbour_ids, cosines)
   density_histogram(bin_low, bin_high, n_features)    log10 density over live features
   token_features(token_id, feature, source, hits)     search: top-example peak tokens and promoted tokens
@@ -161,6 +162,14 @@ class IndexBuilder:
                 "suppressed_values": lists(down_values),
             },
         )
+
+    def write_standardized_effects(self, effects: dict) -> None:
+        """Tokens ranked by effect standardized over features (ids, z-scores, raw effects), per feature."""
+        arrays = {name: _np(value) for name, value in effects.items()}
+        columns = {"feature": np.arange(len(arrays["promoted_ids"]), dtype=np.int32)}
+        for name, array in sorted(arrays.items()):
+            columns[name] = pa.array(list(array.astype(np.int32 if name.endswith("_ids") else np.float32)))
+        self._insert("logit_effects_std", columns)
 
     def write_neighbours(self, cosines, ids) -> None:
         cosines, ids = _np(cosines).astype(np.float32), _np(ids).astype(np.int32)

@@ -102,18 +102,51 @@ class FeatureIndex:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def summary(self, feature: int) -> dict:
-        """Statistics, histogram, logit effects and nearest features of one feature."""
+    @property
+    def has_standardized_effects(self) -> bool:
+        tables = {name for (name,) in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        return "logit_effects_std" in tables
+
+    def logit_tokens(self, feature: int, ranking: str = "standardized") -> dict[str, list[dict]]:
+        """Top promoted and suppressed tokens: [{"token", "raw", "z"}] ranked by z-score or by raw effect."""
+        if ranking not in ("standardized", "raw"):
+            raise FeatureIndexError(f"unknown ranking {ranking!r}: use 'standardized' or 'raw'")
+        self.check_feature(feature)
+        if ranking == "standardized" and self.has_standardized_effects:
+            row = self._rows("SELECT * FROM logit_effects_std WHERE feature = ?", [feature])[0]
+            return {
+                side: [
+                    {"token": t, "raw": float(r), "z": float(z)}
+                    for t, r, z in zip(
+                        self.decode(row[f"{side}_ids"]), row[f"{side}_raw"], row[f"{side}_z"], strict=True
+                    )
+                ]
+                for side in ("promoted", "suppressed")
+            }
+        row = self._rows("SELECT * FROM logit_effects WHERE feature = ?", [feature])[0]
+        return {
+            side: [
+                {"token": t, "raw": float(v), "z": None}
+                for t, v in zip(self.decode(row[f"{side}_ids"]), row[f"{side}_values"], strict=True)
+            ]
+            for side in ("promoted", "suppressed")
+        }
+
+    def summary(self, feature: int, ranking: str = "standardized") -> dict:
+        """Statistics, histogram, logit effects and nearest features of one feature.
+
+        ``promoted``/``suppressed`` are (token, raw effect) pairs in the chosen ranking.
+        """
         self.check_feature(feature)
         stats = self._rows("SELECT * FROM features WHERE feature = ?", [feature])[0]
         hist = self._rows("SELECT bin_width, counts FROM histograms WHERE feature = ?", [feature])
-        effects = self._rows("SELECT * FROM logit_effects WHERE feature = ?", [feature])[0]
+        effects = self.logit_tokens(feature, ranking)
         near = self._rows("SELECT neighbour_ids, cosines FROM neighbours WHERE feature = ?", [feature])[0]
         return {
             **stats,
             "histogram": hist[0] if hist else {"bin_width": 0.0, "counts": []},
-            "promoted": list(zip(self.decode(effects["promoted_ids"]), effects["promoted_values"], strict=True)),
-            "suppressed": list(zip(self.decode(effects["suppressed_ids"]), effects["suppressed_values"], strict=True)),
+            "promoted": [(e["token"], e["raw"]) for e in effects["promoted"]],
+            "suppressed": [(e["token"], e["raw"]) for e in effects["suppressed"]],
             "neighbours": list(zip(near["neighbour_ids"], near["cosines"], strict=True)),
         }
 
@@ -183,8 +216,9 @@ class FeatureIndex:
             where.append("f.density <= ?")
             params.append(max_density)
         order = f"f.{SORT_COLUMNS[sort]} {'DESC' if descending else 'ASC'}, f.feature"
+        effects = "logit_effects_std" if self.has_standardized_effects else "logit_effects"
         sql = (
-            f"SELECT f.*, l.promoted_ids[1:5] AS top_ids FROM features f JOIN logit_effects l USING (feature) "
+            f"SELECT f.*, l.promoted_ids[1:5] AS top_ids FROM features f JOIN {effects} l USING (feature) "
             f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ? OFFSET ?"
         )
         rows = self._rows(sql, [*params, int(limit), int(offset)])

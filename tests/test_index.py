@@ -149,3 +149,25 @@ def test_show_and_features_cli(indexed_run, capsys):
     assert "feature 3" in shown and "[[" in shown and "promotes:" in shown
     assert main(["show", "--run", str(run), "--feature", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_a_token_every_direction_pushes_tops_no_standardized_list():
+    from pipeline.decoder_geometry import standardized_logit_effects
+
+    generator = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(60, 8, generator=generator)
+    W_dec[:, 0] = 3.0  # every direction shares e0 equally
+    W_U = torch.randn(30, 8, generator=generator)
+    W_U[0] = 0.0
+    W_U[0, 0] = 20.0  # token 0 responds to e0: the largest raw effect on every feature
+    raw_top = logit_effects(W_dec, W_U, None, top_n=3)[1]
+    assert (raw_top[:, 0] == 0).all()
+    effects = standardized_logit_effects(W_dec, W_U, None, top_n=3, chunk=7)
+    assert not (effects["promoted_ids"] == 0).any()
+    raw = W_dec @ W_U.T  # brute force: z-scores over features, per token
+    z = (raw - raw.mean(0)) / raw.std(0, unbiased=False)
+    best = z.topk(3, dim=1)
+    assert torch.equal(effects["promoted_ids"], best.indices)
+    torch.testing.assert_close(effects["promoted_z"], best.values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(effects["promoted_raw"], raw.gather(1, best.indices))
+    assert torch.equal(effects["suppressed_ids"], z.topk(3, dim=1, largest=False).indices)
