@@ -165,7 +165,7 @@ def test_a_token_every_direction_pushes_tops_no_standardized_list():
     effects = standardized_logit_effects(W_dec, W_U, None, top_n=3, chunk=7)
     assert not (effects["promoted_ids"] == 0).any()
     raw = W_dec @ W_U.T  # brute force: z-scores over features, per token
-    z = (raw - raw.mean(0)) / raw.std(0, unbiased=False)
+    z = (raw - raw.mean(0)) / raw.std(0, unbiased=False).clamp_min(1e-8)  # token 0: exactly 0 spread
     best = z.topk(3, dim=1)
     assert torch.equal(effects["promoted_ids"], best.indices)
     torch.testing.assert_close(effects["promoted_z"], best.values, rtol=1e-4, atol=1e-4)
