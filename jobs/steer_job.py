@@ -71,7 +71,7 @@ def _max_activations(run: Path, sae_folder: Path, features: list[int]) -> dict[i
         return {f: float(index.summary(f)["max_act"]) for f in features}
 
 
-def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -131,12 +131,17 @@ def _request(args) -> Request:
     return Request(list(args.feature), [Strength.parse(v) for v in values])
 
 
-def _spec(args, features, strengths, max_acts) -> SteeringSpec:
+def build_spec(features, strengths, mode: str, positions: str, max_acts: dict | None) -> SteeringSpec:
+    """The steering spec for features at given strengths (relative ones resolved with ``max_acts``)."""
     steers = []
     for feature, strength in zip(features, strengths, strict=True):
-        value = strength.resolve(args.mode, (max_acts or {}).get(feature), feature)
-        steers.append(FeatureSteer(feature, args.mode, value, args.positions))
+        value = strength.resolve(mode, (max_acts or {}).get(feature), feature)
+        steers.append(FeatureSteer(feature, mode, value, positions))
     return SteeringSpec(tuple(steers))
+
+
+def _spec(args, features, strengths, max_acts) -> SteeringSpec:
+    return build_spec(features, strengths, args.mode, args.positions, max_acts)
 
 
 def command(args) -> int:
@@ -156,7 +161,7 @@ def command(args) -> int:
     loaded = load_run_model(manifest, device)
     sae = sae.to(device)
     layer = manifest.provenance["hook"]["layer"]
-    prompt = _prompt_ids(loaded.tokenizer, args.prompt, args.chat)
+    prompt = prompt_ids(loaded.tokenizer, args.prompt, args.chat)
     check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -8,6 +8,7 @@ are decoded through the index's own ``vocab`` table.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class FeatureIndex:
         if not path.is_file():
             raise FeatureIndexError(f"no feature index at {path}: run `saescope index` first")
         self.path = path
+        self._lock = threading.Lock()  # one DuckDB connection is not safe to share between threads
+        self.closed = False
         try:
             self.con = duckdb.connect(str(path), read_only=True)
             rows = self.con.execute("SELECT key, value FROM metadata").fetchall()
@@ -79,7 +82,9 @@ class FeatureIndex:
         return index
 
     def close(self) -> None:
-        self.con.close()
+        with self._lock:
+            self.con.close()
+            self.closed = True
 
     def __enter__(self) -> FeatureIndex:
         return self
@@ -98,13 +103,17 @@ class FeatureIndex:
         return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in token_ids]
 
     def _rows(self, sql: str, params: list) -> list[dict]:
-        cursor = self.con.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        with self._lock:
+            if self.closed:
+                raise FeatureIndexError(f"{self.path} was replaced while this page was loading: reload the page")
+            cursor = self.con.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     @property
     def has_standardized_effects(self) -> bool:
-        tables = {name for (name,) in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        tables = {row["table_name"] for row in self._rows("SELECT table_name FROM information_schema.tables", [])}
         return "logit_effects_std" in tables
 
     def logit_tokens(self, feature: int, ranking: str = "standardized") -> dict[str, list[dict]]:
@@ -256,7 +265,22 @@ class FeatureIndex:
                    SELECT feature, max(n) / sum(n) AS share, sum(n) AS total FROM peaks GROUP BY feature)
                  SELECT s.feature FROM shares s JOIN features f USING (feature) WHERE s.total >= 5
                  ORDER BY s.share DESC, f.max_act DESC, s.feature LIMIT ?"""
-        return [row[0] for row in self.con.execute(sql, [min_density, max_density, int(limit)]).fetchall()]
+        return [row["feature"] for row in self._rows(sql, [min_density, max_density, int(limit)])]
+
+    def random_live(self, seed: int) -> int | None:
+        """A live feature chosen by ``seed`` (None when every feature is dead)."""
+        rows = self._rows("SELECT feature FROM features WHERE NOT dead ORDER BY feature", [])
+        if not rows:
+            return None
+        return rows[seed % len(rows)]["feature"]
+
+    def top_snippets(self, features: list[int]) -> dict[int, Example]:
+        """The strongest example of each listed feature (for tables)."""
+        if not features:
+            return {}
+        sql = """SELECT e.*, c.tokens FROM examples e JOIN contexts c USING (context)
+                 WHERE e.kind = 'top' AND e.rank = 0 AND list_contains(?, e.feature)"""
+        return {row["feature"]: self._example(row) for row in self._rows(sql, [list(features)])}
 
     def overview(self) -> dict:
         """Run metadata plus counts over all features and the log-density histogram."""

@@ -135,3 +135,12 @@ def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
         while block := handle.read(1 << 22):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def read_sae_cfg(folder: Path) -> dict:
+    """cfg.json of an SAE folder alone (no weights), or {} when it is missing or damaged."""
+    try:
+        cfg = json.loads((Path(folder) / SAE_CFG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}

@@ -1,0 +1,16 @@
+"""saescope's feature browser: navigation only; each page lives in dashboards/pages/."""
+
+import streamlit as st
+
+from dashboards.pages import feature, features, overview, probe, steer
+
+st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
+st.navigation(
+    [
+        st.Page(overview.render, title="Overview", url_path="overview", default=True),
+        st.Page(features.render, title="Features", url_path="features"),
+        st.Page(feature.render, title="Feature", url_path="feature"),
+        st.Page(probe.render, title="Text probe", url_path="probe"),
+        st.Page(steer.render, title="Steering", url_path="steer"),
+    ]
+).run()

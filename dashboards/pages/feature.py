@@ -1,0 +1,111 @@
+"""One feature: statistics, histogram with bin edges, logit effects, top and interval examples, neighbours."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboards.render import bin_edges, format_density, histogram_rows, link, shade_tokens
+from dashboards.state import app_settings, feature_index, selected_sae, show_error
+
+
+def feature_id(text: str | None, n_features: int) -> int:
+    """The feature named by the ``id`` query parameter, or a ValueError that says what is wrong."""
+    if text is None or not text.strip():
+        raise ValueError(f"no feature chosen: add ?id=N to the address (0-{n_features - 1})")
+    try:
+        feature = int(text)
+    except ValueError as error:
+        raise ValueError(f"feature id {text!r} is not a number: use 0-{n_features - 1}") from error
+    if not 0 <= feature < n_features:
+        raise ValueError(f"feature {feature} out of range: this SAE has {n_features} features (0-{n_features - 1})")
+    return feature
+
+
+def render() -> None:
+    try:
+        index = feature_index(selected_sae(app_settings()))
+        feature = feature_id(st.query_params.get("id"), index.n_features)
+    except (ValueError, FileNotFoundError) as error:
+        st.title("Feature")
+        show_error(error)
+        return
+    summary = index.summary(feature)
+    st.title(f"Feature {feature}" + ("  (dead)" if summary["dead"] else ""))
+    nav = st.columns(4)
+    if feature > 0:
+        nav[0].markdown(link("feature", f"← #{feature - 1}", id=feature - 1))
+    if feature + 1 < index.n_features:
+        nav[1].markdown(link("feature", f"#{feature + 1} →", id=feature + 1))
+    nav[3].link_button("Steer with this feature", f"./steer?feature={feature}", type="primary")
+    cols = st.columns(3)
+    cols[0].metric("density", format_density(summary["density"]), help=f"{summary['n_active']:,} activations")
+    cols[1].metric("max activation", f"{summary['max_act']:.4g}")
+    cols[2].metric("mean (when active)", f"{summary['mean_act']:.4g}")
+    kind = st.radio("interval bins", ["quantile", "width"], horizontal=True,
+                    format_func=lambda k: {"quantile": "equal count", "width": "equal width"}[k])  # fmt: skip
+    bins = index.interval_examples(feature, kind)
+    left, right = st.columns([3, 2])
+    with left:
+        histogram(summary["histogram"], bin_edges(bins))
+    with right:
+        logit_bars(index, feature)
+    st.subheader("Top examples")
+    for example in index.top_examples(feature, 20):
+        st.markdown(
+            f"<small>{example.activation:.3f}</small> "
+            + shade_tokens(example.tokens, example.acts, summary["max_act"], example.peak),
+            unsafe_allow_html=True,
+        )
+    st.subheader("Interval examples")
+    for entry in bins:
+        st.caption(f"activations {entry['lower']:.3g}–{entry['upper']:.3g}: {entry['n_activations']:,} in this bin")
+        for example in entry["examples"]:
+            st.markdown(shade_tokens(example.tokens, example.acts, summary["max_act"], example.peak),
+                        unsafe_allow_html=True)  # fmt: skip
+    st.subheader("Nearest features by decoder cosine")
+    st.markdown(" · ".join(link("feature", f"#{n} ({c:.2f})", id=n) for n, c in summary["neighbours"]))
+
+
+def histogram(hist: dict, edges: list[float]) -> None:
+    rows = histogram_rows(hist["counts"], hist["bin_width"])
+    if not rows:
+        st.caption("no activations")
+        return
+    bars = (
+        alt.Chart(pd.DataFrame(rows))
+        .mark_bar()
+        .encode(
+            x=alt.X("low:Q", bin="binned", title="activation"),
+            x2="high:Q",
+            y=alt.Y("count:Q", title="tokens"),
+            tooltip=["low", "high", "count"],
+        )
+    )
+    rules = alt.Chart(pd.DataFrame({"edge": edges})).mark_rule(color="#c03", strokeDash=[3, 3]).encode(x="edge:Q")
+    st.altair_chart((bars + rules).properties(height=240), width="stretch")
+    st.caption("dashed lines: edges of the interval bins below")
+
+
+def logit_bars(index, feature: int) -> None:
+    ranking = st.radio("rank output tokens by", ["standardized", "raw"], horizontal=True,
+                       help="standardized: each token's effect minus its mean over all features, over its "
+                       "standard deviation (tokens every feature pushes drop out); raw: W_dec·W_U")  # fmt: skip
+    effects = index.logit_tokens(feature, ranking)
+    rows = [{**e, "side": side, "rank": i} for side in effects for i, e in enumerate(effects[side])]
+    frame = pd.DataFrame(rows)
+    frame["token"] = frame["token"].map(repr)
+    value = "z" if ranking == "standardized" and frame["z"].notna().all() else "raw"
+    chart = (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X(f"{value}:Q", title="z-score" if value == "z" else "raw effect"),
+            y=alt.Y("token:N", sort=None, title=None),
+            color=alt.Color("side:N", scale=alt.Scale(range=["#2a7", "#c33"]), legend=None),
+            tooltip=["token", "raw", "z"],
+        )
+        .properties(height=420)
+    )
+    st.altair_chart(chart, width="stretch")

@@ -1,0 +1,87 @@
+"""Features: a sortable, filterable, paged table; search by token; jump to an id; a random live feature."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import streamlit as st
+
+from dashboards.render import format_density, link
+from dashboards.state import app_settings, feature_index, selected_sae, show_error
+from storage.feature_queries import SORT_COLUMNS, Example
+
+PAGE_SIZE = 50
+
+
+def snippet(example: Example | None, width: int = 6) -> str:
+    """A few tokens around the example's peak, the peak token in «brackets»."""
+    if example is None:
+        return ""
+    lo, hi = max(0, example.peak - width), example.peak + width + 1
+    parts = [f"«{t}»" if i == example.peak else t for i, t in enumerate(example.tokens) if lo <= i < hi]
+    return "".join(parts).replace("\n", "↵")
+
+
+def table(index, rows: list[dict]) -> pd.DataFrame:
+    snippets = index.top_snippets([row["feature"] for row in rows])
+    return pd.DataFrame(
+        [
+            {
+                "feature": f"./feature?id={row['feature']}",
+                "density": format_density(row["density"]),
+                "max": row["max_act"],
+                "mean": row["mean_act"],
+                "promotes": " ".join(repr(t) for t in row["promoted"]),
+                "top example": snippet(snippets.get(row["feature"])),
+            }
+            for row in rows
+        ]
+    )
+
+
+def render() -> None:
+    st.title("Features")
+    try:
+        index = feature_index(selected_sae(app_settings()))
+    except (ValueError, FileNotFoundError) as error:
+        show_error(error)
+        return
+    top = st.columns([2, 1, 1, 1])
+    jump = top[1].number_input("go to feature", 0, index.n_features - 1, step=1, value=None)
+    if jump is not None:
+        top[1].markdown(link("feature", f"open #{int(jump)}", id=int(jump)))
+    chosen = index.random_live(random.randrange(1 << 30))
+    if chosen is not None:
+        top[2].markdown(link("feature", "random live feature", id=chosen))
+    search = top[0].text_input(
+        "search by token",
+        key="search",
+        help="features whose top examples or promoted tokens include this token (case and surrounding spaces ignored)",
+    )
+    cols = st.columns(5)
+    sort = cols[0].selectbox("sort by", list(SORT_COLUMNS), index=0)
+    ascending = cols[1].toggle("ascending", value=False)
+    only = cols[2].radio("show", ["all", "live", "dead"], horizontal=True, index=1)
+    min_pct = cols[3].number_input("min density %", 0.0, 100.0, 0.0, format="%.4f")
+    max_pct = cols[4].number_input("max density %", 0.0, 100.0, 100.0, format="%.4f")
+    if min_pct > max_pct:
+        st.error("min density is above max density")
+        return
+    dead = {"all": None, "live": False, "dead": True}[only]
+    limit = index.n_features if search else PAGE_SIZE
+    page = st.number_input("page", 1, max(1, -(-index.n_features // PAGE_SIZE)), 1) if not search else 1
+    rows = index.list_features(sort, not ascending, dead, min_pct / 100, max_pct / 100, limit, (page - 1) * PAGE_SIZE)
+    if search:
+        hits = {row["feature"] for row in index.search_tokens(search, limit=1000)} if search.strip() else set()
+        rows = [row for row in rows if row["feature"] in hits][:PAGE_SIZE]
+        st.caption(f"{len(rows)} features match {search!r}")
+    if not rows:
+        st.info("no feature matches these filters")
+        return
+    st.dataframe(
+        table(index, rows),
+        hide_index=True,
+        width="stretch",
+        column_config={"feature": st.column_config.LinkColumn("feature", display_text=r"id=(\d+)")},
+    )

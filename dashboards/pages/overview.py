@@ -1,0 +1,153 @@
+"""Overview: what the run is, how good its SAE is, how it trained, how its features are spread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboards.state import app_settings, feature_index, sae_names, selected_sae, show_error
+from storage.constants import TRAIN_LOG
+from storage.sae_store import read_sae_cfg, sae_dir
+
+METRIC_LABELS = {
+    "fvu": "FVU",
+    "pca_fvu": "PCA FVU (same L0)",
+    "explained_variance": "explained variance",
+    "fvu_without_outliers": "FVU w/o outliers",
+    "pca_fvu_without_outliers": "PCA FVU w/o outliers",
+    "l0": "L0",
+    "dead_fraction": "dead fraction",
+    "ce_loss_recovered": "CE-loss recovered",
+    "delta_lm_loss": "delta LM loss (nats)",
+    "kl_spliced": "KL (nats)",
+}
+
+
+def metrics_of(folder: Path) -> dict:
+    record = read_sae_cfg(folder).get("saescope", {})
+    return record.get("metrics") or record.get("last_eval") or {}
+
+
+def metrics_row(run: Path, name: str) -> dict:
+    metrics = metrics_of(sae_dir(run, name))
+    return {"SAE": name, **{label: metrics.get(key) for key, label in METRIC_LABELS.items()}}
+
+
+def training_log(folder: Path) -> pd.DataFrame:
+    path = folder / TRAIN_LOG
+    if not path.is_file():
+        return pd.DataFrame()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def render() -> None:
+    st.title("Overview")
+    try:
+        settings = app_settings()
+        names = sae_names(settings)
+        if not names:
+            st.error(f"{settings.run} has no trained SAE yet: run `saescope train --run {settings.run}`")
+            return
+        folder = selected_sae(settings)
+    except ValueError as error:
+        show_error(error)
+        return
+    if len(names) > 1:
+        choice = st.selectbox("SAE", names, index=names.index(folder.name))
+        if choice != folder.name:
+            st.query_params["sae"] = choice
+            st.rerun()
+        st.dataframe(pd.DataFrame([metrics_row(settings.run, name) for name in names]), hide_index=True)
+    describe(folder)
+    show_metrics(metrics_of(folder))
+    show_training(training_log(folder))
+    show_features(folder)
+
+
+def describe(folder: Path) -> None:
+    cfg = read_sae_cfg(folder)
+    record, meta = cfg.get("saescope", {}), cfg.get("meta", {})
+    training = record.get("training", {})
+    k = f", k {cfg['k']}" if "k" in cfg else ""
+    st.markdown(
+        f"**Model** {meta.get('model_name', '?')} · **hook** `{meta.get('hook_name', '?')}` · "
+        f"**SAE** `{folder.name}`: {record.get('trained_architecture', cfg.get('architecture', '?'))}, "
+        f"d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')}{k}"
+    )
+    if training:
+        st.caption(
+            f"trained on {training.get('tokens_trained', training.get('tokens', '?')):,} tokens, "
+            f"batch {training.get('batch_size')}, lr {training.get('lr')}, compute {training.get('dtype')}, "
+            f"seed {training.get('seed')}, corpus: {meta.get('dataset_path', '?')}"
+        )
+
+
+def show_metrics(metrics: dict) -> None:
+    if not metrics:
+        st.info("no metrics recorded for this SAE: run `saescope eval`")
+        return
+    cols = st.columns(4)
+    cols[0].metric("FVU", f"{metrics.get('fvu', float('nan')):.4f}", help="fraction of variance unexplained")
+    cols[0].caption(f"PCA baseline at the same L0: {metrics.get('pca_fvu', float('nan')):.4f}")
+    cols[1].metric("explained variance", f"{metrics.get('explained_variance', float('nan')):.4f}")
+    cols[1].caption(
+        f"without {metrics.get('outlier_tokens', 0)} outlier tokens: FVU "
+        f"{metrics.get('fvu_without_outliers', float('nan')):.4f} "
+        f"(PCA {metrics.get('pca_fvu_without_outliers', float('nan')):.4f})"
+    )
+    cols[2].metric("L0", f"{metrics.get('l0', float('nan')):.1f}")
+    window = metrics.get("dead_window_tokens")
+    dead = metrics.get("dead_fraction", 0.0)
+    cols[2].caption(
+        f"dead {100 * dead:.2f}% (no activation in the last {window:,} training tokens)"
+        if window
+        else "dead fraction: not recorded"
+    )
+    if "ce_loss_recovered" in metrics:
+        cols[3].metric("CE-loss recovered", f"{metrics['ce_loss_recovered']:.4f}")
+        cols[3].caption(
+            f"delta LM loss {metrics['delta_lm_loss']:+.4f} nats, KL {metrics['kl_spliced']:.4f} "
+            "(zero-ablation baseline)"
+        )
+
+
+def show_training(log: pd.DataFrame) -> None:
+    if log.empty or "tokens" not in log:
+        return
+    st.subheader("Training")
+    cols = st.columns(3)
+    for col, name in zip(cols, ("loss", "fvu", "dead_fraction"), strict=True):
+        if name in log:
+            col.caption(name.replace("_", " ") + " over training tokens")
+            col.line_chart(log, x="tokens", y=name, height=200)
+
+
+def show_features(folder: Path) -> None:
+    st.subheader("Features")
+    try:
+        overview = feature_index(folder).overview()
+    except (ValueError, FileNotFoundError) as error:
+        show_error(error)
+        return
+    n, dead = overview["n_features"], overview["n_dead"]
+    hist = pd.DataFrame(overview["density_histogram"])
+    dense = int(hist.loc[hist["bin_low"] >= -1, "n_features"].sum()) if "bin_low" in hist else 0
+    st.markdown(f"{n:,} features: **{n - dead:,} live**, {dead:,} dead, {dense:,} dense (fire on >10% of tokens)")
+    if not hist.empty:
+        chart = (
+            alt.Chart(hist)
+            .mark_bar()
+            .encode(
+                x=alt.X("bin_low:Q", title="log10 firing frequency", bin="binned"),
+                x2="bin_high:Q",
+                y=alt.Y("n_features:Q", title="live features"),
+                tooltip=["bin_low", "bin_high", "n_features"],
+            )
+            .properties(height=220)
+        )
+        st.altair_chart(chart, width="stretch")

@@ -1,0 +1,111 @@
+"""What every page shares: which run and SAE to show, and resources loaded once per server process.
+
+The run comes from the command line after ``--`` (``saescope serve`` passes
+``--run R [--sae NAME]``) or, for tests, from ``SAESCOPE_RUN``/``SAESCOPE_SAE``.
+The feature index is cached per (path, modification time): when `saescope
+index` replaces the file, the next page load opens the new one. The model and
+SAE are loaded once and shared by all sessions; steering and probing attach
+hooks to that shared model, so they hold ``hook_lock()`` while they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from storage.constants import FEATURE_INDEX
+from storage.feature_queries import FeatureIndex, open_sae_index
+from storage.sae_store import finished_sae_names, resolve_sae, sae_dir
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    run: Path
+    sae: str | None
+
+
+def app_settings() -> AppSettings:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run", default=os.environ.get("SAESCOPE_RUN"))
+    parser.add_argument("--sae", default=os.environ.get("SAESCOPE_SAE"))
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    if not args.run:
+        raise ValueError("no run given: start the app with `saescope serve --run runs/NAME`")
+    return AppSettings(Path(args.run), args.sae)
+
+
+def sae_names(settings: AppSettings) -> list[str]:
+    return finished_sae_names(settings.run)
+
+
+def selected_sae(settings: AppSettings) -> Path:
+    """The SAE folder chosen by ?sae=NAME, else --sae, else the run's only (or first) SAE."""
+    names = sae_names(settings)
+    wanted = st.query_params.get("sae") or settings.sae
+    if wanted is None and len(names) > 1:
+        wanted = "default" if "default" in names else names[0]
+    if wanted is not None:
+        return sae_dir(settings.run, wanted) if wanted in names else resolve_sae(settings.run, wanted)
+    return resolve_sae(settings.run, None)
+
+
+@st.cache_resource
+def _open_indexes() -> dict:
+    """path -> ((mtime, size), FeatureIndex): one open index per file, shared by sessions."""
+    return {"lock": threading.Lock(), "open": {}}
+
+
+def feature_index(sae_folder: Path) -> FeatureIndex:
+    """The read-only index of ``sae_folder``; a replaced file is reopened on the next call.
+
+    The superseded connection is closed first: DuckDB shares one database instance per path
+    within a process, so a new connection would otherwise keep reading the replaced file.
+    """
+    path = Path(sae_folder) / FEATURE_INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{sae_folder.name!r} has no feature index yet: build it with "
+            f"`saescope index --run {sae_folder.parent.parent} --sae {sae_folder.name}`"
+        )
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    registry = _open_indexes()
+    with registry["lock"]:
+        current = registry["open"].get(str(path))
+        if current is not None and current[0] == version:
+            return current[1]
+        if current is not None:
+            current[1].close()
+        index = open_sae_index(Path(sae_folder))
+        registry["open"][str(path)] = (version, index)
+        return index
+
+
+@st.cache_resource(max_entries=2, show_spinner="loading the model and the SAE (once per server)…")
+def live_model(run: str, sae_folder: str):
+    """(loaded model, SAE, layer) on the CPU, shared by every session."""
+    from jobs.evaluation import load_run_model
+    from jobs.sae_io import read_sae
+    from storage.shards import activations_dir, read_manifest
+
+    manifest = read_manifest(activations_dir(Path(run)))
+    loaded = load_run_model(manifest, "cpu")
+    sae, _ = read_sae(Path(sae_folder))
+    return loaded, sae.eval(), int(manifest.provenance["hook"]["layer"])
+
+
+@st.cache_resource
+def hook_lock() -> threading.Lock:
+    """Held while a steering or probing hook is attached to the shared model."""
+    return threading.Lock()
+
+
+def show_error(error: Exception) -> None:
+    """One readable message instead of a traceback."""
+    st.error(str(error).splitlines()[0] if str(error) else type(error).__name__)
