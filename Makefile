@@ -25,7 +25,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/saescope demo
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium (never a browser Playwright downloads).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

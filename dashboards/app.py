@@ -1,8 +1,8 @@
-"""saescope's feature browser: navigation only; each page lives in dashboards/pages/."""
+"""saescope's feature browser: navigation only; each page lives in dashboards/views/."""
 
 import streamlit as st
 
-from dashboards.pages import feature, features, overview, probe, steer
+from dashboards.views import feature, features, overview, probe, steer
 
 st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
 st.navigation(

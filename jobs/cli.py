@@ -12,13 +12,14 @@ from jobs import (
     eval_job,
     import_job,
     index_job,
+    serve_job,
     steer_job,
     train_job,
     verify_job,
 )
 from jobs.common import quiet_libraries, tune_allocator
 
-VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job, index_job, browse_job, steer_job)
+VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job, index_job, browse_job, steer_job, serve_job)
 
 
 def build_parser() -> argparse.ArgumentParser:

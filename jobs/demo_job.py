@@ -8,8 +8,9 @@ SAE (k=32) trained for 10 passes over them, and an index of all cached tokens.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from jobs import browse_job, cache_job, index_job, train_job
+from jobs import browse_job, cache_job, index_job, serve_job, train_job
 from jobs.browse_job import render_example
 from storage.feature_index import index_path
 from storage.feature_queries import open_sae_index
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--run", default=DEMO_RUN, help=f"run directory (default: {DEMO_RUN})")
     parser.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens to cache (default: {DEMO_TOKENS:,})")
     parser.add_argument("--d-sae", type=int, default=DEMO_D_SAE, help=f"SAE latents (default: {DEMO_D_SAE})")
+    parser.add_argument("--no-serve", action="store_true", help="stop after indexing instead of serving the dashboard")
+    serve_job.add_serve_arguments(parser, with_run=False)
     parser.set_defaults(handler=command)
 
 
@@ -48,9 +51,12 @@ def command(args) -> int:
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. A few features worth reading first:")
     print_interesting(args.run)
     print("\nlook further:")
-    for line in ("features --run {run} --sort max", "show --run {run} --feature N", "eval --run {run}"):
+    for line in ("features --run {run} --sort max", "show --run {run} --feature N", "serve --run {run}"):
         print("  saescope " + line.format(run=args.run))
-    return 0
+    if args.no_serve:
+        return 0
+    print()
+    return serve_job.serve(Path(args.run), None, args.host, args.port)
 
 
 def index_is_current(sae_folder) -> bool:

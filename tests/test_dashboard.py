@@ -9,7 +9,7 @@ from dashboards.render import bin_edges, histogram_rows, shade_alpha, shade_toke
 
 
 def page(name: str, run, **query) -> AppTest:
-    app = AppTest.from_string(f"from dashboards.pages import {name}\n{name}.render()\n", default_timeout=120)
+    app = AppTest.from_string(f"from dashboards.views import {name}\n{name}.render()\n", default_timeout=120)
     for key, value in query.items():
         app.query_params[key] = str(value)
     return app

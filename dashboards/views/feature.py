@@ -106,6 +106,6 @@ def logit_bars(index, feature: int) -> None:
             color=alt.Color("side:N", scale=alt.Scale(range=["#2a7", "#c33"]), legend=None),
             tooltip=["token", "raw", "z"],
         )
-        .properties(height=420)
+        .properties(height=24 * len(frame) + 40)
     )
     st.altair_chart(chart, width="stretch")

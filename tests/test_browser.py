@@ -1,0 +1,140 @@
+"""The dashboard in a real browser: `saescope serve` on the tiny run, driven with Debian's Chromium.
+
+Playwright drives /usr/bin/chromium (from `apt-get install chromium`); it never
+downloads a browser. Without Chromium the test is skipped, except in CI (CI=true),
+where a missing browser is a failure. Screenshots go to the test's temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, limit_s: float = 120) -> None:
+    """Poll Streamlit's health endpoint until it answers (or the server exits, or the limit passes)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"saescope serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as reply:
+                if reply.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("the dashboard did not answer its health check")
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Chromium is missing: `apt-get install chromium` (the README's test command does it)")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def server(indexed_run, tmp_path):
+    run, _ = indexed_run
+    port = free_port()
+    script = Path(sys.executable).with_name("saescope")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    env = {**os.environ, "SAESCOPE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [*command, "serve", "--run", str(run), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert url.replace("127.0.0.1", "localhost") in process.stdout.readline()
+        wait_healthy(url, process)
+        yield url
+    finally:
+        os.killpg(process.pid, 2)  # Ctrl-C to the whole group: saescope stops its Streamlit child
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--server.port {port}" not in listing  # the Streamlit child is gone too
+
+
+def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_run, tmp_path):
+    from storage.feature_queries import FeatureIndex
+
+    with FeatureIndex(indexed_run[1]) as index:
+        feature = index.list_features("max", limit=1)[0]["feature"]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/feature?id={feature}")
+    page.get_by_text("Top examples").wait_for(timeout=60_000)
+    tokens = page.locator("span.tok")
+    tokens.first.wait_for(timeout=60_000)
+    assert tokens.count() > 20
+    alphas = tokens.evaluate_all(
+        "spans => spans.map(s => parseFloat(getComputedStyle(s).backgroundColor.split(',')[3] || '1'))"
+    )
+    assert max(alphas) > 0.95 and min(alphas) == 0.0  # the strongest peak is fully shaded, silent tokens are not
+    assert page.locator("span.tok[title]").count() == tokens.count()  # the value on hover
+    page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
+
+    with page.context.expect_page() as opened:
+        page.get_by_text("Steer with this feature").click()
+    steer = opened.value
+    steer.get_by_text("Generate").wait_for(timeout=60_000)
+    assert steer.get_by_label("features").input_value() == str(feature)
+    steer.get_by_label("max new tokens").fill("6")
+    steer.get_by_text("Generate").click()
+    steer.get_by_text("mean KL(default").wait_for(timeout=120_000)
+    assert steer.get_by_role("heading", name="default").count() == 1
+    assert steer.get_by_role("heading", name=f"steered: #{feature}").count() == 1
+    steer.screenshot(path=str(tmp_path / "steer.png"), full_page=True)
+
+    probe = browser.new_page(viewport={"width": 1400, "height": 1000})
+    probe.goto(f"{server}/probe")
+    probe.get_by_role("textbox", name="text").fill("The cat sat on the mat.")
+    probe.get_by_text("Probe", exact=True).click()
+    probe.get_by_text("features firing here").wait_for(timeout=120_000)
+    probe.locator("span.tok").first.wait_for(timeout=60_000)
+    assert probe.locator("span.tok").count() >= len("The cat sat on the mat.")
+    probe.screenshot(path=str(tmp_path / "probe.png"), full_page=True)
+    for name in ("feature", "steer", "probe"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
