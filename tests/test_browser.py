@@ -137,4 +137,3 @@ def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_ru
     probe.screenshot(path=str(tmp_path / "probe.png"), full_page=True)
     for name in ("feature", "steer", "probe"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
-
