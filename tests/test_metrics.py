@@ -92,3 +92,47 @@ def test_reconstruction_report_excludes_outliers_separately():
     assert report["outlier_tokens"] == 1
     assert report["n_tokens"] == 64
     assert report["l0"] <= 2.0
+
+
+def test_splice_metrics_equal_an_independent_computation(tiny_model, tokenizer):
+    """A non-trivial splice (h -> 0.7 h + c) against a hand-made hook and F.cross_entropy / F.kl_div."""
+    import torch.nn.functional as F
+
+    ids = tokenizer(
+        ["<bos>The cat sat on the mat.", "<bos>Dogs bark at cats, loudly!!"], padding=True, return_tensors="pt"
+    ).input_ids[:, :20]
+    ordinary = (ids != tokenizer.bos_token_id) & (ids != tokenizer.pad_token_id)
+    shift = torch.linspace(-0.3, 0.3, tiny_model.config.hidden_size)
+    edit = lambda h: 0.7 * h + shift  # noqa: E731
+    got = splice_metrics(tiny_model, 1, edit, ids, ordinary)
+
+    def logits_with(function):
+        """Replace block 1's output at ordinary positions only (special positions stay clean, as documented)."""
+        block = tiny_model.model.layers[1]
+        keep = lambda h: torch.where(ordinary.unsqueeze(-1), function(h), h)  # noqa: E731
+        handle = block.register_forward_hook(
+            lambda _m, _i, out: (keep(out[0]), *out[1:]) if isinstance(out, tuple) else keep(out)
+        )
+        try:
+            with torch.no_grad():
+                return tiny_model(input_ids=ids).logits
+        finally:
+            handle.remove()
+
+    scored = ordinary[:, :-1] & ordinary[:, 1:]
+    targets = ids[:, 1:][scored]
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, :-1][scored].float(), targets).item()
+
+    with torch.no_grad():
+        clean = tiny_model(input_ids=ids).logits
+    spliced, zero = logits_with(edit), logits_with(torch.zeros_like)
+    log_clean = F.log_softmax(clean[:, :-1][scored].float(), -1)
+    kl = F.kl_div(F.log_softmax(spliced[:, :-1][scored].float(), -1), log_clean, log_target=True, reduction="batchmean")
+    assert got.ce_clean == pytest.approx(ce(clean), rel=1e-5)
+    assert got.ce_spliced == pytest.approx(ce(spliced), rel=1e-5)
+    assert got.ce_zero == pytest.approx(ce(zero), rel=1e-5)
+    assert got.kl_spliced == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
+    expected = (ce(zero) - ce(spliced)) / (ce(zero) - ce(clean))
+    assert got.ce_loss_recovered == pytest.approx(expected, rel=1e-4)  # a ratio of small differences

@@ -172,3 +172,33 @@ def test_clamping_a_planted_feature_makes_the_model_produce_it(tokenizer):
     assert result.steered.token_ids.count(target) >= 4
     assert result.steered.mean_activation(0) > 2 * result.default.mean_activation(0)
     assert result.default.kl > 0 and all(lp <= 0 for lp in result.steered.logprob_other)
+
+
+def _clean_hidden(model, ids):
+    """The unedited residual after block LAYER, from output_hidden_states (independent of the hook code)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+
+
+def _captured_delta(model, sae, ids, spec):
+    seen = []
+    with steer(model, sae, LAYER, spec, on_edit=lambda positions, delta: seen.append(delta[0].clone())):
+        _logits(model, ids)
+    return seen[0]
+
+
+def test_clamp_scale_and_several_features_edit_exactly_by_hand(tiny_model, sae, ids):
+    h = _clean_hidden(tiny_model, ids)
+    f = sae.encode(h).detach()
+    a, b = 3, 7
+    spec = SteeringSpec((FeatureSteer(a, "clamp", 2.5), FeatureSteer(b, "scale", 3.0)))
+    expected = (2.5 - f[:, a]).unsqueeze(1) * sae.W_dec[a] + ((3.0 - 1.0) * f[:, b]).unsqueeze(1) * sae.W_dec[b]
+    torch.testing.assert_close(_captured_delta(tiny_model, sae, ids, spec), expected.detach(), rtol=1e-4, atol=1e-5)
+    added = _captured_delta(tiny_model, sae, ids, SteeringSpec((FeatureSteer(a, "add", -1.5),)))
+    torch.testing.assert_close(added, (-1.5 * sae.W_dec[a]).expand_as(h).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_positions_only(tiny_model, sae, ids):
+    spec = SteeringSpec((FeatureSteer(3, "add", 2.0, positions="prompt"),), prompt_len=3)
+    delta = _captured_delta(tiny_model, sae, ids, spec)
+    assert delta[:3].abs().sum() > 0 and delta[3:].abs().sum() == 0

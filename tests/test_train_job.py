@@ -198,3 +198,17 @@ def test_import_refuses_a_mismatched_sae(run_copy, tmp_path):
         cfg = json.loads((folder / "cfg.json").read_text())
         (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
         read_sae(folder)
+
+
+def test_auto_dtype_is_chosen_once_and_reused_on_resume(run_copy, monkeypatch):
+    """ "auto" measured bfloat16 faster at the start; on resume the measurement flips, the run keeps bfloat16."""
+    import pipeline.precision
+
+    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _d: {"float32": 10.0, "bfloat16": 40.0})
+    undo = crash_training_at(monkeypatch, 12)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_cfg(run_copy, dtype="auto", lm_eval_contexts=0))
+    undo()
+    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _d: {"float32": 40.0, "bfloat16": 10.0})
+    summary = run_train(_cfg(run_copy, dtype="auto", lm_eval_contexts=0))
+    assert summary.resumed_from > 0 and summary.config.dtype == "bfloat16"
