@@ -140,7 +140,7 @@ def steering_times(browser, url: str, run: Path, feature: int) -> tuple[float, f
     page.goto(f"{url}/steer?feature={feature}")
     form_ready = page.get_by_text("Generate")
     form_ready.wait_for(timeout=120_000)
-    page.get_by_label("value").fill("4x")
+    page.get_by_role("textbox", name="value").fill("4x")
     page.get_by_label("max new tokens").fill("6")
     page.get_by_text("Generate").click()  # warm-up: loads the model once per server
     page.get_by_text("mean KL(default").wait_for(timeout=300_000)

@@ -49,7 +49,7 @@ def shade_tokens(
             f'<span class="tok" data-act="{act:.4g}" title="{html.escape(title, quote=True)}" '
             f'style="{style} white-space: pre; border-radius: 2px;">{visible_token(token)}</span>'
         )
-    return '<div class="tokens" style="font-family: monospace; line-height: 1.9;">' + "".join(parts) + "</div>"
+    return '<span class="tokens" style="font-family: monospace; line-height: 1.9;">' + "".join(parts) + "</span>"
 
 
 def bin_edges(bins: list[dict]) -> list[float]:

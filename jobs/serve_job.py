@@ -75,7 +75,8 @@ def serve(run: Path, sae: str | None, host: str, port: int) -> int:
     check_port_free(host, port)
     shown_host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"saescope dashboard for {run}: http://{shown_host}:{port}   (Ctrl-C to stop)", flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
+    # Ctrl-C and `kill` both stop the server (SIGINT explicitly: a shell may start us with it ignored)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = subprocess.Popen(
         streamlit_command(run, sae, host, port), stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
     )
@@ -90,7 +91,8 @@ def serve(run: Path, sae: str | None, host: str, port: int) -> int:
         print("dashboard stopped")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(_signum, _frame) -> None:

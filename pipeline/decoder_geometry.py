@@ -37,6 +37,12 @@ def unembedding(model: nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight.detach()
 
 
+def _directions(W_dec_FD, W_U_VD, gamma_D) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder rows times the final norm's weight [F, D], unembedding [V, D]), float32 on one device."""
+    direction_FD = W_dec_FD.float() * (gamma_D.float() if gamma_D is not None else 1.0)
+    return direction_FD, W_U_VD.float().to(direction_FD.device)
+
+
 @torch.no_grad()
 def logit_effects(
     W_dec_FD: torch.Tensor,
@@ -49,8 +55,7 @@ def logit_effects(
 
     Suppressed values are the most negative effects, most negative first.
     """
-    direction_FD = W_dec_FD.float() * (gamma_D.float() if gamma_D is not None else 1.0)
-    W_U = W_U_VD.float().to(direction_FD.device)
+    direction_FD, W_U = _directions(W_dec_FD, W_U_VD, gamma_D)
     # One reused [chunk, V] buffer: fresh ~100 MB products per chunk fragmented the heap
     # under tune_allocator and sometimes held several GB (measured 1.2 vs 3.5-4 GiB peak).
     buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U.shape[0])
@@ -116,8 +121,7 @@ def standardized_logit_effects(
     direction pushes (a "junk" token) no longer tops every list. Returns promoted/suppressed
     ids, their z-scores and their raw effects.
     """
-    direction_FD = W_dec_FD.float() * (gamma_D.float() if gamma_D is not None else 1.0)
-    W_U = W_U_VD.float().to(direction_FD.device)
+    direction_FD, W_U = _directions(W_dec_FD, W_U_VD, gamma_D)
     mean_V, std_V = token_effect_moments(direction_FD, W_U, chunk)
     buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U.shape[0])
     parts: dict[str, list[torch.Tensor]] = {}

@@ -34,6 +34,11 @@ def served(indexed_run, monkeypatch):
     return run
 
 
+def html_of(app: AppTest) -> str:
+    """Every raw-HTML block (st.html) and markdown block of the page, concatenated."""
+    return "".join(h.proto.body for h in app.get("html")) + "".join(str(m.value) for m in app.markdown)
+
+
 def text_of(app: AppTest) -> str:
     parts = [m.value for m in app.markdown] + [e.value for e in app.error] + [t.value for t in app.title]
     parts += [c.value for c in app.caption] + [h.value for h in app.subheader]
@@ -77,8 +82,9 @@ def test_top_examples_are_shaded_spans(served, indexed_run):
     with FeatureIndex(indexed_run[1]) as index:
         live = index.list_features("max", limit=1)[0]["feature"]
     app = page("feature", served, id=live).run()
-    shaded = [m.value for m in app.markdown if 'class="tok"' in str(m.value)]
-    assert shaded and "background: rgba(255,136,0,1.000)" in "".join(shaded)  # the peak of the top example
+    markup = html_of(app)
+    assert markup.count('class="tok"') > 20
+    assert "background: rgba(255,136,0,1.000)" in markup  # the peak of the top example
 
 
 def test_probe_shows_per_token_rows(served):
@@ -151,7 +157,7 @@ def test_replaced_index_is_used_on_the_next_load(served, tmp_path, monkeypatch):
     run_index(IndexConfig(run=str(copy), device="cpu", top_k=5, window=1))
     after = page("feature", copy, id=5).run()
     assert not after.exception
-    n_tokens = lambda app: sum(str(m.value).count('class="tok"') for m in app.markdown)  # noqa: E731
+    n_tokens = lambda app: html_of(app).count('class="tok"')  # noqa: E731
     assert n_tokens(after) < n_tokens(before) / 2  # windows of 1 token each side instead of 4
 
 

@@ -52,20 +52,31 @@ def render() -> None:
     with right:
         logit_bars(index, feature)
     st.subheader("Top examples")
-    for example in index.top_examples(feature, 20):
-        st.markdown(
-            f"<small>{example.activation:.3f}</small> "
-            + shade_tokens(example.tokens, example.acts, summary["max_act"], example.peak),
-            unsafe_allow_html=True,
-        )
+    st.html(examples_html(index.top_examples(feature, 20), summary["max_act"]))
     st.subheader("Interval examples")
-    for entry in bins:
-        st.caption(f"activations {entry['lower']:.3g}–{entry['upper']:.3g}: {entry['n_activations']:,} in this bin")
-        for example in entry["examples"]:
-            st.markdown(shade_tokens(example.tokens, example.acts, summary["max_act"], example.peak),
-                        unsafe_allow_html=True)  # fmt: skip
+    st.html("".join(interval_html(entry, summary["max_act"]) for entry in bins))
     st.subheader("Nearest features by decoder cosine")
     st.markdown(" · ".join(link("feature", f"#{n} ({c:.2f})", id=n) for n, c in summary["neighbours"]))
+
+
+def examples_html(examples, scale: float, with_values: bool = True) -> str:
+    """One block of shaded examples, each on its own line (one element renders faster than many)."""
+    rows = []
+    for example in examples:
+        value = f'<small style="color:#666">{example.activation:.3f}</small> ' if with_values else ""
+        rows.append(
+            f'<div class="example">{value}{shade_tokens(example.tokens, example.acts, scale, example.peak)}</div>'
+        )
+    return "".join(rows)
+
+
+def interval_html(entry: dict, scale: float) -> str:
+    caption = (
+        '<div class="bin" style="color:#666; margin-top: 0.6em">'
+        f"activations {entry['lower']:.3g}–{entry['upper']:.3g}: "
+        f"{entry['n_activations']:,} in this bin</div>"
+    )
+    return caption + examples_html(entry["examples"], scale)
 
 
 def histogram(hist: dict, edges: list[float]) -> None:

@@ -124,8 +124,10 @@ def show_training(log: pd.DataFrame) -> None:
     for col, name in zip(cols, ("loss", "fvu", "dead_fraction"), strict=True):
         if name in log:
             scale = alt.Scale(type="log") if name == "loss" and (log[name] > 0).all() else alt.Scale()
-            chart = alt.Chart(log).mark_line().encode(
-                x=alt.X("tokens:Q", title="training tokens"), y=alt.Y(f"{name}:Q", scale=scale, title=name)
+            chart = (
+                alt.Chart(log)
+                .mark_line()
+                .encode(x=alt.X("tokens:Q", title="training tokens"), y=alt.Y(f"{name}:Q", scale=scale, title=name))
             )
             col.caption(name.replace("_", " ") + (" (log scale)" if name == "loss" else ""))
             col.altair_chart(chart.properties(height=200), width="stretch")
