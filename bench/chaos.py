@@ -145,14 +145,30 @@ def prepare(job: str, reference: Path, target: Path) -> None:
 
 
 def chaos_round(job: str, reference: Path, work: Path, model: Path, corpus: Path, rng, kills: int, sig) -> dict:
-    target = work / f"{job}-{sig.name}"
+    """Rounds on fresh copies, each killed and resumed until it finishes, until ``kills`` kills landed."""
+    started = time.perf_counter()
+    report = {"job": job, "signal": sig.name, "kills": 0, "resumes": 0, "rounds": 0, "differences": [],
+              "bad_interrupt_exits": []}  # fmt: skip
+    while report["kills"] < kills and report["rounds"] < 3 * kills:
+        target = work / f"{job}-{sig.name}-{report['rounds']}"
+        one = one_round(job, reference, target, model, corpus, rng, sig, kills - report["kills"])
+        report["rounds"] += 1
+        for key in ("kills", "resumes"):
+            report[key] += one[key]
+        report["differences"] += one["differences"]
+        report["bad_interrupt_exits"] += one["bad_interrupt_exits"]
+        shutil.rmtree(target, ignore_errors=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def one_round(job, reference, target, model, corpus, rng, sig, kills: int) -> dict:
     prepare(job, reference, target)
     args = job_args(job, target, model, corpus)
-    started = time.perf_counter()
     duration = reference_duration[job]
     done, n_kills, resumes, bad_exits = False, 0, 0, []
     while not done:
-        process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=environment(work / "home"),
+        process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=environment(target.parent / "home"),
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         delay = rng.uniform(0.3, max(0.6, duration)) if n_kills < kills else None
         try:
@@ -161,23 +177,17 @@ def chaos_round(job: str, reference: Path, work: Path, model: Path, corpus: Path
             process.send_signal(sig)
             _, err = process.communicate(timeout=120)
             n_kills += 1
-            if sig == signal.SIGINT and (process.returncode != 130 or len(err.strip().splitlines()) > 3):
-                bad_exits.append(f"exit {process.returncode}: {err.strip().splitlines()[-1:] if err else ''}")
+            last = (err.strip().splitlines() or [""])[-1]
+            if sig == signal.SIGINT and (process.returncode != 130 or not last.startswith("interrupted:")):
+                bad_exits.append(f"exit {process.returncode}: {last}")
             resumes += 1
             continue
         _, err = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"{job} failed after {n_kills} kills: {err}")
         done = True
-    return {
-        "job": job,
-        "signal": sig.name,
-        "kills": n_kills,
-        "resumes": resumes,
-        "differences": differences(job, reference, target),
-        "bad_interrupt_exits": bad_exits,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return {"kills": n_kills, "resumes": resumes, "differences": differences(job, reference, target),
+            "bad_interrupt_exits": bad_exits}  # fmt: skip
 
 
 reference_duration: dict[str, float] = {}

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import signal
 import sys
 
-from jobs import (
-    browse_job,
-    cache_job,
-    demo_job,
-    eval_job,
-    import_job,
-    index_job,
-    serve_job,
-    steer_job,
-    train_job,
-    verify_job,
-)
-from jobs.common import quiet_libraries, tune_allocator
-
-VERBS = (demo_job, cache_job, verify_job, train_job, eval_job, import_job, index_job, browse_job, steer_job, serve_job)
+VERB_MODULES = ("demo", "cache", "verify", "train", "eval", "import", "index", "browse", "steer", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,21 +17,24 @@ def build_parser() -> argparse.ArgumentParser:
         "autoencoders, index features, steer generations.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in VERBS:
-        verb.register(subparsers)
+    for name in VERB_MODULES:  # imported here, inside main's Ctrl-C handling (torch takes seconds to import)
+        importlib.import_module(f"jobs.{name}_job").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_libraries()
-    tune_allocator()
     try:
+        args = build_parser().parse_args(argv)
+        from jobs.common import quiet_libraries, tune_allocator
+
+        quiet_libraries()
+        tune_allocator()
         return int(args.handler(args) or 0)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exit with 130 even if another Ctrl-C arrives while exiting
         print("\ninterrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
         return 130
 
