@@ -178,7 +178,8 @@ def one_round(job, reference, target, model, corpus, rng, sig, kills: int) -> di
             _, err = process.communicate(timeout=120)
             n_kills += 1
             last = (err.strip().splitlines() or [""])[-1]
-            if sig == signal.SIGINT and (process.returncode != 130 or not last.startswith("interrupted:")):
+            interrupted = process.returncode == 130 and last.startswith("interrupted:")
+            if sig == signal.SIGINT and not (interrupted or process.returncode == 0):  # 0: it had just finished
                 bad_exits.append(f"exit {process.returncode}: {last}")
             resumes += 1
             continue
