@@ -196,20 +196,17 @@ def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device) -> tuple[S
     return init_sae(shape, sample_ND * scale, cfg.seed).to(device), scale
 
 
-def _recorded_dtype(folder: Path) -> str | None:
-    """The compute dtype an interrupted run chose when it started (so "auto" is not measured again)."""
+def _newest_checkpoint(folder: Path) -> dict | None:
+    """The tree of the newest finished checkpoint (staging folders of killed runs removed first), or None."""
+    remove_incomplete(folder / CHECKPOINTS_DIR)
     newest = latest_checkpoint(folder / CHECKPOINTS_DIR) if folder.is_dir() else None
-    if newest is None:
-        return None
-    return load_checkpoint(newest)["job"]["weights_config"].get("dtype")
+    return load_checkpoint(newest) if newest is not None else None
 
 
-def _resume(folder: Path, cfg: TrainJobConfig, sae_shape: SaeConfig, device, tcfg: TrainConfig):
-    """(sae, optimizer, state, scale) from the newest checkpoint, or None."""
-    newest = latest_checkpoint(folder / CHECKPOINTS_DIR)
-    if newest is None:
+def _resume(tree: dict | None, folder: Path, cfg: TrainJobConfig, sae_shape: SaeConfig, device, tcfg: TrainConfig):
+    """(sae, optimizer, state, scale) from a checkpoint tree, or None when there is none."""
+    if tree is None:
         return None
-    tree = load_checkpoint(newest)
     saved, wanted = tree["job"]["weights_config"], _weights_config(cfg)
     if saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -315,7 +312,10 @@ def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, f
     stream = _stream(cfg, manifest)
     cfg = resolve(cfg, manifest, stream)
     device = resolve_device(cfg.device)
-    compute = choose_dtype(_recorded_dtype(folder) or cfg.dtype, device)
+    checkpoint = _newest_checkpoint(folder)
+    # an interrupted run keeps the dtype it chose when it started ("auto" is not measured again)
+    recorded_dtype = checkpoint["job"]["weights_config"].get("dtype") if checkpoint else None
+    compute = choose_dtype(recorded_dtype or cfg.dtype, device)
     cfg = dataclasses.replace(cfg, dtype=compute.name)
     tcfg = trainer_config(cfg, compute.dtype)
     per_epoch = stream.batches_per_epoch() * cfg.batch_size
@@ -325,8 +325,7 @@ def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, f
         f"lr {cfg.lr:.2e}, compute {compute.name} ({compute.reason})"
     )
     folder.mkdir(parents=True, exist_ok=True)
-    remove_incomplete(folder / CHECKPOINTS_DIR)
-    resumed = _resume(folder, cfg, SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k), device, tcfg)
+    resumed = _resume(checkpoint, folder, cfg, SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k), device, tcfg)
     if resumed is None:
         sae, scale = _fresh_start(cfg, stream, device)
         optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
