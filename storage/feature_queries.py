@@ -62,6 +62,8 @@ class FeatureIndex:
             self.vocab = [text for (text,) in self.con.execute("SELECT text FROM vocab ORDER BY token_id").fetchall()]
             self.window = int(self.metadata["index"]["window"])
             self.ctx_len = int(self.metadata["index"]["ctx_len"])
+            tables = self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            self.has_standardized_effects = ("logit_effects_std",) in tables  # absent from older indexes
         except (duckdb.Error, KeyError, ValueError) as error:
             raise FeatureIndexError(
                 f"{path} is damaged or not a feature index ({str(error).splitlines()[0]}): "
@@ -110,11 +112,6 @@ class FeatureIndex:
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
         return [dict(zip(names, row, strict=True)) for row in rows]
-
-    @property
-    def has_standardized_effects(self) -> bool:
-        tables = {row["table_name"] for row in self._rows("SELECT table_name FROM information_schema.tables", [])}
-        return "logit_effects_std" in tables
 
     def logit_tokens(self, feature: int, ranking: str = "standardized") -> dict[str, list[dict]]:
         """Top promoted and suppressed tokens: [{"token", "raw", "z"}] ranked by z-score or by raw effect."""
