@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from jobs.common import tune_allocator
-from pipeline.decoder_geometry import logit_effects, nearest_by_decoder, standardized_logit_effects
+from pipeline.decoder_geometry import logit_effect_rankings, nearest_by_decoder
 from pipeline.feature_stats import CodeBatch, FeatureAccumulator
 from pipeline.sae import Sae, SaeConfig
 from storage.feature_index import IndexBuilder
@@ -69,8 +69,9 @@ def build(folder: Path, n_tokens: int, n_features: int) -> dict:
         builder.write_features(acc.count_F, acc.density_F(), acc.max_F, acc.mean_F())
         builder.write_top_examples(acc.top_value_FK, acc.top_context_FK, acc.top_position_FK)
         geometry_start = time.perf_counter()
-        builder.write_logit_effects(*logit_effects(W_dec, W_U, None))
-        builder.write_standardized_effects(standardized_logit_effects(W_dec, W_U, None))
+        raw, standardized = logit_effect_rankings(W_dec, W_U, None)
+        builder.write_logit_effects(*raw)
+        builder.write_standardized_effects(standardized)
         builder.write_neighbours(*nearest_by_decoder(W_dec))
         geometry = time.perf_counter() - geometry_start
         builder.write_vocab([f"tok{i}" for i in range(VOCAB)])

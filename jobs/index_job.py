@@ -22,9 +22,8 @@ from jobs.import_job import check_fits_cache
 from jobs.sae_io import read_sae
 from pipeline.decoder_geometry import (
     final_norm_weight,
-    logit_effects,
+    logit_effect_rankings,
     nearest_by_decoder,
-    standardized_logit_effects,
     unembedding,
 )
 from pipeline.feature_stats import CodeBatch, FeatureAccumulator
@@ -166,9 +165,9 @@ def _index_locked(cfg, run_dir, folder, manifest, sae_folder, device, started) -
         builder.write_features(acc.count_F, acc.density_F(), acc.max_F, acc.mean_F())
         builder.write_top_examples(acc.top_value_FK, acc.top_context_FK, acc.top_position_FK)
         gamma = final_norm_weight(loaded.model)
-        W_U = unembedding(loaded.model)
-        builder.write_logit_effects(*logit_effects(sae.W_dec.detach(), W_U, gamma))
-        builder.write_standardized_effects(standardized_logit_effects(sae.W_dec.detach(), W_U, gamma))
+        raw, standardized = logit_effect_rankings(sae.W_dec.detach(), unembedding(loaded.model), gamma)
+        builder.write_logit_effects(*raw)
+        builder.write_standardized_effects(standardized)
         builder.write_neighbours(*nearest_by_decoder(sae.W_dec.detach()))
         builder.write_vocab(_vocab_strings(loaded.tokenizer, loaded.info.vocab_size))
         builder.write_metadata(_metadata(manifest, sae, sae_cfg, sae_folder.name, fingerprint, cfg, acc))

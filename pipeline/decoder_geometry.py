@@ -15,6 +15,8 @@ by how directly the feature pushes them up (promoted) or down (suppressed).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,24 @@ def _directions(W_dec_FD, W_U_VD, gamma_D) -> tuple[torch.Tensor, torch.Tensor]:
     return direction_FD, W_U_VD.float().to(direction_FD.device)
 
 
+def _effect_blocks(direction_FD: torch.Tensor, W_U_VD: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """Effects [c, V] of ``chunk`` features at a time, in one reused buffer (valid until the next block).
+
+    Fresh ~100 MB products per chunk fragmented the heap under tune_allocator and
+    sometimes held several GB (measured 1.2 vs 3.5-4 GiB peak).
+    """
+    buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U_VD.shape[0])
+    for start in range(0, direction_FD.shape[0], chunk):
+        block = direction_FD[start : start + chunk]
+        yield torch.matmul(block, W_U_VD.T, out=buffer[: block.shape[0]])
+
+
+def _top_raw(effects: torch.Tensor, top_n: int) -> tuple[torch.Tensor, ...]:
+    up = effects.topk(top_n, dim=1)
+    down = effects.topk(top_n, dim=1, largest=False)
+    return up.values, up.indices, down.values, down.indices
+
+
 @torch.no_grad()
 def logit_effects(
     W_dec_FD: torch.Tensor,
@@ -56,16 +76,7 @@ def logit_effects(
     Suppressed values are the most negative effects, most negative first.
     """
     direction_FD, W_U = _directions(W_dec_FD, W_U_VD, gamma_D)
-    # One reused [chunk, V] buffer: fresh ~100 MB products per chunk fragmented the heap
-    # under tune_allocator and sometimes held several GB (measured 1.2 vs 3.5-4 GiB peak).
-    buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U.shape[0])
-    parts = []
-    for start in range(0, direction_FD.shape[0], chunk):
-        block = direction_FD[start : start + chunk]
-        effects = torch.matmul(block, W_U.T, out=buffer[: block.shape[0]])
-        up = effects.topk(top_n, dim=1)
-        down = effects.topk(top_n, dim=1, largest=False)
-        parts.append((up.values, up.indices, down.values, down.indices))
+    parts = [_top_raw(effects, top_n) for effects in _effect_blocks(direction_FD, W_U, chunk)]
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
@@ -96,10 +107,7 @@ def token_effect_moments(
     n_features, W_U = direction_FD.shape[0], W_U_VD.float().to(direction_FD.device)
     total = torch.zeros(W_U.shape[0], dtype=torch.float64, device=W_U.device)
     squares = torch.zeros_like(total)
-    buffer = direction_FD.new_empty(min(chunk, n_features), W_U.shape[0])
-    for start in range(0, n_features, chunk):
-        block = direction_FD[start : start + chunk]
-        effects = torch.matmul(block, W_U.T, out=buffer[: block.shape[0]])
+    for effects in _effect_blocks(direction_FD, W_U, chunk):
         total += effects.sum(0, dtype=torch.float64)
         squares += effects.double().square().sum(0)
     mean = total / n_features
@@ -108,30 +116,30 @@ def token_effect_moments(
 
 
 @torch.no_grad()
-def standardized_logit_effects(
+def logit_effect_rankings(
     W_dec_FD: torch.Tensor,
     W_U_VD: torch.Tensor,
     gamma_D: torch.Tensor | None,
     top_n: int = 10,
     chunk: int = 512,
-) -> dict[str, torch.Tensor]:
-    """Tokens ranked by effect standardized over features, each [F, top_n].
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """Both rankings of output tokens in two passes over the effects: (raw, standardized).
 
-    z[i, v] = (effect[i, v] - mean_i effect[., v]) / std_i effect[., v]: a token that every
-    direction pushes (a "junk" token) no longer tops every list. Returns promoted/suppressed
-    ids, their z-scores and their raw effects.
+    raw is what ``logit_effects`` returns. standardized ranks by
+    z[i, v] = (effect[i, v] - mean_i effect[., v]) / std_i effect[., v], so a token that every
+    direction pushes (a "junk" token) no longer tops every list; it holds promoted/suppressed
+    ids, their z-scores and their raw effects, each [F, top_n].
     """
     direction_FD, W_U = _directions(W_dec_FD, W_U_VD, gamma_D)
     mean_V, std_V = token_effect_moments(direction_FD, W_U, chunk)
-    buffer = direction_FD.new_empty(min(chunk, direction_FD.shape[0]), W_U.shape[0])
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, direction_FD.shape[0], chunk):
-        block = direction_FD[start : start + chunk]
-        raw = torch.matmul(block, W_U.T, out=buffer[: block.shape[0]])
+    raw_parts, parts = [], {}
+    for raw in _effect_blocks(direction_FD, W_U, chunk):
+        raw_parts.append(_top_raw(raw, top_n))
         z = (raw - mean_V) / std_V
         for side, largest in (("promoted", True), ("suppressed", False)):
             best = z.topk(top_n, dim=1, largest=largest)
             parts.setdefault(f"{side}_ids", []).append(best.indices)
             parts.setdefault(f"{side}_z", []).append(best.values)
             parts.setdefault(f"{side}_raw", []).append(raw.gather(1, best.indices))
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    raw_ranking = tuple(torch.cat(column) for column in zip(*raw_parts, strict=True))
+    return raw_ranking, {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -152,7 +152,7 @@ def test_show_and_features_cli(indexed_run, capsys):
 
 
 def test_a_token_every_direction_pushes_tops_no_standardized_list():
-    from pipeline.decoder_geometry import standardized_logit_effects
+    from pipeline.decoder_geometry import logit_effect_rankings
 
     generator = torch.Generator().manual_seed(0)
     W_dec = torch.randn(60, 8, generator=generator)
@@ -162,7 +162,9 @@ def test_a_token_every_direction_pushes_tops_no_standardized_list():
     W_U[0, 0] = 20.0  # token 0 responds to e0: the largest raw effect on every feature
     raw_top = logit_effects(W_dec, W_U, None, top_n=3)[1]
     assert (raw_top[:, 0] == 0).all()
-    effects = standardized_logit_effects(W_dec, W_U, None, top_n=3, chunk=7)
+    raw_ranking, effects = logit_effect_rankings(W_dec, W_U, None, top_n=3, chunk=7)
+    for got, expected in zip(raw_ranking, logit_effects(W_dec, W_U, None, top_n=3, chunk=7), strict=True):
+        assert torch.equal(got, expected)  # the one-pass raw ranking equals the raw-only function
     assert not (effects["promoted_ids"] == 0).any()
     raw = W_dec @ W_U.T  # brute force: z-scores over features, per token
     z = (raw - raw.mean(0)) / raw.std(0, unbiased=False).clamp_min(1e-8)  # token 0: exactly 0 spread
