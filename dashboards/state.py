@@ -19,6 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from pipeline.errors import first_line
 from storage.constants import FEATURE_INDEX
 from storage.feature_queries import FeatureIndex, open_sae_index
 from storage.sae_store import finished_sae_names, resolve_sae, sae_dir
@@ -108,4 +109,4 @@ def hook_lock() -> threading.Lock:
 
 def show_error(error: Exception) -> None:
     """One readable message instead of a traceback."""
-    st.error(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    st.error(first_line(error))

@@ -140,10 +140,6 @@ def build_spec(features, strengths, mode: str, positions: str, max_acts: dict | 
     return SteeringSpec(tuple(steers))
 
 
-def _spec(args, features, strengths, max_acts) -> SteeringSpec:
-    return build_spec(features, strengths, args.mode, args.positions, max_acts)
-
-
 def command(args) -> int:
     if not args.prompt.strip() and not args.chat:
         raise SteerError("--prompt is empty: give some text to continue")
@@ -166,13 +162,13 @@ def command(args) -> int:
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if sweep is None:
-        spec = _spec(args, request.features, request.strengths, max_acts)
+        spec = build_spec(request.features, request.strengths, args.mode, args.positions, max_acts)
         result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos)
         print(_json(spec, [result], decode) if args.json else _side_by_side(args, spec, result, decode))
         return 0
     rows, default = [], None
     for strength in sweep:
-        spec = _spec(args, request.features, [strength] * len(request.features), max_acts)
+        spec = build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, max_acts)
         result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos, default=default)
         default = result.default.token_ids
         rows.append((strength, spec, result))

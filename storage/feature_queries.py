@@ -16,6 +16,7 @@ import duckdb
 
 from storage.constants import FEATURE_INDEX
 from storage.sae_store import weights_fingerprint
+from storage.shards import first_line
 
 SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
 
@@ -66,8 +67,7 @@ class FeatureIndex:
             self.has_standardized_effects = ("logit_effects_std",) in tables  # absent from older indexes
         except (duckdb.Error, KeyError, ValueError) as error:
             raise FeatureIndexError(
-                f"{path} is damaged or not a feature index ({str(error).splitlines()[0]}): "
-                "rebuild it with `saescope index`"
+                f"{path} is damaged or not a feature index ({first_line(error)}): rebuild it with `saescope index`"
             ) from error
 
     @classmethod

@@ -21,6 +21,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.constants import SAE_CFG, SAE_METRICS, SAE_WEIGHTS, SAES_DIR
+from storage.shards import first_line
 
 
 class SaeStoreError(ValueError):
@@ -104,8 +105,7 @@ def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as error:  # safetensors raises its own error types
         raise SaeStoreError(
-            f"{weights} is damaged ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
-            f"retrain with `saescope train --name {folder.name} --force`"
+            f"{weights} is damaged ({first_line(error)}): retrain with `saescope train --name {folder.name} --force`"
         ) from error
     return tensors, cfg
 
