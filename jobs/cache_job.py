@@ -245,20 +245,31 @@ def run_cache(cfg: CacheConfig) -> CacheSummary:
     run_dir = Path(cfg.run)
     check_run_folder(run_dir)
     resolve_device(cfg.device)
+    existing, done = _existing_cache(cfg, run_dir)  # read-only: a finished cache needs no corpus, model or lock
+    if done is not None:
+        return done
     check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
     with exclusive(run_dir / CACHE_LOCK, f"the activation cache of {run_dir}"):
         return _run_cache_locked(cfg, run_dir)
 
 
-def _run_cache_locked(cfg: CacheConfig, run_dir: Path) -> CacheSummary:
+def _existing_cache(cfg: CacheConfig, run_dir: Path) -> tuple[CacheManifest | None, CacheSummary | None]:
+    """(the cache to continue or None, a summary when it is already finished) after checking the request."""
     folder = activations_dir(run_dir)
     existing = read_manifest(folder) if manifest_exists(folder) else None
-    if existing is not None and not existing.shards:
-        existing = None  # nothing finished yet: the cache may restart with other options
-    if existing is not None:
-        check_same_request(existing, cfg)
-        if _is_finished(existing, cfg):
-            return CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    if existing is None or not existing.shards:
+        return None, None  # nothing finished yet: the cache may restart with other options
+    check_same_request(existing, cfg)
+    if _is_finished(existing, cfg):
+        return existing, CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    return existing, None
+
+
+def _run_cache_locked(cfg: CacheConfig, run_dir: Path) -> CacheSummary:
+    folder = activations_dir(run_dir)
+    existing, done = _existing_cache(cfg, run_dir)  # again under the lock: another job may have moved it on
+    if done is not None:
+        return done
     device = resolve_device(cfg.device)
     recorded = existing.provenance["model_dtype"]["name"] if existing else cfg.model_dtype
     choice = choose_dtype(recorded, device)

@@ -171,14 +171,36 @@ with exclusive(sys.argv[1], "held"):
 @pytest.mark.parametrize(
     ("verb", "lock", "extra"),
     [
-        ("cache", ".cache.lock", ["--model", "{model}", "--dataset", "{corpus}", "--tokens", "99999"]),
+        # the run's own cache options with more tokens: a valid request that must wait for the lock
+        (
+            "cache",
+            ".cache.lock",
+            [
+                "--model",
+                "{model}",
+                "--dataset",
+                "{corpus}",
+                "--tokens",
+                "99999",
+                "--ctx-len",
+                "32",
+                "--shard-tokens",
+                "1024",
+                "--dtype",
+                "float32",
+                "--model-dtype",
+                "float32",
+            ],
+        ),
         ("train", "saes/default/.train.lock", ["--force"]),
         ("index", "saes/default/.index.lock", []),
     ],
 )
-def test_a_second_writer_is_refused_with_the_owners_pid(
-    capsys, indexed_copy, tiny_model_dir, text_corpus, verb, lock, extra
-):
+def test_a_second_writer_is_refused_with_the_owners_pid(capsys, indexed_copy, tiny_model_dir, verb, lock, extra):
+    import json
+
+    manifest = json.loads((indexed_copy / "activations" / "manifest.json").read_text())
+    corpus = manifest["provenance"]["corpus"]["spec"]["source"]
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(indexed_copy / lock)],
         stdout=subprocess.PIPE,
@@ -187,7 +209,7 @@ def test_a_second_writer_is_refused_with_the_owners_pid(
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        args = [a.format(model=tiny_model_dir, corpus=text_corpus) for a in extra]
+        args = [a.format(model=tiny_model_dir, corpus=corpus) for a in extra]
         code, err = run_cli(capsys, verb, "--run", indexed_copy, "--device", "cpu", *args)
         assert f"in use by process {holder.pid}" in one_line_error(code, err)
     finally:
