@@ -7,7 +7,7 @@ import importlib
 import signal
 import sys
 
-VERB_MODULES = ("demo", "cache", "verify", "train", "eval", "import", "index", "browse", "steer", "serve")
+VERB_MODULES = ("demo", "cache", "verify", "train", "eval", "import", "index", "explain", "browse", "steer", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

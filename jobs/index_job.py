@@ -50,7 +50,7 @@ class IndexConfig:
     window: int = option(16, "tokens shown on each side of an example's token")
     width_bins: int = option(8, "equal-width activation bins per feature")
     quantile_bins: int = option(8, "equal-count activation bins per feature")
-    samples_per_bin: int = option(3, "random examples kept per bin")
+    samples_per_bin: int = option(8, "random examples kept per bin (explanations draw on them)")
     batch_contexts: int = option(32, "contexts encoded per batch")
     memory_limit: str = option("1GB", "DuckDB memory limit while building (it spills to disk beyond it)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")

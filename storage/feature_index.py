@@ -28,6 +28,11 @@ Tables (one row per feature unless noted; all sorted by feature):
   neighbours(feature, neighbour_ids, cosines)
   density_histogram(bin_low, bin_high, n_features)    log10 density over live features
   token_features(token_id, feature, source, hits)     search: top-example peak tokens and promoted tokens
+  negative_pool(slot, context, position)     random windows (hash-chosen), shared by every feature
+  pool_firing(slot, feature)                   features with a non-zero activation within +-window of a pool window
+  hard_negatives(feature, neighbour, context, position)   examples of a feature's nearest features (by decoder)
+                                               on whose +-window the feature itself is zero
+The last three are the negatives that explanation scoring needs (format version 2).
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ import pyarrow as pa
 
 from storage.constants import FEATURE_INDEX
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+NEGATIVE_POOL = 1024
+HARD_NEGATIVES = 32
+HARD_NEGATIVE_NEIGHBOURS = 4
 
 
 def index_path(sae_folder: Path) -> Path:
@@ -196,7 +204,7 @@ class IndexBuilder:
         window: int,
         width_bins: int = 8,
         quantile_bins: int = 8,
-        samples_per_bin: int = 3,
+        samples_per_bin: int = 8,
         histogram_bins: int = 32,
     ) -> Path:
         """Run the SQL steps, write the remaining tables, and publish the index atomically."""
@@ -312,6 +320,7 @@ def _finishing_sql(ctx_len, window, width_bins, quantile_bins, samples_per_bin, 
             GROUP BY ALL
             ORDER BY e.feature, e.kind, e.bin, e.rank""",
         """CREATE TABLE contexts AS SELECT * FROM scratch.contexts ORDER BY context""",
+        *_negatives_sql(ctx_len, window),
         # Token -> features lookup for search: peak tokens of top examples, and top promoted tokens.
         """CREATE TABLE token_features AS
             SELECT token_id, feature, 'example' AS source, count(*) AS hits FROM examples
@@ -332,4 +341,37 @@ def _finishing_sql(ctx_len, window, width_bins, quantile_bins, samples_per_bin, 
                 }
             )
         }')""",
+    ]
+
+
+def _negatives_sql(ctx_len: int, window: int) -> list[str]:
+    """Random pool windows and per-feature hard negatives (see the module docstring)."""
+    return [
+        f"""CREATE TABLE negative_pool AS
+            SELECT CAST(row_number() OVER (ORDER BY h, context, position) - 1 AS INTEGER) AS slot, context,
+                   CAST(position AS SMALLINT) AS position
+            FROM (SELECT context, p AS position, hash(context * 8191 + p + 17) AS h
+                  FROM scratch.contexts, range(1, {ctx_len}) AS t(p)
+                  ORDER BY h, context, position LIMIT {NEGATIVE_POOL})
+            ORDER BY slot""",
+        f"""CREATE TABLE pool_firing AS
+            SELECT DISTINCT n.slot, c.feature FROM negative_pool n JOIN scratch.codes c
+              ON c.context = n.context AND c.position BETWEEN n.position - {window} AND n.position + {window}
+            ORDER BY n.slot, c.feature""",
+        f"""CREATE TABLE hard_negatives AS
+            WITH candidates AS (
+              SELECT DISTINCT ON (n.feature, e.context, e.position) n.feature, n.neighbour, e.context, e.position
+              FROM (SELECT feature, unnest(neighbour_ids[1:{HARD_NEGATIVE_NEIGHBOURS}]) AS neighbour
+                    FROM neighbours) n
+              JOIN scratch.examples e ON e.feature = n.neighbour),
+            firing AS (
+              SELECT DISTINCT k.feature, k.context, k.position FROM candidates k JOIN scratch.codes c
+                ON c.feature = k.feature AND c.context = k.context
+               AND c.position BETWEEN k.position - {window} AND k.position + {window})
+            SELECT feature, neighbour, context, position FROM (
+              SELECT k.*, row_number() OVER (PARTITION BY k.feature
+                                             ORDER BY hash(k.context * 8191 + k.position + k.feature)) AS r
+              FROM candidates k ANTI JOIN firing f USING (feature, context, position))
+            WHERE r <= {HARD_NEGATIVES}
+            ORDER BY feature, neighbour, context, position""",
     ]

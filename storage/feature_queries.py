@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow.compute as pc
 
 from storage.constants import FEATURE_INDEX
 from storage.sae_store import weights_fingerprint
@@ -184,8 +186,8 @@ class FeatureIndex:
         """Highest-activating examples (one per context), strongest first."""
         return self._examples(self.check_feature(feature), "top", limit)
 
-    def interval_examples(self, feature: int, kind: str = "quantile") -> list[dict]:
-        """Per bin ("width" or "quantile"): its range, how many activations fell in it, and examples."""
+    def interval_examples(self, feature: int, kind: str = "quantile", per_bin: int = 3) -> list[dict]:
+        """Per bin ("width" or "quantile"): its range, how many activations fell in it, and ``per_bin`` examples."""
         if kind not in ("width", "quantile"):
             raise FeatureIndexError(f"unknown bin kind {kind!r}: use 'width' or 'quantile'")
         self.check_feature(feature)
@@ -195,7 +197,7 @@ class FeatureIndex:
         )
         examples = self._examples(feature, kind)
         for entry in bins:
-            entry["examples"] = [e for e in examples if e.bin == entry["bin"]]
+            entry["examples"] = [e for e in examples if e.bin == entry["bin"] and e.rank < per_bin]
         return bins
 
     def list_features(
@@ -278,6 +280,55 @@ class FeatureIndex:
         sql = """SELECT e.*, c.tokens FROM examples e JOIN contexts c USING (context)
                  WHERE e.kind = 'top' AND e.rank = 0 AND list_contains(?, e.feature)"""
         return {row["feature"]: self._example(row) for row in self._rows(sql, [list(features)])}
+
+    def explanation_inputs(self) -> dict:
+        """Everything explanation needs, as numpy arrays: example rows (sorted by feature), contexts, negatives.
+
+        Keys: ``rows`` (dict of per-row arrays plus flattened window offsets/values), ``context_ids``,
+        ``tokens_CT``, ``pool`` (context, position per slot), ``firing`` (slot, feature),
+        ``hard`` (feature, context, position), ``max_act`` per feature.
+        """
+        if int(self.metadata["index"].get("format_version", 1)) < 2:
+            raise FeatureIndexError(
+                f"{self.path} predates explanations (it keeps no negative examples): rebuild it with `saescope index`"
+            )
+        with self._lock:
+            examples = self.con.sql(
+                """SELECT feature, kind = 'top' AS is_top, rank, bin, context, position, window_start,
+                          len(coalesce(window_offsets, [])) AS n, coalesce(window_offsets, []) AS offsets,
+                          coalesce(window_values, []) AS vals
+                   FROM examples ORDER BY feature, kind, bin, rank"""
+            ).to_arrow_table()
+            contexts = self.con.sql("SELECT context, tokens FROM contexts ORDER BY context").to_arrow_table()
+            pool = self.con.execute("SELECT context, position FROM negative_pool ORDER BY slot").fetchnumpy()
+            firing = self.con.execute("SELECT slot, feature FROM pool_firing").fetchnumpy()
+            hard = self.con.execute(
+                "SELECT feature, context, position FROM hard_negatives ORDER BY feature, neighbour, context, position"
+            ).fetchnumpy()
+            max_act = self.con.execute("SELECT max_act FROM features ORDER BY feature").fetchnumpy()["max_act"]
+        column = lambda name: examples[name].to_numpy()  # noqa: E731
+        rows = {
+            "feature_R": column("feature"),
+            "is_top_R": examples["is_top"].to_numpy(zero_copy_only=False),
+            "rank_R": column("rank"),
+            "bin_R": column("bin"),
+            "context_R": column("context"),
+            "position_R": column("position"),
+            "window_start_R": column("window_start"),
+            "window_lengths_R": column("n"),
+            "window_offsets": pc.list_flatten(examples["offsets"]).to_numpy(),
+            "window_values": pc.list_flatten(examples["vals"]).to_numpy(),
+        }
+        tokens = contexts["tokens"].to_numpy(zero_copy_only=False)
+        return {
+            "rows": rows,
+            "context_ids": contexts["context"].to_numpy(),
+            "tokens_CT": np.stack(tokens).astype(np.int32) if len(tokens) else np.zeros((0, self.ctx_len), np.int32),
+            "pool": pool,
+            "firing": firing,
+            "hard": hard,
+            "max_act": max_act,
+        }
 
     def overview(self) -> dict:
         """Run metadata plus counts over all features and the log-density histogram."""
