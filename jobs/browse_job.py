@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from jobs.config import counted, finite_float
+from storage.explanations import open_explanations
 from storage.feature_queries import SORT_COLUMNS, Example, open_sae_index
-from storage.sae_store import resolve_sae
+from storage.sae_store import resolve_sae, weights_fingerprint
 
 
 def open_index(run: str, sae: str | None):
@@ -58,6 +59,7 @@ def register(subparsers) -> None:
     listing.add_argument("--limit", type=counted(1), default=20, help="features per page (default: 20)")
     listing.add_argument("--offset", type=counted(0), default=0, help="skip this many features first")
     listing.add_argument("--search", default=None, help="only features whose top examples or promoted tokens match")
+    listing.add_argument("--query", default=None, help="rank features by meaning (MiniLM cosine with explanations)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=list_command)
 
@@ -71,7 +73,39 @@ def register(subparsers) -> None:
     show.set_defaults(handler=show_command)
 
 
+def open_labels(run: str, sae: str | None):
+    """The SAE's explanations (a reader), or None when `saescope explain` has not run on these weights."""
+    folder = resolve_sae(Path(run), sae)
+    return open_explanations(folder, weights_fingerprint(folder))
+
+
+def query_command(args) -> int:
+    """`features --query`: features ranked by the cosine of the query with their explanation and top examples."""
+    if not args.query.strip():
+        raise ValueError('--query is empty: give a few words, e.g. --query "file paths"')
+    with open_index(args.run, args.sae) as index:
+        reader = open_labels(args.run, args.sae)
+        if reader is None:
+            raise ValueError(f"no explanations for this SAE yet: run `saescope explain --run {args.run}` first")
+        from pipeline.embedding import Embedder
+
+        with reader:
+            rows = reader.search(Embedder().encode([args.query])[0], limit=args.offset + args.limit)[args.offset :]
+        stats = {r["feature"]: r for r in index.list_features("id", False, None, limit=index.n_features)}
+    if args.json:
+        print(json.dumps([{**row, **stats[row["feature"]]} for row in rows], indent=2, default=float))
+        return 0
+    print(f"{'feature':>8} {'similarity':>10} {'density':>10}  explanation")
+    for row in rows:
+        density = stats[row["feature"]]["density"]
+        print(f"{row['feature']:>8} {row['similarity']:>10.3f} {density:>10.3e}  {row['text']}")
+    print(f"({len(rows)} features most similar in meaning to {args.query!r})")
+    return 0
+
+
 def list_command(args) -> int:
+    if args.query is not None:
+        return query_command(args)
     if args.min_density is not None and args.max_density is not None and args.min_density > args.max_density:
         raise ValueError(f"--min-density ({args.min_density}) is above --max-density ({args.max_density})")
     dead = {"all": None, "live": False, "dead": True}[args.only]
@@ -93,6 +127,7 @@ def list_command(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=2, default=float))
             return 0
+        labels = _labels([row["feature"] for row in rows], args)
         print(f"{'feature':>8} {'density':>10} {'max':>9} {'mean':>9}  top promoted tokens")
         for row in rows:
             tokens = " ".join(repr(t) for t in row["promoted"])
@@ -101,8 +136,43 @@ def list_command(args) -> int:
                 f"{row['feature']:>8} {row['density']:>10.3e} {row['max_act']:>9.3g} {row['mean_act']:>9.3g}  "
                 f"{tokens}{state}"
             )
+            if row["feature"] in labels:
+                label = labels[row["feature"]]
+                print(f"{'':>8} {_score_text(label)}  {label['text']}")
         print(f"({len(rows)} of {index.n_features} features; sorted by {args.sort})")
     return 0
+
+
+def _labels(features: list[int], args) -> dict[int, dict]:
+    reader = open_labels(args.run, args.sae)
+    if reader is None:
+        return {}
+    with reader:
+        return reader.labels(features)
+
+
+def _score_text(label: dict) -> str:
+    if label.get("auroc") is None:
+        return "(unscored)"
+    return f"(AUROC {label['auroc']:.2f} vs control {label['control_auroc']:.2f})"
+
+
+def _explanation_lines(args) -> list[str]:
+    reader = open_labels(args.run, args.sae)
+    if reader is None:
+        return []
+    with reader:
+        explanations = reader.for_feature(args.feature)
+    lines = []
+    for explanation in explanations:
+        lines.append(f"  explanation ({explanation['explainer']}, {explanation['model']}): {explanation['text']}")
+        for score in explanation["scores"]:
+            control = "-" if score["control_value"] is None else f"{score['control_value']:.3f}"
+            lines.append(
+                f"    {score['scorer']} {score['metric']}: {score['value']:.3f}  (control {control}; "
+                f"{score['n_positive']} activating / {score['n_negative']} not)"
+            )
+    return lines
 
 
 def show_command(args) -> int:
@@ -118,7 +188,7 @@ def show_command(args) -> int:
             }
             print(json.dumps(payload, indent=2, default=float))
             return 0
-        print("\n".join(format_feature(summary, top, intervals, _use_colour())))
+        print("\n".join(format_feature(summary, top, intervals, _use_colour()) + _explanation_lines(args)))
     return 0
 
 

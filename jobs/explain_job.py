@@ -25,6 +25,7 @@ from jobs.explain_report import format_report
 from jobs.explain_scoring import FeatureResult, embed_chunk, explain_feature, score_feature
 from pipeline.embedding import EMBEDDING_MODEL, Embedder
 from pipeline.explain_examples import ExampleRows, ExampleSource, WindowMaker
+from pipeline.llm_explainer import prompt_hash as llm_prompt_hash
 from pipeline.token_explainer import Background
 from storage.explanations import EXPLAIN_LOCK, ExplanationBatch, ExplanationReader, ExplanationStore
 from storage.feature_queries import open_sae_index
@@ -177,7 +178,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
         source, tokens_CT, max_act = _source(index, cfg.radius)
         selected = _selected(source, cfg, index.n_features)
         backend = _backend(cfg) if cfg.uses_llm() else None
-        prompt_hash = backend.prompt_hash if backend and cfg.explainer == "llm" else TOKEN_EXPLAINER_VERSION
+        prompt_hash = llm_prompt_hash() if cfg.explainer == "llm" else TOKEN_EXPLAINER_VERSION
         model = backend.name if backend and cfg.explainer == "llm" else "-"
         settings = Settings.of(cfg, fingerprint, prompt_hash, model)
         done = store.done_features(settings.settings_hash)
