@@ -21,8 +21,9 @@ import streamlit as st
 
 from pipeline.errors import first_line
 from storage.constants import FEATURE_INDEX
+from storage.explanations import ExplanationReader, explanations_path, open_explanations
 from storage.feature_queries import FeatureIndex, open_sae_index
-from storage.sae_store import finished_sae_names, resolve_sae, sae_dir
+from storage.sae_store import finished_sae_names, resolve_sae, sae_dir, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,33 @@ def feature_index(sae_folder: Path) -> FeatureIndex:
         index = open_sae_index(Path(sae_folder))
         registry["open"][str(path)] = (version, index)
         return index
+
+
+def explanations(sae_folder: Path) -> ExplanationReader | None:
+    """The SAE's explanations (None when `saescope explain` has not run on its weights); reopened when replaced."""
+    path = explanations_path(sae_folder)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    version = ("explanations", stat.st_mtime_ns, stat.st_size)
+    registry = _open_indexes()
+    with registry["lock"]:
+        current = registry["open"].get(str(path))
+        if current is not None and current[0] == version:
+            return current[1]
+        if current is not None and current[1] is not None:
+            current[1].close()
+        reader = open_explanations(Path(sae_folder), weights_fingerprint(Path(sae_folder)))
+        registry["open"][str(path)] = (version, reader)
+        return reader
+
+
+@st.cache_resource(show_spinner="loading the sentence-embedding model (once per server)…")
+def embedder():
+    """MiniLM for search by meaning, shared by every session."""
+    from pipeline.embedding import Embedder
+
+    return Embedder()
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model and the SAE (once per server)…")

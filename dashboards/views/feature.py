@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import bin_edges, format_density, histogram_rows, link, shade_tokens
-from dashboards.state import app_settings, feature_index, selected_sae, show_error
+from dashboards.state import app_settings, explanations, feature_index, selected_sae, show_error
 
 
 def feature_id(text: str | None, n_features: int) -> int:
@@ -43,6 +43,7 @@ def render() -> None:
     cols[0].metric("density", format_density(summary["density"]), help=f"{summary['n_active']:,} activations")
     cols[1].metric("max activation", f"{summary['max_act']:.4g}")
     cols[2].metric("mean (when active)", f"{summary['mean_act']:.4g}")
+    explanation_panel(feature)
     kind = st.radio("interval bins", ["quantile", "width"], horizontal=True,
                     format_func=lambda k: {"quantile": "equal count", "width": "equal width"}[k])  # fmt: skip
     bins = index.interval_examples(feature, kind)
@@ -57,6 +58,30 @@ def render() -> None:
     st.html("".join(interval_html(entry, summary["max_act"]) for entry in bins))
     st.subheader("Nearest features by decoder cosine")
     st.markdown(" · ".join(link("feature", f"#{n} ({c:.2f})", id=n) for n, c in summary["neighbours"]))
+
+
+def explanation_panel(feature: int) -> None:
+    """Each explanation of the feature with its scores beside their controls (nothing before `saescope explain`)."""
+    reader = explanations(selected_sae(app_settings()))
+    if reader is None:
+        st.caption("no explanation yet: run `saescope explain` to label features")
+        return
+    for explanation in reader.for_feature(feature):
+        st.markdown(f"**Explanation** ({explanation['explainer']}): {explanation['text']}", help=None)
+        rows = [
+            {
+                "scorer": score["scorer"],
+                "metric": score["metric"],
+                "score": round(score["value"], 3),
+                "control (another feature's label)": None
+                if score["control_value"] is None
+                else round(score["control_value"], 3),
+                "test examples": f"{score['n_positive']} activating / {score['n_negative']} not",
+            }
+            for score in explanation["scores"]
+        ]
+        if rows:
+            st.dataframe(rows, hide_index=True, width="stretch")
 
 
 def examples_html(examples, scale: float, with_values: bool = True) -> str:

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import format_density, link
-from dashboards.state import app_settings, feature_index, selected_sae, show_error
+from dashboards.state import app_settings, embedder, explanations, feature_index, selected_sae, show_error
 from storage.feature_queries import SORT_COLUMNS, Example
 
 PAGE_SIZE = 50
@@ -23,12 +23,23 @@ def snippet(example: Example | None, width: int = 6) -> str:
     return "".join(parts).replace("\n", "↵")
 
 
-def table(index, rows: list[dict]) -> pd.DataFrame:
+def table(index, rows: list[dict], labels: dict[int, dict] | None = None) -> pd.DataFrame:
     snippets = index.top_snippets([row["feature"] for row in rows])
+    labels = labels or {}
     return pd.DataFrame(
         [
             {
                 "feature": f"./feature?id={row['feature']}",
+                **({"similarity": round(row["similarity"], 3)} if "similarity" in row else {}),
+                **(
+                    {
+                        "explanation": labels.get(row["feature"], {}).get("text", ""),
+                        "AUROC": labels.get(row["feature"], {}).get("auroc"),
+                        "control": labels.get(row["feature"], {}).get("control_auroc"),
+                    }
+                    if labels
+                    else {}
+                ),
                 "density": format_density(row["density"]),
                 "max": row["max_act"],
                 "mean": row["mean_act"],
@@ -37,6 +48,21 @@ def table(index, rows: list[dict]) -> pd.DataFrame:
             }
             for row in rows
         ]
+    )
+
+
+def render_meaning(index, reader, query: str) -> None:
+    """Features ranked by meaning: the closest PAGE_SIZE to the query."""
+    hits = reader.search(embedder().encode([query])[0], limit=PAGE_SIZE)
+    stats = {row["feature"]: row for row in index.list_features("id", False, None, limit=index.n_features)}
+    rows = [{**stats[hit["feature"]], "similarity": hit["similarity"]} for hit in hits]
+    st.caption(f"{len(rows)} features closest in meaning to {query!r}")
+    labels = reader.labels([row["feature"] for row in rows])
+    st.dataframe(
+        table(index, rows, labels),
+        hide_index=True,
+        width="stretch",
+        column_config={"feature": st.column_config.LinkColumn("feature", display_text=r"id=(\d+)")},
     )
 
 
@@ -59,6 +85,17 @@ def render() -> None:
         key="search",
         help="features whose top examples or promoted tokens include this token (case and surrounding spaces ignored)",
     )
+    reader = explanations(selected_sae(app_settings()))
+    meaning = st.text_input(
+        "search by meaning",
+        key="meaning",
+        disabled=reader is None,
+        placeholder="e.g. file paths" if reader else "run `saescope explain` first",
+        help="ranks features by MiniLM cosine of your words with their explanation and top examples",
+    )
+    if reader is not None and meaning.strip():
+        render_meaning(index, reader, meaning)
+        return
     cols = st.columns(5)
     sort = cols[0].selectbox("sort by", list(SORT_COLUMNS), index=0)
     ascending = cols[1].toggle("ascending", value=False)
@@ -79,8 +116,9 @@ def render() -> None:
     if not rows:
         st.info("no feature matches these filters")
         return
+    labels = reader.labels([row["feature"] for row in rows]) if reader is not None else None
     st.dataframe(
-        table(index, rows),
+        table(index, rows, labels),
         hide_index=True,
         width="stretch",
         column_config={"feature": st.column_config.LinkColumn("feature", display_text=r"id=(\d+)")},
