@@ -5,14 +5,15 @@ Shape legend: E windows, W tokens per window, V vocabulary.
 For each kind of key — the token itself, the token before it, or the pair
 (previous, current) — the firing positions of the training windows give each key
 a share of the feature's activation mass. Its lift is that share over the key's
-background frequency in the cache (add-one smoothed). Keys with lift >= 2 seen
-at least twice are ranked by share x log(lift) (their contribution to the
-divergence from the background) and taken until they cover 80% of the mass or 8
-keys. Each kept key predicts, on any token, the mean activation it had at all of
-its occurrences in the training windows (firing or not), so a key that is
-frequent but unreliable predicts little. The kind whose prediction correlates
-best with the training activations is the explanation. Deterministic: no
-sampling anywhere.
+background frequency in the cache (add-one smoothed). Keys with lift >= 2, seen
+at least twice and holding at least 1% of the mass are ranked by
+share x log(lift) (their contribution to the divergence from the background);
+the best 12 are kept. Each kept key predicts, on any token, the mean activation
+it had at all of its occurrences in the training windows (firing or not), so a
+key that is frequent but unreliable predicts little. The kind whose prediction
+correlates best with the training activations is the explanation.
+Deterministic: no sampling anywhere. (Thresholds chosen on the demo run: a 95%
+coverage cut-off or a 2% share floor lowered the median held-out AUROC.)
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pipeline.scoring_metrics import pearson
 KINDS = ("token", "previous", "bigram")
 MIN_LIFT = 2.0
 MIN_COUNT = 2
-COVERAGE = 0.8
-MAX_KEYS = 8
+MIN_SHARE = 0.01
+MAX_KEYS = 12
 NO_PATTERN = "no token pattern found"
 
 
@@ -115,11 +116,11 @@ def _key_set(kind: str, train: Windows, background: Background) -> tuple[TokenSe
     mass = np.bincount(inverse, weights=train.acts_EW[fired].astype(np.float64))
     share = mass / mass.sum()
     lift = share / background.probability(kind, keys)
-    eligible = (lift >= MIN_LIFT) & (counts >= MIN_COUNT)
+    eligible = (lift >= MIN_LIFT) & (counts >= MIN_COUNT) & (share >= MIN_SHARE)
     score = np.where(eligible, share * np.log(np.maximum(lift, 1.0)), -np.inf)
     chosen, covered = [], 0.0
     for i in np.lexsort((keys, -score)):
-        if not np.isfinite(score[i]) or covered >= COVERAGE or len(chosen) >= MAX_KEYS:
+        if not np.isfinite(score[i]) or len(chosen) >= MAX_KEYS:
             break
         chosen.append(i)
         covered += share[i]
