@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ class ExplainConfig:
     embed_examples: int = option(
         5, "activating test examples the embedding scorer embeds per feature (as many negatives)"
     )
-    radius: int = option(8, "tokens on each side of an example's token")
+    radius: int | None = option(None, "tokens on each side of an example's token (default: 8, or the index's window)")
     batch_features: int = option(256, "features per published batch")
     seed: int = option(0, "seed of the control pairing")
     device: str = option("auto", "device of a local LLM: cpu, cuda, cuda:N or auto")
@@ -81,7 +81,7 @@ class ExplainConfig:
         require(bool(self.scorer_list()), "--scorers is empty: name at least one of " + ", ".join(SCORERS))
         require(self.examples >= 1 and self.test_examples >= 2, "--examples must be >= 1, --test-examples >= 2")
         require(self.embed_examples >= 1, "--embed-examples must be at least 1")
-        require(1 <= self.radius <= 64, "--radius must be between 1 and 64")
+        require(self.radius is None or 1 <= self.radius <= 64, "--radius must be between 1 and 64")
         require(self.batch_features >= 1, "--batch-features must be at least 1")
         require(
             not self.llm.startswith("openai:") or len(self.llm) > len("openai:"),
@@ -131,7 +131,22 @@ class ExplainSummary:
     report: str
 
 
-def _source(index, radius: int) -> tuple[ExampleSource, np.ndarray, np.ndarray]:
+DEFAULT_RADIUS = 8
+
+
+def example_radius(cfg: ExplainConfig, index_window: int) -> int:
+    """--radius, which the index's window bounds: activations beyond it were not kept."""
+    if cfg.radius is None:
+        return min(DEFAULT_RADIUS, index_window)
+    if cfg.radius > index_window:
+        raise ValueError(
+            f"--radius {cfg.radius} exceeds the index's window ({index_window} tokens each side): "
+            f"use --radius {index_window} or rebuild the index with `saescope index --window {cfg.radius}`"
+        )
+    return cfg.radius
+
+
+def _source(index, radius: int) -> tuple[ExampleSource, np.ndarray]:
     inputs = index.explanation_inputs()
     maker = WindowMaker(inputs["context_ids"], inputs["tokens_CT"], radius)
     pool, firing, hard = inputs["pool"], inputs["firing"], inputs["hard"]
@@ -146,7 +161,7 @@ def _source(index, radius: int) -> tuple[ExampleSource, np.ndarray, np.ndarray]:
         hard["context"],
         hard["position"],
     )
-    return source, inputs["tokens_CT"], inputs["max_act"]
+    return source, inputs["tokens_CT"]
 
 
 def _selected(source: ExampleSource, cfg: ExplainConfig, n_features: int) -> list[int]:
@@ -175,7 +190,8 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
     fingerprint = weights_fingerprint(sae_folder)
     with open_sae_index(sae_folder) as index, exclusive(sae_folder / EXPLAIN_LOCK, f"the explanations of {sae_folder}"):
         store = ExplanationStore(sae_folder, fingerprint)
-        source, tokens_CT, max_act = _source(index, cfg.radius)
+        cfg = replace(cfg, radius=example_radius(cfg, index.window))
+        source, tokens_CT = _source(index, cfg.radius)
         selected = _selected(source, cfg, index.n_features)
         backend = _backend(cfg) if cfg.uses_llm() else None
         prompt_hash = llm_prompt_hash() if cfg.explainer == "llm" else TOKEN_EXPLAINER_VERSION

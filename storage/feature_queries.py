@@ -286,7 +286,7 @@ class FeatureIndex:
 
         Keys: ``rows`` (dict of per-row arrays plus flattened window offsets/values), ``context_ids``,
         ``tokens_CT``, ``pool`` (context, position per slot), ``firing`` (slot, feature),
-        ``hard`` (feature, context, position), ``max_act`` per feature.
+        ``hard`` (feature, context, position).
         """
         if int(self.metadata["index"].get("format_version", 1)) < 2:
             raise FeatureIndexError(
@@ -305,7 +305,6 @@ class FeatureIndex:
             hard = self.con.execute(
                 "SELECT feature, context, position FROM hard_negatives ORDER BY feature, neighbour, context, position"
             ).fetchnumpy()
-            max_act = self.con.execute("SELECT max_act FROM features ORDER BY feature").fetchnumpy()["max_act"]
         column = lambda name: examples[name].to_numpy()  # noqa: E731
         rows = {
             "feature_R": column("feature"),
@@ -327,7 +326,6 @@ class FeatureIndex:
             "pool": pool,
             "firing": firing,
             "hard": hard,
-            "max_act": max_act,
         }
 
     def overview(self) -> dict:
