@@ -1,8 +1,9 @@
-"""`saescope demo`: cache, train and index on the offline defaults, reusing finished stages.
+"""`saescope demo`: cache, train, index and explain on the offline defaults, reusing finished stages.
 
 Sizes are chosen to finish in about 10-15 minutes on a 2-core laptop CPU:
 200k tokens of SmolLM2-135M-Instruct layer-15 activations, a 4608-latent TopK
-SAE (k=32) trained for 10 passes over them, and an index of all cached tokens.
+SAE (k=32) trained for 10 passes over them, an index of all cached tokens, and
+token-explainer labels scored offline (no LLM) for every live feature.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from jobs import browse_job, cache_job, index_job, serve_job, train_job
+from jobs import browse_job, cache_job, explain_job, index_job, serve_job, train_job
 from jobs.browse_job import render_example
-from storage.feature_index import index_path
+from storage.feature_index import INDEX_FORMAT_VERSION, index_path
 from storage.feature_queries import open_sae_index
 from storage.sae_store import sae_dir
 
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def _stage(number: int, text: str) -> None:
-    print(f"\n[{number}/3] {text}", flush=True)
+    print(f"\n[{number}/4] {text}", flush=True)
 
 
 def command(args) -> int:
@@ -48,10 +49,16 @@ def command(args) -> int:
         print(f"{index_path(folder)}: index already built; nothing to do (run `saescope index` to rebuild)")
     else:
         print(index_job.format_summary(index_job.run_index(index_job.IndexConfig(run=args.run)), args.run))
+    _stage(4, "labelling every live feature (token explainer) and scoring the labels against a control")
+    explained = explain_job.run_explain(explain_job.ExplainConfig(run=args.run))
+    print(f"explained {explained.n_explained} features in {explained.seconds:.0f}s "
+          f"({explained.n_done_before} were already done)\n{explained.report}")  # fmt: skip
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. A few features worth reading first:")
     print_interesting(args.run)
     print("\nlook further:")
-    for line in ("features --run {run} --sort max", "show --run {run} --feature N", "serve --run {run}"):
+    lines = ("features --run {run} --sort max", 'features --run {run} --query "file paths"',
+             "show --run {run} --feature N", "serve --run {run}")  # fmt: skip
+    for line in lines:
         print("  saescope " + line.format(run=args.run))
     if args.no_serve:
         return 0
@@ -64,10 +71,11 @@ def index_is_current(sae_folder) -> bool:
     if not index_path(sae_folder).is_file():
         return False
     try:
-        open_sae_index(sae_folder).close()
+        index = open_sae_index(sae_folder)
     except ValueError:
         return False
-    return True
+    with index:
+        return int(index.metadata["index"].get("format_version", 1)) >= INDEX_FORMAT_VERSION
 
 
 def print_interesting(run: str, count: int = 5) -> None:

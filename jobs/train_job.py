@@ -42,6 +42,7 @@ from pipeline.training import (
 from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
 from storage.constants import (
     CHECKPOINTS_DIR,
+    EXPLANATIONS,
     FEATURE_INDEX,
     SAE_CFG,
     SAE_METRICS,
@@ -306,7 +307,7 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
 
 def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, folder: Path, say) -> TrainSummary:
     if cfg.force:
-        for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX):
+        for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX, EXPLANATIONS):
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
     stream = _stream(cfg, manifest)

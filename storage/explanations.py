@@ -30,10 +30,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from storage.constants import EXPLAIN_LOCK, EXPLANATIONS
 from storage.shards import first_line
 
-EXPLANATIONS = "explanations.duckdb"
-EXPLAIN_LOCK = ".explain.lock"
+__all__ = ["EXPLAIN_LOCK", "EXPLANATIONS", "ExplanationStore", "ExplanationReader", "open_explanations"]
+
 FORMAT_VERSION = 1
 
 _SCHEMA = {
@@ -201,10 +202,10 @@ class ExplanationReader:
     def search(self, query_vector, limit: int = 20) -> list[dict]:
         """Features ranked by cosine of the query with their explanation and top-example embeddings (mean of both)."""
         vector = [float(v) for v in np.asarray(query_vector, dtype=np.float32)]
-        width = len(vector)
+        array = f"FLOAT[{len(vector)}]"
         sql = f"""SELECT v.feature, e.text,
-                         array_cosine_similarity(v.explanation_vector::FLOAT[{width}], ?::FLOAT[{width}]) AS explanation,
-                         array_cosine_similarity(v.examples_vector::FLOAT[{width}], ?::FLOAT[{width}]) AS examples
+                         array_cosine_similarity(v.explanation_vector::{array}, ?::{array}) AS explanation,
+                         array_cosine_similarity(v.examples_vector::{array}, ?::{array}) AS examples
                   FROM vectors v JOIN explanations e USING (explanation_id)
                   QUALIFY row_number() OVER (PARTITION BY v.feature ORDER BY explanation + examples DESC) = 1
                   ORDER BY (explanation + examples) / 2 DESC, v.feature LIMIT ?"""

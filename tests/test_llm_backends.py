@@ -18,7 +18,9 @@ def chat_reply(text: str, logprobs: dict | None = None) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
     if logprobs is not None:
         top = [{"token": k, "logprob": v} for k, v in logprobs.items()]
-        choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]}
+        choice["logprobs"] = {
+            "content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]
+        }
     return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
