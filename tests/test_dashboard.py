@@ -184,3 +184,47 @@ def test_bin_edges_and_histogram_rows():
         {"low": 0.5, "high": 1.0, "count": 0},
         {"low": 1.0, "high": 1.5, "count": 1},
     ]
+
+
+@pytest.fixture(scope="module")
+def explained_run(indexed_run, tmp_path_factory):
+    """A copy of the tiny indexed run with token explanations of every live feature."""
+    import shutil
+
+    from jobs.explain_job import ExplainConfig, run_explain
+
+    run = tmp_path_factory.mktemp("explained") / "run"
+    shutil.copytree(indexed_run[0], run)
+    run_explain(ExplainConfig(run=str(run), test_examples=6, embed_examples=3))
+    return run
+
+
+def test_search_by_meaning_ranks_and_shows_explanations(explained_run, monkeypatch):
+    monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
+    app = page("features", explained_run).run()
+    assert not app.exception
+    assert {"explanation", "AUROC", "control"} <= set(app.dataframe[0].value.columns)
+    app.text_input(key="meaning").input("words").run()
+    assert not app.exception
+    frame = app.dataframe[0].value
+    assert len(frame) > 0 and list(frame["similarity"]) == sorted(frame["similarity"], reverse=True)
+    assert "closest in meaning to 'words'" in text_of(app)
+
+
+def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run, monkeypatch):
+    from storage.explanations import ExplanationReader, explanations_path
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
+    with ExplanationReader(explanations_path(explained_run / "saes" / "default")) as reader:
+        feature, label = next(iter(reader.labels(list(range(64))).items()))
+    app = page("feature", explained_run, id=feature).run()
+    assert not app.exception
+    assert f"**Explanation** (tokens): {label['text']}" in text_of(app)
+    scores = app.dataframe[0].value
+    assert set(scores["scorer"]) == {"simulation", "embedding"}
+    assert "control (another feature's label)" in scores.columns
+
+
+def test_meaning_search_is_disabled_before_explain(served):
+    app = page("features", served).run()
+    assert not app.exception and app.text_input(key="meaning").disabled

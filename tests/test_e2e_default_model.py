@@ -232,3 +232,47 @@ def test_steer_cli_side_by_side_and_errors(real_indexed, real_home):
         check=False,
     )
     assert syntax.returncode == 2 and "bad value '8y'" in syntax.stderr
+
+
+def test_token_explanations_beat_their_controls_on_the_default_model(real_indexed, real_home):
+    import duckdb
+
+    result = saescope("explain", "--run", str(real_indexed), home=real_home)
+    assert "simulation auroc" in result.stdout and "best explained" in result.stdout
+    con = duckdb.connect(str(real_indexed / "saes" / "default" / "explanations.duckdb"), read_only=True)
+    value, control, n = con.execute(
+        "SELECT median(value), median(control_value), count(*) FROM scores "
+        "WHERE scorer = 'simulation' AND metric = 'auroc'"
+    ).fetchone()
+    con.close()
+    assert n > 500 and value > control + 0.05
+    found = saescope("features", "--run", str(real_indexed), "--query", "exceptions", "--limit", "3", home=real_home)
+    assert "similarity" in found.stdout
+
+
+def test_smollm2_llm_explainer_contract(real_indexed, real_home, tmp_path):
+    """Through the transformers backend on 2 features: non-empty labels, scores in range, same text twice."""
+    import shutil
+
+    import duckdb
+
+    texts = []
+    for attempt in range(2):
+        run = tmp_path / f"copy{attempt}"
+        shutil.copytree(real_indexed, run)
+        (run / "saes" / "default" / "explanations.duckdb").unlink(missing_ok=True)
+        saescope(
+            "explain", "--run", str(run), "--explainer", "llm", "--features", "0-1", "--device", "cpu",
+            "--scorers", "simulation,detection", "--test-examples", "4", "--batch-features", "2",
+            home=real_home,
+        )  # fmt: skip
+        con = duckdb.connect(str(run / "saes" / "default" / "explanations.duckdb"), read_only=True)
+        rows = con.execute("SELECT feature, model, text FROM explanations ORDER BY feature").fetchall()
+        scores = con.execute("SELECT scorer, metric, value, control_value FROM scores").fetchall()
+        con.close()
+        texts.append(rows)
+        assert rows and all(text.strip() for _, _, text in rows)
+        assert all(model == "SmolLM2-135M-Instruct" for _, model, _ in rows)
+        assert {s for s, *_ in scores} == {"simulation", "detection"}
+        assert all(-1 <= v <= 1 and (c is None or -1 <= c <= 1) for _, _, v, c in scores)
+    assert texts[0] == texts[1]
