@@ -363,14 +363,16 @@ def _negatives_sql(ctx_len: int, window: int) -> list[str]:
               SELECT DISTINCT ON (n.feature, e.context, e.position) n.feature, n.neighbour, e.context, e.position
               FROM (SELECT feature, unnest(neighbour_ids[1:{HARD_NEGATIVE_NEIGHBOURS}]) AS neighbour
                     FROM neighbours) n
-              JOIN scratch.examples e ON e.feature = n.neighbour),
+              JOIN scratch.examples e ON e.feature = n.neighbour
+              ORDER BY n.feature, e.context, e.position, n.neighbour),
             firing AS (
               SELECT DISTINCT k.feature, k.context, k.position FROM candidates k JOIN scratch.codes c
                 ON c.feature = k.feature AND c.context = k.context
                AND c.position BETWEEN k.position - {window} AND k.position + {window})
             SELECT feature, neighbour, context, position FROM (
               SELECT k.*, row_number() OVER (PARTITION BY k.feature
-                                             ORDER BY hash(k.context * 8191 + k.position + k.feature)) AS r
+                                             ORDER BY hash(k.context * 8191 + k.position + k.feature),
+                                                      k.context, k.position) AS r
               FROM candidates k ANTI JOIN firing f USING (feature, context, position))
             WHERE r <= {HARD_NEGATIVES}
             ORDER BY feature, neighbour, context, position""",
