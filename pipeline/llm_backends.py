@@ -63,6 +63,8 @@ class TransformersBackend:
             logprobs = {}
             for name, value in zip(names, values.tolist(), strict=True):
                 logprobs.setdefault(name, value)
+            if max_tokens == 1 and temperature <= 0:  # the greedy one-token reply is already known
+                return Completion(self.tokenizer.decode(tokens[:1], skip_special_tokens=True).strip(), logprobs)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = self.model.generate(
             ids,
