@@ -59,7 +59,7 @@ def selected_sae(settings: AppSettings) -> Path:
 
 @st.cache_resource
 def _open_indexes() -> dict:
-    """path -> ((mtime, size), FeatureIndex): one open index per file, shared by sessions."""
+    """path -> ((mtime, size), handle): one open index or explanations reader per file, shared by sessions."""
     return {"lock": threading.Lock(), "open": {}}
 
 
@@ -75,6 +75,11 @@ def feature_index(sae_folder: Path) -> FeatureIndex:
             f"{sae_folder.name!r} has no feature index yet: build it with "
             f"`saescope index --run {sae_folder.parent.parent} --sae {sae_folder.name}`"
         )
+    return _opened(path, lambda: open_sae_index(Path(sae_folder)))
+
+
+def _opened(path: Path, opener):
+    """The shared open handle of ``path`` (``opener()``'s result), reopened when the file was replaced."""
     stat = path.stat()
     version = (stat.st_mtime_ns, stat.st_size)
     registry = _open_indexes()
@@ -82,11 +87,11 @@ def feature_index(sae_folder: Path) -> FeatureIndex:
         current = registry["open"].get(str(path))
         if current is not None and current[0] == version:
             return current[1]
-        if current is not None:
+        if current is not None and current[1] is not None:
             current[1].close()
-        index = open_sae_index(Path(sae_folder))
-        registry["open"][str(path)] = (version, index)
-        return index
+        handle = opener()
+        registry["open"][str(path)] = (version, handle)
+        return handle
 
 
 def explanations(sae_folder: Path) -> ExplanationReader | None:
@@ -94,18 +99,7 @@ def explanations(sae_folder: Path) -> ExplanationReader | None:
     path = explanations_path(sae_folder)
     if not path.is_file():
         return None
-    stat = path.stat()
-    version = ("explanations", stat.st_mtime_ns, stat.st_size)
-    registry = _open_indexes()
-    with registry["lock"]:
-        current = registry["open"].get(str(path))
-        if current is not None and current[0] == version:
-            return current[1]
-        if current is not None and current[1] is not None:
-            current[1].close()
-        reader = open_explanations(Path(sae_folder), weights_fingerprint(Path(sae_folder)))
-        registry["open"][str(path)] = (version, reader)
-        return reader
+    return _opened(path, lambda: open_explanations(Path(sae_folder), weights_fingerprint(Path(sae_folder))))
 
 
 @st.cache_resource(show_spinner="loading the sentence-embedding model (once per server)…")
