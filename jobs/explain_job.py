@@ -27,7 +27,8 @@ from pipeline.embedding import EMBEDDING_MODEL, Embedder
 from pipeline.explain_examples import ExampleRows, ExampleSource, WindowMaker
 from pipeline.llm_explainer import prompt_hash as llm_prompt_hash
 from pipeline.token_explainer import Background
-from storage.explanations import EXPLAIN_LOCK, ExplanationBatch, ExplanationReader, ExplanationStore
+from storage.constants import EXPLAIN_LOCK
+from storage.explanations import ExplanationBatch, ExplanationReader, ExplanationStore
 from storage.feature_queries import open_sae_index
 from storage.locks import exclusive
 from storage.sae_store import resolve_sae, weights_fingerprint
@@ -208,10 +209,11 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
             backend,
             Embedder() if todo else None,
         )
+        live = source.features()
         with progress(len(selected), "explain", unit="feat", initial=len(selected) - len(todo)) as bar:
             for start in range(0, len(todo), cfg.batch_features):
                 chunk = todo[start : start + cfg.batch_features]
-                store.append(_explain_chunk(context, chunk, source.features()))
+                store.append(_explain_chunk(context, chunk, live))
                 bar.update(len(chunk))
         report = _report(store, settings, selected, cfg)
     return ExplainSummary(len(selected), len(selected) - len(todo), len(todo), time.perf_counter() - started, report)

@@ -132,7 +132,7 @@ def split_feature(rows: ExampleRows, lo: int, hi: int, n_train: int, n_test: int
     index = np.arange(lo, hi)
     context, is_top, rank = rows.context_R[index], rows.is_top_R[index], rows.rank_R[index]
     strong = set(context[is_top & (rank < STRONG_TRAIN_CONTEXTS)].tolist())
-    others = [c for c in dict.fromkeys(context[np.lexsort((rows.bin_R[index], ~is_top, rank))].tolist())]
+    others = dict.fromkeys(context.tolist())
     others = sorted((c for c in others if c not in strong), key=lambda c: _mix(c, int(rows.feature_R[lo])))
     train_share = min(len(others) // 2, max(0, n_train - len(strong)))
     test_contexts = set(others[: min(n_test, len(others) - train_share)])
@@ -209,21 +209,15 @@ class ExampleSource:
         lo, hi = self.bounds.get(feature, (0, 0))
         train, test = split_feature(self.rows, lo, hi, n_train, n_test) if hi > lo else ([], [])
         positives = self.examples.take(test)
-        n_hard = min(len(positives) // 2, self._count(self.hard_bounds, feature))
-        start, _ = self.hard_bounds.get(feature, (0, 0))
-        hard = self.hard.take(np.arange(start, start + n_hard))
+        start, stop = self.hard_bounds.get(feature, (0, 0))
+        hard = self.hard.take(np.arange(start, min(stop, start + len(positives) // 2)))
         return FeatureExamples(
             feature=feature,
             train=self.examples.take(train),
             positives=positives,
-            random_negatives=self.pool.take(self._quiet_slots(feature, len(positives) - n_hard)),
+            random_negatives=self.pool.take(self._quiet_slots(feature, len(positives) - len(hard))),
             hard_negatives=hard,
         )
-
-    @staticmethod
-    def _count(bounds: dict, feature: int) -> int:
-        lo, hi = bounds.get(feature, (0, 0))
-        return hi - lo
 
     def _quiet_slots(self, feature: int, n: int) -> np.ndarray:
         """``n`` pool windows on which the feature is zero, from a per-feature starting point."""

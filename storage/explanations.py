@@ -30,10 +30,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from storage.constants import EXPLAIN_LOCK, EXPLANATIONS
+from storage.constants import EXPLANATIONS
 from storage.shards import first_line
-
-__all__ = ["EXPLAIN_LOCK", "EXPLANATIONS", "ExplanationStore", "ExplanationReader", "open_explanations"]
 
 FORMAT_VERSION = 1
 
