@@ -8,6 +8,7 @@ import signal
 import sys
 
 VERB_MODULES = ("demo", "cache", "verify", "train", "eval", "import", "index", "explain", "browse", "steer", "serve")
+DISTRIBUTED_VERBS = ("cache", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,21 +23,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launch(command: str) -> None:
+    """Only cache and train run on several ranks; the rest would do the same work N times."""
+    from pipeline.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and command not in DISTRIBUTED_VERBS:
+        raise ValueError(
+            f"`saescope {command}` runs in one process: start it without torchrun "
+            f"(only {' and '.join(DISTRIBUTED_VERBS)} run on several ranks)"
+        )
+
+
+def _rank_label() -> str:
+    if "pipeline.distributed" not in sys.modules:  # torch never got imported: a single process
+        return ""
+    return sys.modules["pipeline.distributed"].rank_label()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _check_launch(args.command)
         from jobs.common import quiet_libraries, tune_allocator
 
         quiet_libraries()
         tune_allocator()
         return int(args.handler(args) or 0)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_rank_label()}{error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not _rank_label():
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: {_rank_label()}a collective failed, another rank probably stopped ({first})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # exit with 130 even if another Ctrl-C arrives while exiting
         print("\ninterrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if "pipeline.distributed" in sys.modules:
+            sys.modules["pipeline.distributed"].leave()
 
 
 def entry() -> None:

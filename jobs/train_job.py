@@ -4,6 +4,12 @@ Wires storage (the cache stream, checkpoints, the artifact) to pipeline (SAE,
 trainer, metrics). Re-running on an interrupted SAE resumes from its newest
 checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
 is left alone unless --force is given (or another --name is used).
+
+Under `torchrun` every rank walks the same batch stream and trains on its slice
+of each batch (gradients and statistics summed over ranks, see
+pipeline.training), so all ranks hold the same SAE and a checkpoint resumes with
+any world size. Rank 0 alone takes the lock, writes the log, checkpoints and the
+artifact, and evaluates; the other ranks wait for it where files change.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import torch
 from jobs.common import human_count, progress
 from jobs.config import ConfigError, add_config_arguments, auto_or, config_from_args, config_to_mapping, option, require
 from jobs.evaluation import EvalSettings, evaluate
+from jobs.ranks import exclusive_on_main
 from jobs.sae_io import write_sae
+from pipeline.distributed import SINGLE, Group, from_environment, is_main_process
 from pipeline.init import init_sae, normalization_factor
 from pipeline.precision import choose_dtype, resolve_device
 from pipeline.sae import ARCHITECTURES, Sae, SaeConfig, export_sae
@@ -50,7 +58,6 @@ from storage.constants import (
     TRAIN_LOCK,
     TRAIN_LOG,
 )
-from storage.locks import exclusive
 from storage.run_config import update_run_config
 from storage.sae_store import is_finished, load_sae_files, sae_dir
 from storage.shards import CacheManifest, activations_dir, read_manifest
@@ -190,16 +197,20 @@ def _weights_config(cfg: TrainJobConfig) -> dict:
     return {k: v for k, v in config_to_mapping(cfg).items() if k not in NOT_AFFECTING_WEIGHTS}
 
 
-def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device) -> tuple[Sae, float]:
+def _fresh_start(cfg: TrainJobConfig, stream: TrainingStream, device, group: Group) -> tuple[Sae, float]:
     sample_ND = stream.sample(INIT_SAMPLE_TOKENS)
     scale = normalization_factor(sample_ND)
     shape = SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
-    return init_sae(shape, sample_ND * scale, cfg.seed).to(device), scale
+    sae = init_sae(shape, sample_ND * scale, cfg.seed).to(device)
+    group.broadcast_(*sae.state_dict().values())  # the same start on every rank, whatever each computed
+    return sae, scale
 
 
-def _newest_checkpoint(folder: Path) -> dict | None:
+def _newest_checkpoint(folder: Path, group: Group = SINGLE) -> dict | None:
     """The tree of the newest finished checkpoint (staging folders of killed runs removed first), or None."""
-    remove_incomplete(folder / CHECKPOINTS_DIR)
+    if group.is_main:
+        remove_incomplete(folder / CHECKPOINTS_DIR)
+    group.barrier()
     newest = latest_checkpoint(folder / CHECKPOINTS_DIR) if folder.is_dir() else None
     return load_checkpoint(newest) if newest is not None else None
 
@@ -265,12 +276,15 @@ def _record(
     }
 
 
-def _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg) -> TrainState:
+def _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg, group: Group) -> TrainState:
     started = time.perf_counter()
-    bar = progress(tcfg.total_steps * cfg.batch_size, f"train {cfg.name}", initial=state.tokens_seen)
+    bar = progress(
+        tcfg.total_steps * cfg.batch_size, f"train {cfg.name}", initial=state.tokens_seen, disable=not group.is_main
+    )
 
     def on_log(stats: StepStats, st: TrainState) -> None:
-        _append_log(folder, stats, st, cfg, started)
+        if group.is_main:
+            _append_log(folder, stats, st, cfg, started)
         bar.update(st.tokens_seen - bar.n)
         bar.set_postfix(
             loss=f"{stats.loss:.3g}",
@@ -281,12 +295,14 @@ def _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg) -> Trai
         )
 
     def on_checkpoint(st: TrainState, opt) -> None:
-        job = {"weights_config": _weights_config(cfg), "scale": scale}
-        save_checkpoint(folder / CHECKPOINTS_DIR, st.step, {"job": job, "trainer": state_tree(sae, opt, st)})
+        if group.is_main:
+            job = {"weights_config": _weights_config(cfg), "scale": scale}
+            save_checkpoint(folder / CHECKPOINTS_DIR, st.step, {"job": job, "trainer": state_tree(sae, opt, st)})
 
-    batches = (x * scale for x in stream.iter_batches(start=state.step, device=sae.W_dec.device))
+    part = (group.rank, group.world)
+    batches = (x * scale for x in stream.iter_batches(start=state.step, device=sae.W_dec.device, part=part))
     with bar:
-        result = train_sae(sae, batches, tcfg, state, optimizer, on_log=on_log, on_checkpoint=on_checkpoint)
+        result = train_sae(sae, batches, tcfg, state, optimizer, on_log, on_checkpoint, group)
     return result.state
 
 
@@ -300,20 +316,32 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
         record = saved.get("saescope", {})
         return TrainSummary(folder, cfg, record.get("metrics", {}), True, 0, 0.0, 0.0)
     resolve(cfg, manifest)  # validate shapes before touching anything
-    resolve_device(cfg.device)
-    with exclusive(folder / TRAIN_LOCK, f"SAE {cfg.name!r} of {run_dir}"):
-        return _train_locked(cfg, run_dir, manifest, folder, say)
+    group = from_environment(resolve_device(cfg.device))
+    if not group.is_main:
+        say = _silent
+    with exclusive_on_main(group, folder / TRAIN_LOCK, f"SAE {cfg.name!r} of {run_dir}"):
+        return _train_locked(cfg, run_dir, manifest, folder, say, group)
 
 
-def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, folder: Path, say) -> TrainSummary:
-    if cfg.force:
-        for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX, EXPLANATIONS):
-            (folder / name).unlink(missing_ok=True)
-        shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
+def _silent(_: str) -> None:
+    pass
+
+
+def _delete_trained(folder: Path) -> None:
+    for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX, EXPLANATIONS):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def _train_locked(
+    cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, folder: Path, say, group: Group
+) -> TrainSummary:
+    if cfg.force and group.is_main:
+        _delete_trained(folder)
     stream = _stream(cfg, manifest)
     cfg = resolve(cfg, manifest, stream)
-    device = resolve_device(cfg.device)
-    checkpoint = _newest_checkpoint(folder)
+    device = group.device(resolve_device(cfg.device))
+    checkpoint = _newest_checkpoint(folder, group)
     # an interrupted run keeps the dtype it chose when it started ("auto" is not measured again)
     recorded_dtype = checkpoint["job"]["weights_config"].get("dtype") if checkpoint else None
     compute = choose_dtype(recorded_dtype or cfg.dtype, device)
@@ -325,22 +353,32 @@ def _train_locked(cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, f
         f"{human_count(per_epoch)} training tokens ({cfg.heldout_contexts} contexts held out); "
         f"lr {cfg.lr:.2e}, compute {compute.name} ({compute.reason})"
     )
+    if group.distributed:
+        say(
+            f"data-parallel over {group.world} ranks: each computes {human_count(cfg.batch_size // group.world)} "
+            f"of every batch's {human_count(cfg.batch_size)} tokens"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     resumed = _resume(checkpoint, folder, cfg, SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k), device, tcfg)
     if resumed is None:
-        sae, scale = _fresh_start(cfg, stream, device)
+        sae, scale = _fresh_start(cfg, stream, device, group)
         optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
-        (folder / TRAIN_LOG).unlink(missing_ok=True)
+        if group.is_main:
+            (folder / TRAIN_LOG).unlink(missing_ok=True)
     else:
         sae, optimizer, state, scale = resumed
-        _truncate_log(folder, state.step)
+        if group.is_main:
+            _truncate_log(folder, state.step)
     resumed_from = state.step
     if resumed_from:
         say(f"resuming {cfg.name!r} from its checkpoint at step {resumed_from} of {tcfg.total_steps}")
-    update_run_config(run_dir, f"train.{cfg.name}", config_to_mapping(cfg))
+    if group.is_main:
+        update_run_config(run_dir, f"train.{cfg.name}", config_to_mapping(cfg))
     started = time.perf_counter()
-    state = _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg)
+    state = _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg, group)
     seconds = time.perf_counter() - started
+    if not group.is_main:  # rank 0 evaluates and writes the artifact; the others are done
+        return TrainSummary(folder, cfg, {}, False, resumed_from, seconds, 0.0)
     exported = export_sae(sae, scale)
     settings = EvalSettings(heldout_contexts=cfg.heldout_contexts, lm_contexts=cfg.lm_eval_contexts)
     say(f"evaluating on {cfg.heldout_contexts} held-out contexts")
@@ -412,5 +450,7 @@ def register(subparsers) -> None:
 
 
 def command(args) -> int:
-    print(format_summary(run_train(config_from_args(TrainJobConfig, args), say=print)))
+    summary = run_train(config_from_args(TrainJobConfig, args), say=print)
+    if is_main_process():
+        print(format_summary(summary))
     return 0

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import SINGLE, Group
 from pipeline.sae import SPARSE_ARCHITECTURES, Sae, SaeOutput, jumprelu_step
 from pipeline.schedule import linear_warmup, lr_at
 from pipeline.sparse_ops import encode_selected, sparse_decode
@@ -135,11 +136,15 @@ def _aux_reconstruction_dense(sae: Sae, x_ND: torch.Tensor, dead_ids: torch.Tens
     return torch.relu(pre_ND_dead) @ sae.W_dec[dead_ids]
 
 
-def auxk_loss(sae: Sae, x_ND: torch.Tensor, out: SaeOutput, dead_F: torch.Tensor) -> torch.Tensor:
+def auxk_loss(
+    sae: Sae, x_ND: torch.Tensor, out: SaeOutput, dead_F: torch.Tensor, variance: torch.Tensor | None = None
+) -> torch.Tensor:
     """Normalized error of reconstructing the residual from the top dead latents (0 if none are dead).
 
     k_aux = min(d_in / 2, number of dead latents), scaled down by n_dead / k_aux when fewer
-    latents are dead than that (Gao et al. 2024, appendix B.1).
+    latents are dead than that (Gao et al. 2024, appendix B.1). ``variance`` is the
+    residual's total variance over the whole batch (given when the batch is split across
+    ranks); by default it is computed from ``x_ND``.
     """
     dead_ids = dead_F.nonzero().squeeze(1)
     if dead_ids.numel() == 0:
@@ -150,20 +155,22 @@ def auxk_loss(sae: Sae, x_ND: torch.Tensor, out: SaeOutput, dead_F: torch.Tensor
     else:
         e_hat_ND = _aux_reconstruction_sparse(sae, x_ND, out, dead_ids, k_aux).float()
     residual_ND = (x_ND - out.x_hat_ND).detach().float()
-    variance = (residual_ND - residual_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
+    if variance is None:
+        variance = (residual_ND - residual_ND.mean(0)).pow(2).sum()
+    variance = variance.clamp_min(1e-12)
     scale = min(dead_ids.numel() / k_aux, 1.0)
     return scale * (e_hat_ND - residual_ND).pow(2).sum() / variance
 
 
-def sparsity_penalty(sae: Sae, out: SaeOutput, cfg: TrainConfig, step: int) -> torch.Tensor:
-    """The relu L1 or jumprelu L0 term (0 for topk-style SAEs)."""
+def sparsity_penalty(sae: Sae, out: SaeOutput, cfg: TrainConfig, step: int, n_tokens: int) -> torch.Tensor:
+    """The relu L1 or jumprelu L0 term summed over this batch's tokens / ``n_tokens`` (0 for topk-style SAEs)."""
     arch = sae.cfg.architecture
     if arch == "relu":
         coef = linear_warmup(step, cfg.l1_warmup_steps, cfg.l1_coef)
-        return coef * (out.feats_NF * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        return coef * (out.feats_NF * sae.W_dec.norm(dim=1)).sum() / n_tokens
     if arch == "jumprelu":
         active = jumprelu_step(out.pre_NF, sae.threshold, sae.cfg.jumprelu_bandwidth)
-        return cfg.l0_coef * active.sum(-1).mean()
+        return cfg.l0_coef * active.sum() / n_tokens
     return out.x_hat_ND.new_zeros(())
 
 
@@ -181,39 +188,108 @@ def normalize_decoder(sae: Sae) -> None:
     sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
+class BatchMoments(NamedTuple):
+    """Whole-batch sums (over every rank's slice) that the loss and the batch FVU need."""
+
+    n_tokens: int
+    data_variance: torch.Tensor
+    """sum ||x - mean x||^2 over the batch."""
+    residual_variance: torch.Tensor
+    """sum ||r - mean r||^2 of the residual r = x - x_hat."""
+
+
+def _centered_sum_of_squares(sum_D: torch.Tensor, sum_sq: torch.Tensor, n: int) -> torch.Tensor:
+    return (sum_sq - sum_D.pow(2).sum() / n).clamp_min(0).float()
+
+
+def batch_moments(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, group: Group) -> BatchMoments:
+    """Counts and variances of the whole batch in one collective (float64 sums: exact enough to centre)."""
+    if not group.distributed:
+        residual_ND = (x_ND - x_hat_ND).detach().float()
+        return BatchMoments(
+            x_ND.shape[0],
+            (x_ND - x_ND.mean(0)).pow(2).sum(),
+            (residual_ND - residual_ND.mean(0)).pow(2).sum(),
+        )
+    x64, r64 = x_ND.double(), (x_ND - x_hat_ND).detach().double()
+    count = x64.new_tensor([x_ND.shape[0]])
+    packed = torch.cat([count, x64.sum(0), x64.pow(2).sum().view(1), r64.sum(0), r64.pow(2).sum().view(1)])
+    group.sum_(packed)
+    d = x_ND.shape[1]
+    n = int(packed[0].item())
+    x_sum, x_sq, r_sum, r_sq = packed[1 : d + 1], packed[d + 1], packed[d + 2 : 2 * d + 2], packed[2 * d + 2]
+    return BatchMoments(n, _centered_sum_of_squares(x_sum, x_sq, n), _centered_sum_of_squares(r_sum, r_sq, n))
+
+
+def _all_reduce_gradients(sae: Sae, group: Group) -> None:
+    """Sum every gradient over ranks (each rank's loss is its share of the whole batch's loss)."""
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    group.sum_(*grads)
+
+
 def train_step(
-    sae: Sae, optimizer: torch.optim.Optimizer, x_ND: torch.Tensor, state: TrainState, cfg: TrainConfig
+    sae: Sae,
+    optimizer: torch.optim.Optimizer,
+    x_ND: torch.Tensor,
+    state: TrainState,
+    cfg: TrainConfig,
+    group: Group = SINGLE,
 ) -> StepStats:
-    """One optimizer step on one batch; updates ``state`` (step, tokens, dead counters) in place."""
+    """One optimizer step on one batch; updates ``state`` (step, tokens, dead counters) in place.
+
+    Under several ranks ``x_ND`` is this rank's slice of the batch: every loss term
+    is a sum over the slice divided by whole-batch quantities, gradients are summed
+    over ranks, and the dead counters and statistics are reduced, so every rank
+    takes the same step that one process would take on the whole batch.
+    """
     lr = lr_at(state.step, cfg.total_steps, cfg.lr, cfg.warmup_steps, cfg.decay_fraction)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group_ in optimizer.param_groups:
+        group_["lr"] = lr
     device_type = x_ND.device.type
     use_autocast = cfg.compute_dtype != torch.float32
     with torch.autocast(device_type, dtype=cfg.compute_dtype, enabled=use_autocast):
         out = sae(x_ND)
+        moments = batch_moments(x_ND, out.x_hat_ND.float(), group)
         error_ND = (out.x_hat_ND.float() - x_ND).pow(2)
-        mse = error_ND.sum(-1).mean()
+        mse = error_ND.sum() / moments.n_tokens
         aux = x_ND.new_zeros(())
         if sae.cfg.architecture in SPARSE_ARCHITECTURES:
-            aux = auxk_loss(sae, x_ND, out, state.tokens_since_fired_F >= cfg.auxk_dead_tokens)
-        loss = mse + cfg.auxk_coef * aux + sparsity_penalty(sae, out, cfg, state.step)
+            dead_F = state.tokens_since_fired_F >= cfg.auxk_dead_tokens
+            aux = auxk_loss(sae, x_ND, out, dead_F, moments.residual_variance)
+        loss = mse + cfg.auxk_coef * aux + sparsity_penalty(sae, out, cfg, state.step, moments.n_tokens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    _all_reduce_gradients(sae, group)
     if sae.cfg.uses_unit_norm_decoder:
         remove_parallel_decoder_grad(sae)
     optimizer.step()
     if sae.cfg.uses_unit_norm_decoder:
         normalize_decoder(sae)
-    with torch.no_grad():
-        fired_F = out.fired_F(sae.cfg.d_sae)
-        state.tokens_since_fired_F += x_ND.shape[0]
-        state.tokens_since_fired_F[fired_F] = 0
-        total_variance = (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
-        fvu = (error_ND.sum() / total_variance).item()
+    return _after_step(sae, out, state, moments, group, (loss, mse, aux, error_ND.sum()), lr)
+
+
+@torch.no_grad()
+def _after_step(
+    sae: Sae, out: SaeOutput, state: TrainState, moments: BatchMoments, group: Group, terms, lr
+) -> StepStats:
+    """Reduce the dead counters and the step's scalars over ranks; advance ``state``."""
+    fired_F = out.fired_F(sae.cfg.d_sae)
+    l0_sum = out.l0() * out.pre_NF.shape[0]
+    scalars = torch.stack([t.detach().float() for t in (*terms, l0_sum)])
+    if group.distributed:
+        packed = torch.cat([fired_F.float(), scalars])
+        group.sum_(packed)
+        fired_F, scalars = packed[: sae.cfg.d_sae] > 0, packed[sae.cfg.d_sae :]
+        if sae.cfg.architecture == "batchtopk":  # the running threshold: the mean of the ranks' estimates
+            group.sum_(sae.batch_threshold)
+            sae.batch_threshold.div_(group.world)
+    state.tokens_since_fired_F += moments.n_tokens
+    state.tokens_since_fired_F[fired_F] = 0
     state.step += 1
-    state.tokens_seen += x_ND.shape[0]
-    return StepStats(state.step, loss.item(), mse.item(), fvu, out.l0().item(), aux.item(), lr)
+    state.tokens_seen += moments.n_tokens
+    loss, mse, aux, error_sum, l0_sum = scalars.tolist()
+    fvu = error_sum / max(float(moments.data_variance), 1e-12)
+    return StepStats(state.step, loss, mse, fvu, l0_sum / moments.n_tokens, aux, lr)
 
 
 @dataclass
@@ -232,6 +308,7 @@ def train_sae(
     optimizer: torch.optim.Optimizer | None = None,
     on_log: Callable[[StepStats, TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
+    group: Group = SINGLE,
 ) -> TrainResult:
     """Run ``train_step`` until ``cfg.total_steps`` (resuming from ``state``) or the batches run out."""
     sae.train()
@@ -242,7 +319,7 @@ def train_sae(
         x_ND = next(batches, None)
         if x_ND is None:
             break
-        stats = train_step(sae, optimizer, x_ND, state, cfg)
+        stats = train_step(sae, optimizer, x_ND, state, cfg, group)
         is_last = state.step == cfg.total_steps
         if on_log and (state.step % cfg.log_every == 0 or is_last):
             on_log(stats, state)

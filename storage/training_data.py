@@ -9,6 +9,9 @@ Shape legend: N tokens, D d_model, C contexts, T positions.
   pooled and permuted (seeded by seed, epoch and window), so batches mix tokens
   across several shards. A window's last partial batch is dropped.
 * Epochs repeat forever; the consumer decides when to stop.
+* Under several ranks every rank walks the same stream and keeps its own slice
+  of each batch (``part``: rows cut with ``tensor_split``), so the global batch,
+  and therefore training, does not depend on the world size.
 * The position is a pure function of the batch count: ``iter_batches(start=s)``
   yields exactly what an uninterrupted stream yields from batch ``s`` on,
   reading only shard tokens (not activations) to skip ahead. That is what makes
@@ -75,6 +78,13 @@ def _special_mask(tokens_CT: torch.Tensor, special_ids: tuple[int, ...]) -> torc
     return torch.isin(tokens_CT, torch.tensor(special_ids, dtype=tokens_CT.dtype))
 
 
+def to_device(rows_ND: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 on ``device``; a CUDA copy goes through pinned memory without blocking the host."""
+    if device.type == "cuda":
+        return rows_ND.pin_memory().to(device, non_blocking=True).float()
+    return rows_ND.float()
+
+
 def _generator(*parts: int) -> torch.Generator:
     seed = 0
     for part in parts:
@@ -129,8 +139,14 @@ class TrainingStream:
             pieces.append(acts[keep])
         return torch.cat(pieces)
 
-    def iter_batches(self, start: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-        """float32 batches [batch_size, D], from batch number ``start`` on, forever."""
+    def iter_batches(
+        self, start: int = 0, device: torch.device | str = "cpu", part: tuple[int, int] = (0, 1)
+    ) -> Iterator[torch.Tensor]:
+        """float32 batches [batch_size, D], from batch number ``start`` on, forever.
+
+        ``part=(rank, world)`` yields only that rank's rows of each batch.
+        """
+        rank, world = part
         skip, epoch = start, 0
         while True:
             for w, window in enumerate(self.windows(epoch)):
@@ -142,8 +158,8 @@ class TrainingStream:
                 perm = torch.randperm(pool_ND.shape[0], generator=_generator(self.spec.seed, epoch, w))
                 size = self.spec.batch_size
                 for b in range(skip, n_batches):
-                    rows = perm[b * size : (b + 1) * size]
-                    yield pool_ND[rows].to(device=device, dtype=torch.float32)
+                    rows = torch.tensor_split(perm[b * size : (b + 1) * size], world)[rank]
+                    yield to_device(pool_ND[rows], torch.device(device))
                 skip = 0
             epoch += 1
 

@@ -35,10 +35,10 @@ def crash_training_at(monkeypatch, step: int):
     """Make the next training run raise KeyboardInterrupt when it reaches ``step``; returns an undo."""
     real_step = training.train_step
 
-    def crashing(sae, optimizer, x, state, cfg):
+    def crashing(sae, optimizer, x, state, cfg, *rest):
         if state.step == step:
             raise KeyboardInterrupt
-        return real_step(sae, optimizer, x, state, cfg)
+        return real_step(sae, optimizer, x, state, cfg, *rest)
 
     monkeypatch.setattr(training, "train_step", crashing)
     return lambda: monkeypatch.setattr(training, "train_step", real_step)
