@@ -1,46 +1,48 @@
 """`saescope cache`: run a model over a corpus and store the residual stream after one block.
 
 Resumable: contexts come in a fixed order, shards are published atomically and
-listed in the manifest only once complete, so re-running the same command
+listed in the manifests only once complete, so re-running the same command
 continues at the first unfinished shard and yields the same cache as an
 uninterrupted run. A different model, layer, ctx-len, corpus or dtype on an
 existing cache is refused rather than mixed in.
+
+Under `torchrun` each rank computes its share of the unfinished shards
+(jobs.cache_fill), writes them under its own prefix (w00, w01, ...) with its own
+``manifest.wNN.json``; after a barrier rank 0 merges them into ``manifest.json``.
+The cache lists the same contexts in the same order as a one-process run, and
+a partial cache resumes under any world size.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import time
 from dataclasses import dataclass, replace
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from jobs.common import converted_models_dir, human_bytes, human_count, progress
+from jobs.cache_fill import ShardSink, compute_shards, plan_shards
+from jobs.common import converted_models_dir, human_bytes, human_count
 from jobs.config import add_config_arguments, config_from_args, config_to_mapping, option, require
-from pipeline.activations import compute_activations
-from pipeline.corpus import CorpusError, CorpusSpec, check_corpus, fingerprint, iter_documents
+from jobs.ranks import agreed_dtype, exclusive_on_main
+from pipeline.corpus import CorpusError, CorpusSpec, check_corpus, fingerprint
+from pipeline.distributed import Group, from_environment, is_main_process
 from pipeline.models import LoadedModel, load_model
-from pipeline.packing import SpecialTokens, pack_contexts
-from pipeline.precision import DtypeChoice, choose_dtype, resolve_device
+from pipeline.packing import SpecialTokens
+from pipeline.precision import DtypeChoice, resolve_device
 from pipeline.residual import check_layer, hook_name
 from storage.atomic import remove_stale_temps
 from storage.constants import CACHE_LOCK
-from storage.locks import exclusive
 from storage.run_config import update_run_config
 from storage.shards import (
-    STORAGE_DTYPES,
     CacheError,
     CacheManifest,
     activations_dir,
-    manifest_exists,
-    read_manifest,
     write_manifest,
-    write_shard,
 )
+from storage.writer_manifests import merged_manifest, read_cache_state, remove_writer_manifests
 
 
 @dataclass(frozen=True)
@@ -194,85 +196,42 @@ def _is_finished(manifest: CacheManifest, cfg: CacheConfig) -> bool:
     )
 
 
-def _write_one_shard(folder: Path, cfg: CacheConfig, manifest: CacheManifest, acts_CTD, tokens_CT) -> CacheManifest:
-    index = sum(1 for record in manifest.shards if record.writer == cfg.writer)
-    try:
-        record = write_shard(folder, cfg.writer, index, manifest.n_contexts, acts_CTD, tokens_CT, cfg.dtype)
-        updated = manifest.with_shard(record)
-        write_manifest(folder, updated)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise CacheError(
-                f"disk full while writing shard {index} to {folder}: the {len(manifest.shards)} finished shards "
-                f"({human_count(manifest.n_tokens)} tokens) are kept; "
-                "free some space and re-run the same command to resume"
-            ) from error
-        raise
-    return updated
-
-
-def fill_cache(
-    cfg: CacheConfig, loaded: LoadedModel, manifest: CacheManifest, layer: int, folder: Path
-) -> tuple[CacheManifest, bool]:
-    """Compute and write shards until the token target or the end of the corpus."""
-    contexts = pack_contexts(iter_documents(cfg.corpus), loaded.tokenizer, cfg.ctx_len)
-    contexts = islice(contexts, manifest.n_contexts, None)
-    out_dtype = STORAGE_DTYPES[cfg.dtype]
-    bar = progress(cfg.target_contexts * cfg.ctx_len, "cache", initial=manifest.n_tokens)
-    exhausted = False
-    with bar:
-        while manifest.n_contexts < cfg.target_contexts:
-            wanted = min(cfg.shard_contexts, cfg.target_contexts - manifest.n_contexts)
-            batch = list(islice(contexts, wanted))
-            exhausted = len(batch) < wanted
-            if batch:
-                tokens_CT = torch.tensor(batch, dtype=torch.int32)
-                acts_CTD = compute_activations(loaded.model, tokens_CT, layer, cfg.batch_size, out_dtype, bar.update)
-                manifest = _write_one_shard(folder, cfg, manifest, acts_CTD, tokens_CT)
-            if exhausted:
-                break
-    return manifest, exhausted
-
-
 def check_run_folder(run_dir: Path) -> None:
     """A --run that exists must be a folder."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CacheError(f"--run {run_dir} is a file, not a run folder: choose another path")
 
 
-def run_cache(cfg: CacheConfig) -> CacheSummary:
+def run_cache(cfg: CacheConfig, background_writes: bool = True) -> CacheSummary:
     """Cache activations for ``cfg``, resuming or refusing as the module docstring says."""
     run_dir = Path(cfg.run)
     check_run_folder(run_dir)
-    resolve_device(cfg.device)
-    existing, done = _existing_cache(cfg, run_dir)  # read-only: a finished cache needs no corpus, model or lock
+    device = resolve_device(cfg.device)
+    _, done = _existing_cache(cfg, run_dir)  # read-only: a finished cache needs no corpus, model or lock
     if done is not None:
         return done
     check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
-    with exclusive(run_dir / CACHE_LOCK, f"the activation cache of {run_dir}"):
-        return _run_cache_locked(cfg, run_dir)
+    group = from_environment(device)
+    with exclusive_on_main(group, run_dir / CACHE_LOCK, f"the activation cache of {run_dir}"):
+        return _run_cache_locked(cfg, run_dir, group, background_writes)
 
 
 def _existing_cache(cfg: CacheConfig, run_dir: Path) -> tuple[CacheManifest | None, CacheSummary | None]:
     """(the cache to continue or None, a summary when it is already finished) after checking the request."""
-    folder = activations_dir(run_dir)
-    existing = read_manifest(folder) if manifest_exists(folder) else None
-    if existing is None or not existing.shards:
+    state = read_cache_state(activations_dir(run_dir))
+    if state is None or not state[1]:
         return None, None  # nothing finished yet: the cache may restart with other options
+    existing = state[0]
     check_same_request(existing, cfg)
     if _is_finished(existing, cfg):
         return existing, CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
     return existing, None
 
 
-def _run_cache_locked(cfg: CacheConfig, run_dir: Path) -> CacheSummary:
-    folder = activations_dir(run_dir)
-    existing, done = _existing_cache(cfg, run_dir)  # again under the lock: another job may have moved it on
-    if done is not None:
-        return done
-    device = resolve_device(cfg.device)
+def _load(cfg: CacheConfig, existing: CacheManifest | None, group: Group):
+    device = group.device(resolve_device(cfg.device))
     recorded = existing.provenance["model_dtype"]["name"] if existing else cfg.model_dtype
-    choice = choose_dtype(recorded, device)
+    choice = agreed_dtype(group, recorded, device)
     loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
     default_layer = loaded.info.default_layer if existing is None else existing.provenance["hook"]["layer"]
     layer = check_layer(default_layer if cfg.layer is None else cfg.layer, loaded.info.n_layers)
@@ -283,21 +242,68 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path) -> CacheSummary:
     if existing is not None:
         _check_same_content(existing, provenance, cfg.run)
         provenance["model_dtype"] = existing.provenance["model_dtype"]
-    manifest = existing or _new_manifest(cfg, loaded, provenance)
-    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=choice.name)))
+    return loaded, layer, existing or _new_manifest(cfg, loaded, provenance)
+
+
+def _prepare_folder(cfg: CacheConfig, run_dir: Path, header: CacheManifest, layer: int, fresh: bool) -> None:
+    """Rank 0, before any rank writes: run.toml, stale temp files and per-writer lists, a manifest to merge into."""
+    folder = activations_dir(run_dir)
+    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=header_dtype(header))))
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
-    write_manifest(folder, replace(manifest, complete=False))
-    start, before = time.perf_counter(), manifest.n_tokens
-    manifest, exhausted = fill_cache(cfg, loaded, manifest, layer, folder)
+    if fresh:
+        remove_writer_manifests(folder)
+    write_manifest(folder, replace(header, complete=False))
+
+
+def header_dtype(manifest: CacheManifest) -> str:
+    return manifest.provenance["model_dtype"]["name"]
+
+
+def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_writes: bool) -> CacheSummary:
+    folder = activations_dir(run_dir)
+    existing, done = _existing_cache(cfg, run_dir)  # again under the lock: another job may have moved it on
+    if done is not None:
+        return done
+    loaded, layer, header = _load(cfg, existing, group)
+    if group.is_main:
+        _prepare_folder(cfg, run_dir, header, layer, fresh=existing is None)
+    group.barrier()
+    _, records, end = read_cache_state(folder)
+    before = sum(record.n_ctx for record in records.values())
+    limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
+    tasks = plan_shards(records, limit, cfg.shard_contexts, group)
+    writer = group.writer if group.distributed else cfg.writer
+    sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes)
+    start = time.perf_counter()
+    compute_shards(loaded.model, loaded.tokenizer, cfg.corpus, tasks, layer, cfg.batch_size, cfg.ctx_len, sink)
+    group.barrier()  # every rank's shards are published
+    seconds = time.perf_counter() - start
+    manifest, end = _finish(cfg, folder, group)
+    new_tokens = (manifest.n_contexts - before) * cfg.ctx_len
+    return CacheSummary(run_dir, manifest, max(0, new_tokens), seconds, False, end is not None)
+
+
+def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest, int | None]:
+    """Rank 0 merges every writer's shards into a complete manifest.json; the others read it."""
+    merged, records, end = read_cache_state(folder)
+    manifest = merged_manifest(merged, records, end)
+    limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
     if manifest.n_contexts == 0:
         raise CorpusError(
             f"corpus {cfg.corpus.describe()!r} holds too little text for one context of {cfg.ctx_len} tokens"
         )
-    extra = {**manifest.extra, "target_tokens": cfg.target_contexts * cfg.ctx_len, "corpus_exhausted": exhausted}
+    if manifest.n_contexts < limit:
+        raise CacheError(
+            f"{folder}: contexts {manifest.n_contexts}-{limit} are missing after every rank finished; "
+            "re-run the same command to compute them"
+        )
+    extra = {**manifest.extra, "target_tokens": cfg.target_contexts * cfg.ctx_len, "corpus_exhausted": end is not None}
     manifest = replace(manifest, complete=True, extra=extra)
-    write_manifest(folder, manifest)
-    return CacheSummary(run_dir, manifest, manifest.n_tokens - before, time.perf_counter() - start, False, exhausted)
+    if group.is_main:
+        write_manifest(folder, manifest)
+        remove_writer_manifests(folder)
+    return manifest, end
 
 
 def format_summary(summary: CacheSummary) -> str:
@@ -338,5 +344,6 @@ def register(subparsers) -> None:
 
 def command(args) -> int:
     summary = run_cache(config_from_args(CacheConfig, args))
-    print(format_summary(summary))
+    if is_main_process():
+        print(format_summary(summary))
     return 0

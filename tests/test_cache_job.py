@@ -5,7 +5,7 @@ import errno
 import pytest
 import torch
 
-import jobs.cache_job as cache_job
+import jobs.cache_fill as cache_fill
 from jobs.cache_job import CacheConfig, run_cache
 from pipeline.corpus import CorpusError
 from storage.shards import CacheError, iter_shards, load_shard, read_manifest
@@ -59,7 +59,7 @@ def test_rerun_of_a_finished_cache_does_nothing(tmp_path, tiny_model_dir, text_c
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_model_dir, text_corpus, monkeypatch):
     run_cache(_cfg(tmp_path / "whole", tiny_model_dir, text_corpus))
-    real_write = cache_job.write_shard
+    real_write = cache_fill.write_shard
     written = []
 
     def crash_after_five(*args, **kwargs):
@@ -68,12 +68,12 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_model_dir, text_
         written.append(1)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(cache_job, "write_shard", crash_after_five)
+    monkeypatch.setattr(cache_fill, "write_shard", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         run_cache(_cfg(tmp_path / "killed", tiny_model_dir, text_corpus))
     partial = read_manifest(tmp_path / "killed" / "activations")
     assert len(partial.shards) == 5 and not partial.complete
-    monkeypatch.setattr(cache_job, "write_shard", real_write)
+    monkeypatch.setattr(cache_fill, "write_shard", real_write)
     resumed = run_cache(_cfg(tmp_path / "killed", tiny_model_dir, text_corpus))
     assert resumed.new_tokens == (63 - 20) * 16
     assert _shard_hashes(tmp_path / "killed") == _shard_hashes(tmp_path / "whole")
@@ -152,7 +152,7 @@ def test_bad_layer_is_a_clear_error(tmp_path, tiny_model_dir, text_corpus):
 
 
 def test_disk_full_keeps_finished_shards(tmp_path, tiny_model_dir, text_corpus, monkeypatch):
-    real_write = cache_job.write_shard
+    real_write = cache_fill.write_shard
     calls = []
 
     def full_disk_on_third(*args, **kwargs):
@@ -161,7 +161,7 @@ def test_disk_full_keeps_finished_shards(tmp_path, tiny_model_dir, text_corpus, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(cache_job, "write_shard", full_disk_on_third)
+    monkeypatch.setattr(cache_fill, "write_shard", full_disk_on_third)
     with pytest.raises(CacheError, match="disk full .* 2 finished shards .* re-run the same command"):
         run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus))
     manifest = read_manifest(tmp_path / "run" / "activations")

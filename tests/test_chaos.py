@@ -20,7 +20,7 @@ import chaos  # noqa: E402
 KILLED = -signal.SIGKILL
 
 KILL_POINTS = {
-    "cache": [("jobs.cache_job", "write_shard", 3), ("jobs.cache_job", "write_manifest", 6)],
+    "cache": [("jobs.cache_fill", "write_shard", 3), ("jobs.cache_fill", "write_manifest", 6)],
     "train": [("pipeline.training", "train_step", 9), ("jobs.train_job", "save_checkpoint", 2)],
     "index": [
         ("storage.feature_index", "IndexBuilder.add_contexts", 5),
