@@ -75,9 +75,19 @@ class ContextStream:
 class ShardSink:
     """Publishes shards and keeps this writer's manifest (and, on rank 0, ``manifest.json``) current."""
 
-    def __init__(self, folder: Path, header: CacheManifest, writer: str, group: Group, dtype: str, background: bool):
+    def __init__(
+        self,
+        folder: Path,
+        header: CacheManifest,
+        writer: str,
+        group: Group,
+        dtype: str,
+        background: bool,
+        finished: dict[int, ShardRecord],
+    ):
         self.folder, self.header, self.writer, self.group, self.dtype = folder, header, writer, group, dtype
-        self.mine = replace(header, shards=(), complete=False, extra={})
+        earlier = tuple(r for _, r in sorted(finished.items()) if r.writer == writer)  # a launch of another size
+        self.mine = replace(header, shards=earlier, complete=False, extra={})
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
         self._pending: Future | None = None
 

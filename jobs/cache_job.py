@@ -36,12 +36,7 @@ from pipeline.residual import check_layer, hook_name
 from storage.atomic import remove_stale_temps
 from storage.constants import CACHE_LOCK
 from storage.run_config import update_run_config
-from storage.shards import (
-    CacheError,
-    CacheManifest,
-    activations_dir,
-    write_manifest,
-)
+from storage.shards import CacheError, CacheManifest, activations_dir, read_manifest, write_manifest
 from storage.writer_manifests import merged_manifest, read_cache_state, remove_writer_manifests
 
 
@@ -274,7 +269,7 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
     limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
     tasks = plan_shards(records, limit, cfg.shard_contexts, group)
     writer = group.writer if group.distributed else cfg.writer
-    sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes)
+    sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes, records)
     start = time.perf_counter()
     compute_shards(loaded.model, loaded.tokenizer, cfg.corpus, tasks, layer, cfg.batch_size, cfg.ctx_len, sink)
     group.barrier()  # every rank's shards are published
@@ -285,7 +280,15 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
 
 
 def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest, int | None]:
-    """Rank 0 merges every writer's shards into a complete manifest.json; the others read it."""
+    """Rank 0 merges every writer's shards into a complete manifest.json; the other ranks then read it."""
+    if group.is_main:
+        _merge_complete(cfg, folder)
+    group.barrier()
+    manifest = read_manifest(folder)
+    return manifest, manifest.extra.get("exhausted_at")
+
+
+def _merge_complete(cfg: CacheConfig, folder: Path) -> None:
     merged, records, end = read_cache_state(folder)
     manifest = merged_manifest(merged, records, end)
     limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
@@ -299,11 +302,8 @@ def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest
             "re-run the same command to compute them"
         )
     extra = {**manifest.extra, "target_tokens": cfg.target_contexts * cfg.ctx_len, "corpus_exhausted": end is not None}
-    manifest = replace(manifest, complete=True, extra=extra)
-    if group.is_main:
-        write_manifest(folder, manifest)
-        remove_writer_manifests(folder)
-    return manifest, end
+    write_manifest(folder, replace(manifest, complete=True, extra=extra))
+    remove_writer_manifests(folder)
 
 
 def format_summary(summary: CacheSummary) -> str:
