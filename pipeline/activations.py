@@ -26,14 +26,26 @@ def compute_activations(
 
     Batches are always cut at the same offsets for the same inputs, so the same
     contexts give bit-identical activations on the same machine. ``on_batch`` is
-    called with the number of tokens after each batch (for progress bars).
+    called with the number of tokens after each batch (for progress bars). On a
+    GPU each batch is cast there and copied into one pinned host buffer without
+    blocking, so the next batch's forward is queued while the copy runs; the
+    single synchronize is at the end.
     """
     device = next(model.parameters()).device
-    outputs = []
+    outputs, pinned = [], None
     for start in range(0, tokens_CT.shape[0], batch_size):
         ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
-        acts_BTD = residual_after_block(model, ids_BT, layer)
-        outputs.append(acts_BTD.to(device="cpu", dtype=out_dtype))
+        acts_BTD = residual_after_block(model, ids_BT, layer).to(out_dtype)
+        if device.type == "cuda":
+            if pinned is None:
+                shape = (tokens_CT.shape[0], *acts_BTD.shape[1:])
+                pinned = torch.empty(shape, dtype=out_dtype, pin_memory=True)
+            pinned[start : start + ids_BT.shape[0]].copy_(acts_BTD, non_blocking=True)
+        else:
+            outputs.append(acts_BTD)
         if on_batch is not None:
             on_batch(ids_BT.numel())
+    if pinned is not None:
+        torch.cuda.synchronize(device)
+        return pinned
     return torch.cat(outputs)
