@@ -317,6 +317,8 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
         return TrainSummary(folder, cfg, record.get("metrics", {}), True, 0, 0.0, 0.0)
     resolve(cfg, manifest)  # validate shapes before touching anything
     group = from_environment(resolve_device(cfg.device))
+    if cfg.batch_size < group.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing each batch")
     if not group.is_main:
         say = _silent
     with exclusive_on_main(group, folder / TRAIN_LOCK, f"SAE {cfg.name!r} of {run_dir}"):
