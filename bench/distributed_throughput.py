@@ -68,11 +68,12 @@ def main() -> None:
         max_diff = (a1.float() - a2.float()).abs().max().item()
         train = ["train", "--run", str(one), "--d-sae", str(args.d_sae), "--tokens", str(args.train_tokens)]
         train += ["--dtype", "float32", "--device", "cpu", "--lm-eval-contexts", "0"]
-        rates, walls = [], []
+        rates, walls, fvus = [], [], []
         for name, parallel in (("one", False), ("two", True)):
             _, wall = run([*train, "--name", name], two=parallel)
             metrics = json.loads((one / "saes" / name / "metrics.json").read_text())
             rates.append(metrics["training_tokens_per_second"])
+            fvus.append(metrics["fvu"])
             walls.append(wall)
         w1, w2 = (
             load_file(one / "saes/one/sae_weights.safetensors"),
@@ -89,7 +90,8 @@ def main() -> None:
     print(f"  1 process : {rates[0]:8.0f} tokens/s   command {walls[0]:6.1f} s")
     print(f"  2 ranks   : {rates[1]:8.0f} tokens/s   command {walls[1]:6.1f} s")
     print(f"  ratio 2/1 : {rates[1] / rates[0]:.2f} (job)   {walls[0] / walls[1]:.2f} (command)")
-    print(f"  max |weight difference| between the two SAEs: {weight_diff:.2e}")
+    print(f"  held-out FVU: 1 process {fvus[0]:.4f}, 2 ranks {fvus[1]:.4f} ({100 * (fvus[1] / fvus[0] - 1):+.2f}%)")
+    print(f"  max |weight difference| between the two SAEs: {weight_diff:.2e} (thread counts differ: 2 vs 1 per rank)")
 
 
 if __name__ == "__main__":
