@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import human_count, progress
+from jobs.common import progress
 from pipeline.activations import compute_activations
 from pipeline.corpus import iter_documents
 from pipeline.distributed import Group
@@ -85,7 +85,7 @@ class ShardSink:
         background: bool,
         finished: dict[int, ShardRecord],
     ):
-        self.folder, self.header, self.writer, self.group, self.dtype = folder, header, writer, group, dtype
+        self.folder, self.writer, self.group, self.dtype = folder, writer, group, dtype
         earlier = tuple(r for _, r in sorted(finished.items()) if r.writer == writer)  # a launch of another size
         self.mine = replace(header, shards=earlier, complete=False, extra={})
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
@@ -170,8 +170,3 @@ def compute_shards(
         finally:
             sink.close()
     return None
-
-
-def describe_plan(tasks: list[ShardTask], ctx_len: int, group: Group) -> str:
-    tokens = sum(task.n_ctx for task in tasks) * ctx_len
-    return f"rank {group.rank} of {group.world}: {len(tasks)} shards, {human_count(tokens)} tokens"

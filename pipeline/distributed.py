@@ -1,7 +1,8 @@
 """The process group a job runs in: one process, or one rank of a `torchrun` launch.
 
 `torchrun` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables;
-``from_environment`` joins that group (gloo on CPU, NCCL on CUDA, with a
+``from_environment`` joins that group (gloo on CPU; on CUDA, NCCL for GPU
+tensors and gloo for the few CPU flags, with a
 timeout so a stuck collective fails instead of hanging) and returns a ``Group``
 whose collectives are no-ops when the world size is 1. Jobs only ever talk to a
 ``Group``, so the single-process path and the distributed path are one code path.
@@ -74,10 +75,6 @@ class Group:
         """In place: every tensor becomes its sum over ranks (one collective for all of them)."""
         self._reduce(tensors, dist.ReduceOp.SUM)
 
-    def max_(self, *tensors: torch.Tensor) -> None:
-        """In place: every tensor becomes its elementwise maximum over ranks."""
-        self._reduce(tensors, dist.ReduceOp.MAX)
-
     def _reduce(self, tensors: tuple[torch.Tensor, ...], op) -> None:
         if not self.distributed or not tensors:
             return
@@ -121,8 +118,8 @@ def from_environment(device: torch.device) -> Group:
         return SINGLE
     group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
             torch.cuda.set_device(group.device(device))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
     return group
