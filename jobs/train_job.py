@@ -379,7 +379,8 @@ def _train_locked(
     started = time.perf_counter()
     state = _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg, group)
     seconds = time.perf_counter() - started
-    if not group.is_main:  # rank 0 evaluates and writes the artifact; the others are done
+    if not group.is_main:  # rank 0 evaluates and writes the artifact; the others wait, then all leave together
+        group.barrier()
         return TrainSummary(folder, cfg, {}, False, resumed_from, seconds, 0.0)
     exported = export_sae(sae, scale)
     settings = EvalSettings(heldout_contexts=cfg.heldout_contexts, lm_contexts=cfg.lm_eval_contexts)
@@ -392,6 +393,7 @@ def _train_locked(
     )
     write_sae(folder, exported, _meta(manifest), _record(cfg, manifest, scale, state, metrics, cfg.arch), metrics)
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
+    group.barrier()
     epochs = state.tokens_seen / max(1, per_epoch)
     return TrainSummary(folder, cfg, metrics, False, resumed_from, seconds, epochs)
 
