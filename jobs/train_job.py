@@ -29,11 +29,11 @@ import torch
 from jobs.common import human_count, progress
 from jobs.config import ConfigError, add_config_arguments, auto_or, config_from_args, config_to_mapping, option, require
 from jobs.evaluation import EvalSettings, evaluate
-from jobs.ranks import exclusive_on_main
+from jobs.ranks import agreed_dtype, exclusive_on_main
 from jobs.sae_io import write_sae
 from pipeline.distributed import SINGLE, Group, from_environment, is_main_process
 from pipeline.init import init_sae, normalization_factor
-from pipeline.precision import choose_dtype, resolve_device
+from pipeline.precision import resolve_device
 from pipeline.sae import ARCHITECTURES, Sae, SaeConfig, export_sae
 from pipeline.schedule import auto_lr, default_warmup_steps
 from pipeline.training import (
@@ -346,7 +346,7 @@ def _train_locked(
     checkpoint = _newest_checkpoint(folder, group)
     # an interrupted run keeps the dtype it chose when it started ("auto" is not measured again)
     recorded_dtype = checkpoint["job"]["weights_config"].get("dtype") if checkpoint else None
-    compute = choose_dtype(recorded_dtype or cfg.dtype, device)
+    compute = agreed_dtype(group, recorded_dtype or cfg.dtype, device)
     cfg = dataclasses.replace(cfg, dtype=compute.name)
     tcfg = trainer_config(cfg, compute.dtype)
     per_epoch = stream.batches_per_epoch() * cfg.batch_size
