@@ -150,8 +150,8 @@ def compute_shards(
     batch_size: int,
     ctx_len: int,
     sink: ShardSink,
-) -> int | None:
-    """Compute and publish ``tasks`` in order; return the corpus's context count if it ran out, else None."""
+) -> None:
+    """Compute and publish ``tasks`` in order; at the corpus's end, record it and stop."""
     stream = ContextStream(pack_contexts(iter_documents(corpus), tokenizer, ctx_len))
     out_dtype = STORAGE_DTYPES[sink.dtype]
     total = sum(task.n_ctx for task in tasks) * ctx_len
@@ -166,7 +166,6 @@ def compute_shards(
                     sink.put(task, acts_CTD, tokens_CT)
                 if ended:
                     sink.note_corpus_end(stream.consumed)
-                    return stream.consumed
+                    return
         finally:
             sink.close()
-    return None

@@ -243,16 +243,13 @@ def _load(cfg: CacheConfig, existing: CacheManifest | None, group: Group):
 def _prepare_folder(cfg: CacheConfig, run_dir: Path, header: CacheManifest, layer: int, fresh: bool) -> None:
     """Rank 0, before any rank writes: run.toml, stale temp files and per-writer lists, a manifest to merge into."""
     folder = activations_dir(run_dir)
-    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=header_dtype(header))))
+    model_dtype = header.provenance["model_dtype"]["name"]
+    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=model_dtype)))
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     if fresh:
         remove_writer_manifests(folder)
     write_manifest(folder, replace(header, complete=False))
-
-
-def header_dtype(manifest: CacheManifest) -> str:
-    return manifest.provenance["model_dtype"]["name"]
 
 
 def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_writes: bool) -> CacheSummary:
@@ -266,8 +263,7 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
     group.barrier()
     _, records, end = read_cache_state(folder)
     before = sum(record.n_ctx for record in records.values())
-    limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
-    tasks = plan_shards(records, limit, cfg.shard_contexts, group)
+    tasks = plan_shards(records, _context_limit(cfg, end), cfg.shard_contexts, group)
     writer = group.writer if group.distributed else cfg.writer
     sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes, records)
     start = time.perf_counter()
@@ -277,6 +273,11 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
     manifest, end = _finish(cfg, folder, group)
     new_tokens = (manifest.n_contexts - before) * cfg.ctx_len
     return CacheSummary(run_dir, manifest, max(0, new_tokens), seconds, False, end is not None)
+
+
+def _context_limit(cfg: CacheConfig, corpus_end: int | None) -> int:
+    """Contexts the finished cache holds: the target, or fewer where the corpus ran out."""
+    return cfg.target_contexts if corpus_end is None else min(cfg.target_contexts, corpus_end)
 
 
 def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest, int | None]:
@@ -291,7 +292,7 @@ def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest
 def _merge_complete(cfg: CacheConfig, folder: Path) -> None:
     merged, records, end = read_cache_state(folder)
     manifest = merged_manifest(merged, records, end)
-    limit = cfg.target_contexts if end is None else min(cfg.target_contexts, end)
+    limit = _context_limit(cfg, end)
     if manifest.n_contexts == 0:
         raise CorpusError(
             f"corpus {cfg.corpus.describe()!r} holds too little text for one context of {cfg.ctx_len} tokens"

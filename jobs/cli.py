@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         if not _rank_label():
             raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f"error: {_rank_label()}a collective failed, another rank probably stopped ({first})", file=sys.stderr)
+        from storage.shards import first_line
+
+        print(
+            f"error: {_rank_label()}a collective failed, another rank probably stopped ({first_line(error)})",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # exit with 130 even if another Ctrl-C arrives while exiting

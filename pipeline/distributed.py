@@ -73,16 +73,13 @@ class Group:
 
     def sum_(self, *tensors: torch.Tensor) -> None:
         """In place: every tensor becomes its sum over ranks (one collective for all of them)."""
-        self._reduce(tensors, dist.ReduceOp.SUM)
-
-    def _reduce(self, tensors: tuple[torch.Tensor, ...], op) -> None:
         if not self.distributed or not tensors:
             return
         if len(tensors) == 1:
-            dist.all_reduce(tensors[0], op=op)
+            dist.all_reduce(tensors[0])
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=op)
+        dist.all_reduce(flat)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))

@@ -243,8 +243,8 @@ def train_step(
     takes the same step that one process would take on the whole batch.
     """
     lr = lr_at(state.step, cfg.total_steps, cfg.lr, cfg.warmup_steps, cfg.decay_fraction)
-    for group_ in optimizer.param_groups:
-        group_["lr"] = lr
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
     device_type = x_ND.device.type
     use_autocast = cfg.compute_dtype != torch.float32
     with torch.autocast(device_type, dtype=cfg.compute_dtype, enabled=use_autocast):

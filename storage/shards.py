@@ -151,8 +151,13 @@ def read_manifest(folder: Path) -> CacheManifest:
         raise CacheError(f"--run {run_dir} is a file, not a run folder")
     if not path.is_file():
         raise CacheError(f"no activation cache at {folder} (missing {MANIFEST}); run `saescope cache` first")
+    return parse_manifest_file(path)
+
+
+def parse_manifest_file(path: Path) -> CacheManifest:
+    """One manifest file (the merged one or a writer's), or a CacheError naming it."""
     try:
-        return CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return CacheManifest.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as error:
         raise CacheError(
             f"{path} is unreadable ({error}); delete the activations folder and re-run `saescope cache`"

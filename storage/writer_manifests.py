@@ -14,13 +14,12 @@ per-writer files are deleted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from storage.atomic import atomic_write_json
 from storage.constants import MANIFEST
-from storage.shards import CacheError, CacheManifest, ShardRecord, read_manifest
+from storage.shards import CacheManifest, ShardRecord, parse_manifest_file, read_manifest
 
 WRITER_MANIFEST_GLOB = "manifest.*.json"
 
@@ -31,15 +30,7 @@ def writer_manifest_path(folder: Path, writer: str) -> Path:
 
 def read_writer_manifests(folder: Path) -> list[CacheManifest]:
     """Every ``manifest.<writer>.json`` in ``folder``."""
-    found = []
-    for path in sorted(Path(folder).glob(WRITER_MANIFEST_GLOB)):
-        try:
-            found.append(CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as error:
-            raise CacheError(
-                f"{path} is unreadable ({error}); delete the activations folder and re-run `saescope cache`"
-            ) from error
-    return found
+    return [parse_manifest_file(path) for path in sorted(Path(folder).glob(WRITER_MANIFEST_GLOB))]
 
 
 def write_writer_manifest(folder: Path, writer: str, manifest: CacheManifest) -> None:
@@ -76,7 +67,7 @@ def consecutive_from_start(records: dict[int, ShardRecord]) -> tuple[ShardRecord
 
 
 def read_cache_state(folder: Path) -> tuple[CacheManifest, dict[int, ShardRecord], int | None] | None:
-    """(merged manifest, every finished shard by number, corpus end if known), or None without a manifest."""
+    """(merged manifest, every finished shard by first context, corpus end if known), or None without a manifest."""
     if not (Path(folder) / MANIFEST).is_file():
         return None
     merged = read_manifest(folder)
