@@ -98,6 +98,8 @@ def server(indexed_run, tmp_path):
 
 
 def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_run, tmp_path):
+    from playwright.sync_api import expect
+
     from storage.feature_queries import FeatureIndex
 
     with FeatureIndex(indexed_run[1]) as index:
@@ -119,7 +121,8 @@ def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_ru
         page.get_by_text("Steer with this feature").click()
     steer = opened.value
     steer.get_by_text("Generate").wait_for(timeout=60_000)
-    assert steer.get_by_label("features").input_value() == str(feature)
+    # Streamlit's text input can paint empty for a moment before it shows its value: wait for it, then read it
+    expect(steer.get_by_label("features")).to_have_value(str(feature), timeout=30_000)
     steer.get_by_label("max new tokens").fill("6")
     steer.get_by_text("Generate").click()
     steer.get_by_text("mean KL(default").wait_for(timeout=120_000)
