@@ -26,7 +26,7 @@ from storage.shards import iter_shards, read_manifest, write_manifest
 from storage.writer_manifests import read_writer_manifests, write_writer_manifest
 
 SAESCOPE = str(Path(sys.executable).with_name("saescope"))
-COLLECTIVE_TIMEOUT_S = 30
+COLLECTIVE_TIMEOUT_S = 120  # generous: a slow CI machine must not time out a healthy barrier (rank 0 evaluates alone)
 
 
 def cache_args(run: Path, model: Path, corpus: Path) -> list[str]:
