@@ -119,18 +119,13 @@ def synthetic_corpus(n_words: int, seed: int = 0) -> str:
     return "\n\n".join(" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5))
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A finished activation cache of the tiny model (~16k tokens, layer 2); copy before changing it."""
-    from jobs.cache_job import CacheConfig, run_cache
+def tiny_cache_config(run: Path, model_dir: Path, corpus: Path, device: str = "cpu"):
+    """The cache settings of ``tiny_run`` (~16k tokens, contexts of 32, shards of 1024 tokens, float32)."""
+    from jobs.cache_job import CacheConfig
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    corpus = root / "corpus.txt"
-    corpus.write_text(synthetic_corpus(4000), encoding="utf-8")
-    run = root / "run"
-    cfg = CacheConfig(
+    return CacheConfig(
         run=str(run),
-        model=str(tiny_model_dir),
+        model=str(model_dir),
         dataset=str(corpus),
         tokens=16384,
         ctx_len=32,
@@ -138,9 +133,20 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
         shard_tokens=1024,
         dtype="float32",
         model_dtype="float32",
-        device="cpu",
+        device=device,
     )
-    run_cache(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished activation cache of the tiny model (~16k tokens, layer 2); copy before changing it."""
+    from jobs.cache_job import run_cache
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(synthetic_corpus(4000), encoding="utf-8")
+    run = root / "run"
+    run_cache(tiny_cache_config(run, tiny_model_dir, corpus))
     return run
 
 

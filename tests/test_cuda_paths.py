@@ -13,12 +13,13 @@ import json
 
 import pytest
 import torch
-from test_training import planted_data
+from conftest import tiny_cache_config
+from test_training import planted_data, train_on_planted
 
 from pipeline.activations import compute_activations
 from pipeline.sae import Sae, SaeConfig
 from pipeline.sparse_ops import encode_selected, encode_selected_eager, sparse_decode, sparse_decode_eager
-from pipeline.training import TrainConfig, TrainState, make_optimizer, train_sae, train_step
+from pipeline.training import TrainConfig, TrainState, make_optimizer, train_step
 from storage.shards import activations_dir, iter_shards, read_manifest
 from storage.training_data import to_device
 
@@ -107,17 +108,8 @@ def test_one_training_step_on_cuda_equals_the_cpu(arch):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_training_on_cuda_recovers_planted_features(compute_dtype):
-    x, features = planted_data(16384)
-    sae = Sae(SaeConfig(d_in=16, d_sae=48, k=3)).initialize(torch.Generator().manual_seed(0)).to(DEVICE)
-    cfg = TrainConfig(
-        total_steps=300, lr=1e-2, warmup_steps=10, auxk_dead_tokens=2048, log_every=1, compute_dtype=compute_dtype
-    )
-    x = x.to(DEVICE)
-    history = []
-    batches = (x[(i * 256) % 16384 : (i * 256) % 16384 + 256] for i in range(10**6))
-    train_sae(sae, batches, cfg, on_log=lambda stats, _: history.append(stats.fvu))
-    cosines = (features.to(DEVICE) @ sae.W_dec.detach().T).max(dim=1).values
-    assert (cosines > 0.9).float().mean() >= 0.8
+    recovered, history = train_on_planted(DEVICE, compute_dtype)
+    assert recovered >= 0.8
     assert history[-1] < 0.2 * history[0]
 
 
@@ -143,24 +135,11 @@ def test_batches_reach_the_gpu_unchanged():
 
 
 def test_cache_and_train_jobs_on_cuda_match_the_cpu(tiny_run, tiny_model_dir, tmp_path):
-    from jobs.cache_job import CacheConfig, run_cache
+    from jobs.cache_job import run_cache
     from jobs.train_job import TrainJobConfig, run_train
 
     cuda_run = tmp_path / "cuda-run"
-    run_cache(
-        CacheConfig(
-            run=str(cuda_run),
-            model=str(tiny_model_dir),
-            dataset=str(tiny_run.parent / "corpus.txt"),
-            tokens=16384,
-            ctx_len=32,
-            batch_size=16,
-            shard_tokens=1024,
-            dtype="float32",
-            model_dtype="float32",
-            device=DEVICE,
-        )  # conftest's tiny_run, on the GPU
-    )
+    run_cache(tiny_cache_config(cuda_run, tiny_model_dir, tiny_run.parent / "corpus.txt", device=DEVICE))
     cached = {}
     for run in (tiny_run, cuda_run):
         folder = activations_dir(run)

@@ -42,16 +42,25 @@ def planted_data(n_tokens, d=16, n_features=24, k_true=3, seed=0):
     return coefs @ features, features
 
 
-def test_training_recovers_planted_features_and_fvu_falls():
+def train_on_planted(device: str = "cpu", compute_dtype: torch.dtype = torch.float32) -> tuple[float, list[float]]:
+    """(share of planted features some decoder row finds at cosine > 0.9, FVU per step) of a 300-step run."""
     x, features = planted_data(16384)
+    x, features = x.to(device), features.to(device)
     torch.manual_seed(0)
-    sae = Sae(SaeConfig(d_in=16, d_sae=48, k=3)).initialize(torch.Generator().manual_seed(0))
-    cfg = TrainConfig(total_steps=300, lr=1e-2, warmup_steps=10, auxk_dead_tokens=2048, log_every=1)
+    sae = Sae(SaeConfig(d_in=16, d_sae=48, k=3)).initialize(torch.Generator().manual_seed(0)).to(device)
+    cfg = TrainConfig(
+        total_steps=300, lr=1e-2, warmup_steps=10, auxk_dead_tokens=2048, log_every=1, compute_dtype=compute_dtype
+    )
     history = []
     batches = (x[(i * 256) % 16384 : (i * 256) % 16384 + 256] for i in range(10**6))
     train_sae(sae, batches, cfg, on_log=lambda stats, _: history.append(stats.fvu))
     cosines = (features @ sae.W_dec.detach().T).max(dim=1).values
-    assert (cosines > 0.9).float().mean() >= 0.8
+    return (cosines > 0.9).float().mean().item(), history
+
+
+def test_training_recovers_planted_features_and_fvu_falls():
+    recovered, history = train_on_planted()
+    assert recovered >= 0.8
     assert history[-1] < 0.2 * history[0]
 
 
