@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_cache_config
+from test_sparse_ops import _grads
 from test_training import planted_data, train_on_planted
 
 from pipeline.activations import compute_activations
@@ -36,13 +37,9 @@ def _exact_float32():
     torch.set_float32_matmul_precision(before)
 
 
-def value_and_grads(fn, *tensors):
-    """fn's output and the gradients of a fixed weighted sum of it with respect to each input."""
-    tensors = [t.clone().requires_grad_() for t in tensors]
-    out = fn(*tensors)
-    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
-    (out * weight).sum().backward()
-    return [out.detach().cpu()] + [t.grad.cpu() for t in tensors]
+def value_and_grads(fn, *tensors) -> list[torch.Tensor]:
+    out, grads = _grads(fn, *tensors)
+    return [out, *grads]
 
 
 def sparse_problem(n=300, d=16, f=200, k=8):

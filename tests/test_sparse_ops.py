@@ -26,11 +26,12 @@ def problem():
 
 
 def _grads(fn, *tensors):
+    """(fn's output, gradients of a fixed weighted sum of it with respect to each input), on the CPU."""
     tensors = [t.clone().requires_grad_() for t in tensors]
     out = fn(*tensors)
-    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     (out * weight).sum().backward()
-    return out.detach(), [t.grad for t in tensors]
+    return out.detach().cpu(), [t.grad.cpu() for t in tensors]
 
 
 def test_encode_selected_matches_dense(problem):
