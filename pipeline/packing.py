@@ -75,3 +75,37 @@ def pack_contexts(
             start += body
         del stream[:start]
         start = 0
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt as the model sees it at the start of a context.
+
+    Plain text starts with BOS (EOS when the tokenizer has none), as every cached
+    context does. With ``chat`` the text is one user turn wrapped in the tokenizer's
+    chat template, with the assistant's turn opened. ``apply_chat_template`` returns
+    a list in transformers 4 and a mapping with ``input_ids`` in transformers 5: both
+    are accepted.
+    """
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: leave out the chat option")
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return _token_list(encoded)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix = [] if bos is None else [int(bos)]
+    return prefix + [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def _token_list(encoded) -> list[int]:
+    """A flat list of ids from what ``apply_chat_template(tokenize=True)`` returned (list, tensor or mapping)."""
+    if hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        if len(encoded) != 1:
+            raise ValueError(f"expected one chat prompt, got a batch of {len(encoded)}")
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
