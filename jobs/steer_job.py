@@ -8,7 +8,6 @@ scale`` the value is the multiplier itself (``2`` or ``2x``).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass
@@ -17,74 +16,31 @@ from pathlib import Path
 from jobs.config import counted, finite_float
 from jobs.evaluation import load_run_model
 from jobs.sae_io import read_sae
-from pipeline.generation import Comparison, SamplingConfig, compare
+from pipeline.generation import Comparison, SamplingConfig, check_length, compare
+from pipeline.packing import encode_prompt
 from pipeline.precision import resolve_device
-from pipeline.steering import MODES, POSITIONS, FeatureSteer, SteeringSpec
+from pipeline.steering import (
+    MODES,
+    POSITIONS,
+    FeatureScale,
+    FeatureSteer,
+    SteerError,
+    SteeringSpec,
+    Strength,
+    build_spec,
+)
 from storage.feature_index import index_path
 from storage.feature_queries import open_sae_index
 from storage.sae_store import resolve_sae
 from storage.shards import activations_dir, read_manifest
 
 
-class SteerError(ValueError):
-    """A steering request cannot be carried out as given."""
-
-
-@dataclass(frozen=True)
-class Strength:
-    """A steering value as written: an amount, absolute or relative to the feature's max activation."""
-
-    amount: float
-    relative: bool
-    text: str
-
-    @classmethod
-    def parse(cls, text: str) -> Strength:
-        raw = text.strip().lower()
-        relative = raw.endswith("x")
-        try:
-            amount = float(raw[:-1] if relative else raw)
-        except ValueError as error:
-            raise SteerError(
-                f"bad value {text!r}: use a number like 3.5, or a multiple of the feature's max activation like 8x"
-            ) from error
-        if not math.isfinite(amount):
-            raise SteerError(f"bad value {text!r}: steering values must be finite numbers")
-        return cls(amount, relative, text.strip())
-
-    def resolve(self, mode: str, max_act: float | None, feature: int) -> float:
-        if mode == "scale" or not self.relative:
-            return self.amount
-        if max_act is None:
-            raise SteerError(
-                f"value {self.text!r} is relative to feature {feature}'s max activation, which comes "
-                "from the feature index: run `saescope index` first, or give an absolute value"
-            )
-        return self.amount * max_act
-
-
-def _max_activations(run: Path, sae_folder: Path, features: list[int]) -> dict[int, float] | None:
-    path = index_path(sae_folder)
-    if not path.is_file():
+def _feature_scales(sae_folder: Path, features: list[int]) -> dict[int, FeatureScale] | None:
+    """Max and mean activation of each feature from the index (None when there is no index)."""
+    if not index_path(sae_folder).is_file():
         return None
     with open_sae_index(sae_folder) as index:
-        return {f: float(index.summary(f)["max_act"]) for f in features}
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [bos, *tokenizer(prompt, add_special_tokens=False).input_ids]
-
-
-def check_length(prompt_len: int, max_new_tokens: int, max_positions: int | None) -> None:
-    """Prompt plus new tokens must fit the model's positions."""
-    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
-        raise SteerError(
-            f"--max-new-tokens {max_new_tokens} with a {prompt_len}-token prompt is beyond the model's "
-            f"{max_positions} positions"
-        )
+        return {f: FeatureScale(*typical) for f, typical in index.typical_activations(features).items()}
 
 
 def register(subparsers) -> None:
@@ -131,15 +87,6 @@ def _request(args) -> Request:
     return Request(list(args.feature), [Strength.parse(v) for v in values])
 
 
-def build_spec(features, strengths, mode: str, positions: str, max_acts: dict | None) -> SteeringSpec:
-    """The steering spec for features at given strengths (relative ones resolved with ``max_acts``)."""
-    steers = []
-    for feature, strength in zip(features, strengths, strict=True):
-        value = strength.resolve(mode, (max_acts or {}).get(feature), feature)
-        steers.append(FeatureSteer(feature, mode, value, positions))
-    return SteeringSpec(tuple(steers))
-
-
 def command(args) -> int:
     if not args.prompt.strip() and not args.chat:
         raise SteerError("--prompt is empty: give some text to continue")
@@ -151,24 +98,24 @@ def command(args) -> int:
     sae, _ = read_sae(sae_folder)
     SteeringSpec(tuple(FeatureSteer(f) for f in request.features)).check(sae.cfg.d_sae)
     needs_index = any(s.relative for s in request.strengths + (sweep or [])) and args.mode != "scale"
-    max_acts = _max_activations(run, sae_folder, request.features) if needs_index else None
+    scales = _feature_scales(sae_folder, request.features) if needs_index else None
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     device = resolve_device(args.device)
     loaded = load_run_model(manifest, device)
     sae = sae.to(device)
     layer = manifest.provenance["hook"]["layer"]
-    prompt = prompt_ids(loaded.tokenizer, args.prompt, args.chat)
+    prompt = encode_prompt(loaded.tokenizer, args.prompt, args.chat)
     check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if sweep is None:
-        spec = build_spec(request.features, request.strengths, args.mode, args.positions, max_acts)
+        spec = build_spec(request.features, request.strengths, args.mode, args.positions, scales)
         result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos)
         print(_json(spec, [result], decode) if args.json else _side_by_side(args, spec, result, decode))
         return 0
     rows, default = [], None
     for strength in sweep:
-        spec = build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, max_acts)
+        spec = build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, scales)
         result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos, default=default)
         default = result.default.token_ids
         rows.append((strength, spec, result))

@@ -44,6 +44,15 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def check_length(prompt_len: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Prompt plus new tokens must fit the model's positions (a ValueError that says so)."""
+    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} with a {prompt_len}-token prompt is beyond the model's "
+            f"{max_positions} positions"
+        )
+
+
 def pick_token(logits_V: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
     """Greedy at temperature 0, else nucleus sampling with the given generator."""
     if cfg.temperature == 0:

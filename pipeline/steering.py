@@ -13,14 +13,19 @@ the unedited h. ``positions`` chooses where: "all", "prompt" (absolute position
 ``position_ids`` the model passes to its blocks, so single-token decode steps
 under a KV cache are placed correctly; models that pass none fall back to a
 running count of positions seen since the context manager was entered.
+
+Values as people write them (``Strength``): absolute (``3.5``), or a multiple of
+the feature's typical activation from the index: its max (``8x``, ``8xmax``) or
+its mean when active (``2xmean``). ``build_spec`` resolves them into a spec.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +35,59 @@ from pipeline.sae import Sae
 
 MODES = ("clamp", "add", "scale")
 POSITIONS = ("all", "prompt", "generated")
+UNITS = {"xmean": "mean", "xmax": "max", "x": "max"}
+"""Suffix of a relative value -> the feature statistic it multiplies (longest suffix first)."""
+
+
+class SteerError(ValueError):
+    """A steering request cannot be carried out as given."""
+
+
+class FeatureScale(NamedTuple):
+    """A feature's typical activations over the indexed tokens, the units of relative values."""
+
+    max: float
+    mean: float
+    """Mean activation where the feature is active."""
+
+
+@dataclass(frozen=True)
+class Strength:
+    """A steering value as written: absolute, or relative to the feature's max or mean activation."""
+
+    amount: float
+    unit: Literal["absolute", "max", "mean"]
+    text: str
+
+    @property
+    def relative(self) -> bool:
+        return self.unit != "absolute"
+
+    @classmethod
+    def parse(cls, text: str) -> Strength:
+        raw = text.strip().lower().replace(" ", "")
+        suffix = next((s for s in UNITS if raw.endswith(s)), "")
+        try:
+            amount = float(raw[: len(raw) - len(suffix)])
+        except ValueError as error:
+            raise SteerError(
+                f"bad value {text!r}: use a number like 3.5, or a multiple of the feature's max activation "
+                "like 8x (8xmax), or of its mean activation when active like 2xmean"
+            ) from error
+        if not math.isfinite(amount):
+            raise SteerError(f"bad value {text!r}: steering values must be finite numbers")
+        return cls(amount, UNITS.get(suffix, "absolute"), text.strip())
+
+    def resolve(self, mode: str, scale: FeatureScale | None, feature: int) -> float:
+        """The absolute value for ``feature`` (``scale`` from the index; a multiplier in scale mode)."""
+        if mode == "scale" or not self.relative:
+            return self.amount
+        if scale is None:
+            raise SteerError(
+                f"value {self.text!r} is relative to feature {feature}'s {self.unit} activation, which comes "
+                "from the feature index: run `saescope index` first, or give an absolute value"
+            )
+        return self.amount * (scale.max if self.unit == "max" else scale.mean)
 
 
 @dataclass(frozen=True)
@@ -64,6 +122,21 @@ class SteeringSpec:
                     f"feature {steer.feature} out of range: this SAE has {n_features} features (0-{n_features - 1})"
                 )
         return self
+
+
+def build_spec(
+    features: list[int],
+    strengths: list[Strength],
+    mode: str,
+    positions: str,
+    scales: dict[int, FeatureScale] | None,
+) -> SteeringSpec:
+    """The steering spec for features at given strengths (relative ones resolved with ``scales``)."""
+    steers = []
+    for feature, strength in zip(features, strengths, strict=True):
+        value = strength.resolve(mode, (scales or {}).get(feature), feature)
+        steers.append(FeatureSteer(feature, mode, value, positions))
+    return SteeringSpec(tuple(steers))
 
 
 def _position_mask(positions_BT: torch.Tensor, steer: FeatureSteer, prompt_len: int) -> torch.Tensor:

@@ -140,6 +140,15 @@ class FeatureIndex:
             for side in ("promoted", "suppressed")
         }
 
+    def typical_activations(self, features: list[int]) -> dict[int, tuple[float, float]]:
+        """feature -> (max activation, mean activation when active) over the indexed tokens."""
+        for feature in features:
+            self.check_feature(feature)
+        rows = self._rows(
+            "SELECT feature, max_act, mean_act FROM features WHERE feature IN (SELECT unnest(?))", [list(features)]
+        )
+        return {int(r["feature"]): (float(r["max_act"]), float(r["mean_act"])) for r in rows}
+
     def summary(self, feature: int, ranking: str = "standardized") -> dict:
         """Statistics, histogram, logit effects and nearest features of one feature.
 

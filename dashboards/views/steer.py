@@ -8,9 +8,9 @@ import streamlit as st
 
 from dashboards.render import shade_tokens
 from dashboards.state import app_settings, feature_index, hook_lock, live_model, selected_sae, show_error
-from jobs.steer_job import Strength, build_spec, check_length, prompt_ids
-from pipeline.generation import SamplingConfig, compare
-from pipeline.steering import MODES, POSITIONS
+from pipeline.generation import SamplingConfig, check_length, compare
+from pipeline.packing import encode_prompt
+from pipeline.steering import MODES, POSITIONS, FeatureScale, Strength, build_spec
 
 
 def parse_features(text: str, n_features: int) -> list[int]:
@@ -59,14 +59,15 @@ def render() -> None:
         if not prompt.strip() and not chat:
             raise ValueError("the prompt is empty: give some text to continue")
         sampling = SamplingConfig(int(max_new), float(temperature), float(top_p), int(seed))
-        max_acts = {f: float(index.summary(f)["max_act"]) for f in features}
-        specs = [build_spec(features, [s] * len(features), mode, positions, max_acts) for s in strengths]
+        scales = {f: FeatureScale(*typical) for f, typical in index.typical_activations(features).items()}
+        max_acts = {f: scale.max for f, scale in scales.items()}
+        specs = [build_spec(features, [s] * len(features), mode, positions, scales) for s in strengths]
     except ValueError as error:
         show_error(error)
         return
     loaded, sae, layer = live_model(str(settings.run), str(folder))
-    ids = prompt_ids(loaded.tokenizer, prompt, chat)
     try:
+        ids = encode_prompt(loaded.tokenizer, prompt, chat)
         check_length(len(ids), sampling.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     except ValueError as error:
         show_error(error)
