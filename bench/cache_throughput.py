@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from jobs.cache_job import CacheConfig, run_cache
-from jobs.common import converted_models_dir, quiet_libraries
-from pipeline.activations import compute_activations
-from pipeline.corpus import CorpusSpec, iter_documents
-from pipeline.models import load_model
-from pipeline.packing import SpecialTokens, pack_contexts, special_mask
+from jobs.cache import CacheConfig, run_cache
+from jobs.console import quiet_libraries
+from pipeline.lm.activations import compute_activations
+from pipeline.lm.corpus import CorpusSpec, iter_documents
+from pipeline.lm.models import load_model
+from pipeline.lm.packing import SpecialTokens, pack_contexts, special_mask
+from storage.home import converted_models_dir
 from storage.shards import activations_dir, iter_shards, read_manifest
 
 

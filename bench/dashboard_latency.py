@@ -92,7 +92,7 @@ def summary(times: list[float]) -> str:
 
 
 def live_features(run: Path, count: int, seed: int = 0) -> list[int]:
-    from storage.feature_queries import FeatureIndex
+    from storage.index_queries import FeatureIndex
 
     with FeatureIndex(run / "saes" / "default" / "features.duckdb") as index:
         live = [row["feature"] for row in index.list_features("id", False, False, limit=index.n_features)]
@@ -105,7 +105,7 @@ def large_run(folder: Path, n_tokens: int, n_features: int) -> Path:
     import index_speed
     from safetensors.torch import save_file
 
-    from storage.feature_index import IndexBuilder  # noqa: F401  (the builder index_speed uses)
+    from storage.index_builder import IndexBuilder  # noqa: F401  (the builder index_speed uses)
     from storage.sae_store import weights_fingerprint
 
     sae_folder = folder / "saes" / "default"
@@ -193,7 +193,7 @@ def main() -> None:
         if "large" in parts:
             with tempfile.TemporaryDirectory() as scratch:
                 big = large_run(Path(scratch) / "run", args.tokens, args.features)
-                from storage.feature_queries import FeatureIndex
+                from storage.index_queries import FeatureIndex
 
                 with FeatureIndex(big / "saes" / "default" / "features.duckdb") as index:
                     n = index.n_features

@@ -23,7 +23,7 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.explain_job import ExplainConfig, run_explain  # noqa: E402
+from jobs.explain import ExplainConfig, run_explain  # noqa: E402
 
 TARGET_SECONDS = 180.0
 
@@ -55,7 +55,7 @@ def embedded_texts(path: Path) -> int:
 
 def baseline_seconds(n_texts: int) -> float:
     """MiniLM alone on n_texts window-like texts (9 tokens of prose each)."""
-    from pipeline.embedding import Embedder
+    from pipeline.explain.embedding import Embedder
 
     embedder = Embedder()
     words = "the module returns a path to the file when the value is not found in a list of names".split()

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import tune_allocator
-from pipeline.decoder_geometry import logit_effect_rankings, nearest_by_decoder
-from pipeline.feature_stats import CodeBatch, FeatureAccumulator
-from pipeline.sae import Sae, SaeConfig
-from storage.feature_index import IndexBuilder
-from storage.feature_queries import FeatureIndex
+from jobs.console import tune_allocator
+from pipeline.features.decoder_geometry import logit_effect_rankings, nearest_by_decoder
+from pipeline.features.statistics import CodeBatch, FeatureAccumulator
+from pipeline.sae.model import Sae, SaeConfig
+from storage.index_builder import IndexBuilder
+from storage.index_queries import FeatureIndex
 
 D_MODEL, K, CTX_LEN, VOCAB, BATCH_CONTEXTS = 576, 32, 128, 49152, 32
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import quiet_libraries, tune_allocator
-from jobs.evaluation import load_run_model
-from jobs.sae_io import read_sae
-from pipeline.generation import SamplingConfig, sample
-from pipeline.steering import FeatureSteer, SteeringSpec, steer
+from jobs.console import quiet_libraries, tune_allocator
+from jobs.run import load_run_model, read_sae
+from pipeline.steering.edit import FeatureSteer, SteeringSpec, steer
+from pipeline.steering.generation import SamplingConfig, sample
 from storage.sae_store import resolve_sae
 from storage.shards import activations_dir, read_manifest
 
@@ -45,7 +44,7 @@ def main() -> None:
     manifest = read_manifest(activations_dir(run))
     loaded = load_run_model(manifest, torch.device("cpu"))
     sae, _ = read_sae(resolve_sae(run, None))
-    layer = manifest.provenance["hook"]["layer"]
+    layer = manifest.layer
     prompt = [loaded.tokenizer.bos_token_id, *loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids]
     cfg = SamplingConfig(max_new_tokens=args.tokens, temperature=0.0)
     spec = SteeringSpec((FeatureSteer(args.feature, "clamp", 10.0),), prompt_len=len(prompt))

@@ -6,7 +6,7 @@ tokens. Steps of the trainers are interleaved (one step of each in turn), so
 drifts in machine speed affect all of them alike.
 
 Trainers:
-  saescope  pipeline.init + pipeline.training with their defaults (sparse TopK kernels,
+  saescope  pipeline.sae.initialization + pipeline.sae.training with their defaults (sparse TopK kernels,
             geometric-median b_dec, encoder at 0.5x the decoder, AuxK, auto learning rate)
   dense     a plain PyTorch TopK SAE written below: dense decode, Adam at
             2e-4/sqrt(d_sae/2^14), mean-initialized b_dec, unit-norm decoder
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from jobs.common import tune_allocator
-from pipeline.init import init_sae, normalization_factor
-from pipeline.metrics import ReconstructionStats
-from pipeline.sae import SaeConfig
-from pipeline.schedule import auto_lr, default_lr, default_warmup_steps
-from pipeline.training import TrainConfig, TrainState, default_auxk_dead_tokens, make_optimizer, train_step
+from jobs.console import tune_allocator
+from pipeline.evaluation.reconstruction import ReconstructionStats
+from pipeline.sae.initialization import init_sae, normalization_factor
+from pipeline.sae.model import SaeConfig
+from pipeline.sae.schedule import auto_lr, default_lr, default_warmup_steps
+from pipeline.sae.training import TrainConfig, TrainState, default_auxk_dead_tokens, make_optimizer, train_step
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts, iter_heldout
 

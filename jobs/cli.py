@@ -7,7 +7,20 @@ import importlib
 import signal
 import sys
 
-VERB_MODULES = ("demo", "cache", "verify", "train", "eval", "import", "index", "explain", "browse", "steer", "serve")
+VERB_MODULES = (
+    "jobs.demo",
+    "jobs.cache",
+    "jobs.verify",
+    "jobs.train",
+    "jobs.evaluate",
+    "jobs.import_sae",
+    "jobs.index",
+    "jobs.explain",
+    "jobs.features",
+    "jobs.steer",
+    "jobs.serve",
+)
+"""The verbs' modules in `saescope --help` order; each has ``register(subparsers)`` (features registers two)."""
 DISTRIBUTED_VERBS = ("cache", "train")
 
 
@@ -19,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in VERB_MODULES:  # imported here, inside main's Ctrl-C handling (torch takes seconds to import)
-        importlib.import_module(f"jobs.{name}_job").register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
 def _check_launch(command: str) -> None:
     """Only cache and train run on several ranks; the rest would do the same work N times."""
-    from pipeline.distributed import launched_by_torchrun
+    from pipeline.runtime.distributed import launched_by_torchrun
 
     if launched_by_torchrun() and command not in DISTRIBUTED_VERBS:
         raise ValueError(
@@ -35,16 +48,16 @@ def _check_launch(command: str) -> None:
 
 
 def _rank_label() -> str:
-    if "pipeline.distributed" not in sys.modules:  # torch never got imported: a single process
+    if "pipeline.runtime.distributed" not in sys.modules:  # torch never got imported: a single process
         return ""
-    return sys.modules["pipeline.distributed"].rank_label()
+    return sys.modules["pipeline.runtime.distributed"].rank_label()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_launch(args.command)
-        from jobs.common import quiet_libraries, tune_allocator
+        from jobs.console import quiet_libraries, tune_allocator
 
         quiet_libraries()
         tune_allocator()
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         if not _rank_label():
             raise
-        from storage.shards import first_line
+        from pipeline.runtime.errors import first_line
 
         print(
             f"error: {_rank_label()}a collective failed, another rank probably stopped ({first_line(error)})",
@@ -67,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:
-        if "pipeline.distributed" in sys.modules:
-            sys.modules["pipeline.distributed"].leave()
+        if "pipeline.runtime.distributed" in sys.modules:
+            sys.modules["pipeline.runtime.distributed"].leave()
 
 
 def entry() -> None:

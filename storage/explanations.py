@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.constants import EXPLANATIONS
-from storage.shards import first_line
+from storage.errors import first_line
 
 FORMAT_VERSION = 1
 

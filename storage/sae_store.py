@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.constants import SAE_CFG, SAE_METRICS, SAE_WEIGHTS, SAES_DIR
-from storage.shards import first_line
+from storage.errors import first_line
 
 
 class SaeStoreError(ValueError):
@@ -144,3 +145,44 @@ def read_sae_cfg(folder: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
+
+
+@dataclass(frozen=True)
+class SaeRecord:
+    """Typed view of an SAE's cfg.json: SAELens fields plus saescope's own record (empty parts when absent)."""
+
+    cfg: dict
+
+    @classmethod
+    def read(cls, folder: Path) -> SaeRecord:
+        return cls(read_sae_cfg(folder))
+
+    @property
+    def saescope(self) -> dict:
+        record = self.cfg.get("saescope")
+        return record if isinstance(record, dict) else {}
+
+    @property
+    def meta(self) -> dict:
+        meta = self.cfg.get("meta")
+        return meta if isinstance(meta, dict) else {}
+
+    @property
+    def training(self) -> dict:
+        """How it was trained (tokens, batch size, lr, dtype, seed, held-out contexts); {} when imported."""
+        return self.saescope.get("training") or {}
+
+    @property
+    def metrics(self) -> dict:
+        """Final metrics from training, else the last `saescope eval`'s, else {}."""
+        return self.saescope.get("metrics") or self.saescope.get("last_eval") or {}
+
+    @property
+    def training_metrics(self) -> dict:
+        """The metrics recorded at the end of training alone ({} for an imported SAE)."""
+        return self.saescope.get("metrics") or {}
+
+    @property
+    def trained_architecture(self) -> str:
+        """What was trained (batchtopk is saved as jumprelu), else the saved architecture."""
+        return str(self.saescope.get("trained_architecture") or self.cfg.get("architecture", "?"))

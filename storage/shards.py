@@ -25,15 +25,12 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.constants import ACTIVATIONS_DIR, FORMAT_VERSION, MANIFEST, SHARD_SUFFIX
+from storage.errors import first_line
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 REPAIR = "; `saescope verify` lists bad shards: delete the activations folder and re-run `saescope cache`"
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class CacheError(ValueError):
@@ -90,6 +87,30 @@ class CacheManifest:
         return sum(record.n_ctx for record in self.shards)
 
     @property
+    def layer(self) -> int:
+        """The block whose output the activations are (the residual stream after it)."""
+        return int(self.provenance["hook"]["layer"])
+
+    @property
+    def hook_name(self) -> str:
+        return str(self.provenance["hook"]["name"])
+
+    @property
+    def model_spec(self) -> str:
+        """What `--model` named (default, a hub id, a folder or a .gguf file)."""
+        return str(self.provenance["model"]["spec"])
+
+    @property
+    def model_revision(self) -> str:
+        """The model's commit or file hash when the cache was made."""
+        return str(self.provenance["model"]["revision"])
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model computed in."""
+        return str(self.provenance["model_dtype"]["name"])
+
+    @property
     def n_tokens(self) -> int:
         return self.n_contexts * self.ctx_len
 
@@ -135,10 +156,6 @@ def activations_dir(run_dir: Path) -> Path:
 
 def shard_name(writer: str, index: int) -> str:
     return f"{writer}-{index:06d}{SHARD_SUFFIX}"
-
-
-def manifest_exists(folder: Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
 
 
 def read_manifest(folder: Path) -> CacheManifest:

@@ -121,7 +121,7 @@ def synthetic_corpus(n_words: int, seed: int = 0) -> str:
 
 def tiny_cache_config(run: Path, model_dir: Path, corpus: Path, device: str = "cpu"):
     """The cache settings of ``tiny_run`` (~16k tokens, contexts of 32, shards of 1024 tokens, float32)."""
-    from jobs.cache_job import CacheConfig
+    from jobs.cache import CacheConfig
 
     return CacheConfig(
         run=str(run),
@@ -140,7 +140,7 @@ def tiny_cache_config(run: Path, model_dir: Path, corpus: Path, device: str = "c
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished activation cache of the tiny model (~16k tokens, layer 2); copy before changing it."""
-    from jobs.cache_job import run_cache
+    from jobs.cache import run_cache
 
     root = tmp_path_factory.mktemp("tiny-run")
     corpus = root / "corpus.txt"
@@ -170,10 +170,10 @@ def _auto_dtype(monkeypatch, forced_dtype):
     """With --force-dtype, "auto" sees a measurement where the forced dtype is 4x faster."""
     if forced_dtype is None:
         return
-    import pipeline.precision
+    import pipeline.runtime.precision
 
     speeds = {"float32": 100.0, "bfloat16": 25.0} if forced_dtype == "float32" else {"float32": 25.0, "bfloat16": 100.0}
-    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _device: dict(speeds))
+    monkeypatch.setattr(pipeline.runtime.precision, "measure_speeds", lambda _device: dict(speeds))
 
 
 @pytest.fixture(autouse=True)
@@ -189,8 +189,8 @@ def indexed_run(tmp_path_factory, tiny_run):
     """(run folder, index path): the tiny run with a 64-latent TopK SAE and its feature index; copy to change."""
     import shutil
 
-    from jobs.index_job import IndexConfig, run_index
-    from jobs.train_job import TrainJobConfig, run_train
+    from jobs.index import IndexConfig, run_index
+    from jobs.train import TrainJobConfig, run_train
 
     run = tmp_path_factory.mktemp("indexed") / "run"
     shutil.copytree(tiny_run, run)

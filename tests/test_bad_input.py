@@ -138,7 +138,7 @@ def test_train_checks_shards(capsys, indexed_copy):
 
 
 def test_index_of_a_replaced_sae_is_refused_until_rebuilt(capsys, indexed_copy):
-    from jobs.sae_io import read_sae
+    from jobs.run import read_sae
 
     code, _ = run_cli(capsys, "import-sae", indexed_copy / "saes" / "default", "--run", indexed_copy, "--name", "copy")
     assert code == 0

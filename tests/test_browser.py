@@ -100,7 +100,7 @@ def server(indexed_run, tmp_path):
 def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_run, tmp_path):
     from playwright.sync_api import expect
 
-    from storage.feature_queries import FeatureIndex
+    from storage.index_queries import FeatureIndex
 
     with FeatureIndex(indexed_run[1]) as index:
         feature = index.list_features("max", limit=1)[0]["feature"]

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 from test_cache_job import _cfg, _shard_hashes
 
-from jobs.cache_fill import ContextStream, ShardTask, plan_shards
-from jobs.cache_job import run_cache
-from pipeline.distributed import Group
+from jobs.cache import run_cache
+from jobs.cache_shards import ContextStream, ShardTask, plan_shards
+from pipeline.runtime.distributed import Group
 from storage.shards import ShardRecord, read_manifest
 from storage.writer_manifests import consecutive_from_start
 

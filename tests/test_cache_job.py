@@ -5,9 +5,9 @@ import errno
 import pytest
 import torch
 
-import jobs.cache_fill as cache_fill
-from jobs.cache_job import CacheConfig, run_cache
-from pipeline.corpus import CorpusError
+import jobs.cache_shards as cache_fill
+from jobs.cache import CacheConfig, run_cache
+from pipeline.lm.corpus import CorpusError
 from storage.shards import CacheError, iter_shards, load_shard, read_manifest
 
 

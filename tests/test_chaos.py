@@ -20,11 +20,11 @@ import chaos  # noqa: E402
 KILLED = -signal.SIGKILL
 
 KILL_POINTS = {
-    "cache": [("jobs.cache_fill", "write_shard", 3), ("jobs.cache_fill", "write_manifest", 6)],
-    "train": [("pipeline.training", "train_step", 9), ("jobs.train_job", "save_checkpoint", 2)],
+    "cache": [("jobs.cache_shards", "write_shard", 3), ("jobs.cache_shards", "write_manifest", 6)],
+    "train": [("pipeline.sae.training", "train_step", 9), ("jobs.train", "save_checkpoint", 2)],
     "index": [
-        ("storage.feature_index", "IndexBuilder.add_contexts", 5),
-        ("storage.feature_index", "IndexBuilder.finish", 1),
+        ("storage.index_builder", "IndexBuilder.add_contexts", 5),
+        ("storage.index_builder", "IndexBuilder.finish", 1),
     ],
 }
 
@@ -63,5 +63,5 @@ def test_a_killed_index_build_keeps_the_previous_index(reference, tiny_model_dir
     shutil.copytree(run, target)
     before = chaos.index_fingerprint(target)
     args = chaos.job_args("index", target, tiny_model_dir, corpus)
-    assert chaos.run_with_kill_at(args, work / "home", "storage.feature_index", "IndexBuilder.add_codes", 4) == KILLED
+    assert chaos.run_with_kill_at(args, work / "home", "storage.index_builder", "IndexBuilder.add_codes", 4) == KILLED
     assert chaos.index_fingerprint(target) == before

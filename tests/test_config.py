@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from jobs.cache_job import CacheConfig
-from jobs.config import ConfigError, add_config_arguments, config_from_args
+from jobs.cache import CacheConfig
+from jobs.options import ConfigError, add_config_arguments, config_from_args
 
 
 def parse(argv):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.corpus import CorpusError, CorpusSpec, default_corpus_documents, fingerprint, iter_documents
+from pipeline.lm.corpus import CorpusError, CorpusSpec, default_corpus_documents, fingerprint, iter_documents
 
 
 def test_default_corpus_is_deterministic_deduplicated_and_large():

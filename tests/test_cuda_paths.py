@@ -17,10 +17,10 @@ from conftest import tiny_cache_config
 from test_sparse_ops import _grads
 from test_training import planted_data, train_on_planted
 
-from pipeline.activations import compute_activations
-from pipeline.sae import Sae, SaeConfig
-from pipeline.sparse_ops import encode_selected, encode_selected_eager, sparse_decode, sparse_decode_eager
-from pipeline.training import TrainConfig, TrainState, make_optimizer, train_step
+from pipeline.lm.activations import compute_activations
+from pipeline.sae.model import Sae, SaeConfig
+from pipeline.sae.sparse_ops import encode_selected, encode_selected_eager, sparse_decode, sparse_decode_eager
+from pipeline.sae.training import TrainConfig, TrainState, make_optimizer, train_step
 from storage.shards import activations_dir, iter_shards, read_manifest
 from storage.training_data import to_device
 
@@ -132,8 +132,8 @@ def test_batches_reach_the_gpu_unchanged():
 
 
 def test_cache_and_train_jobs_on_cuda_match_the_cpu(tiny_run, tiny_model_dir, tmp_path):
-    from jobs.cache_job import run_cache
-    from jobs.train_job import TrainJobConfig, run_train
+    from jobs.cache import run_cache
+    from jobs.train import TrainJobConfig, run_train
 
     cuda_run = tmp_path / "cuda-run"
     run_cache(tiny_cache_config(cuda_run, tiny_model_dir, tiny_run.parent / "corpus.txt", device=DEVICE))

@@ -77,7 +77,7 @@ def test_feature_page_bad_ids_are_messages(served, bad, message):
 
 
 def test_top_examples_are_shaded_spans(served, indexed_run):
-    from storage.feature_queries import FeatureIndex
+    from storage.index_queries import FeatureIndex
 
     with FeatureIndex(indexed_run[1]) as index:
         live = index.list_features("max", limit=1)[0]["feature"]
@@ -147,7 +147,7 @@ def test_run_without_index_says_which_command_builds_it(served, tmp_path, monkey
 def test_replaced_index_is_used_on_the_next_load(served, tmp_path, monkeypatch):
     import shutil
 
-    from jobs.index_job import IndexConfig, run_index
+    from jobs.index import IndexConfig, run_index
 
     copy = tmp_path / "run"
     shutil.copytree(served, copy)
@@ -191,7 +191,7 @@ def explained_run(indexed_run, tmp_path_factory):
     """A copy of the tiny indexed run with token explanations of every live feature."""
     import shutil
 
-    from jobs.explain_job import ExplainConfig, run_explain
+    from jobs.explain import ExplainConfig, run_explain
 
     run = tmp_path_factory.mktemp("explained") / "run"
     shutil.copytree(indexed_run[0], run)

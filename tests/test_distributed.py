@@ -211,10 +211,10 @@ def test_two_rank_training_equals_one_process(no_strays, one_process_cache, arch
 
 
 def test_training_checkpoint_resumes_under_another_world_size(no_strays, one_process_cache, monkeypatch):
-    import jobs.train_job as train_job
-    import pipeline.training as training
+    import jobs.train as train_job
+    import pipeline.sae.training as training
     from jobs.cli import build_parser
-    from jobs.config import config_from_args
+    from jobs.options import config_from_args
 
     run = no_strays / "run"
     shutil.copytree(one_process_cache, run)

@@ -144,7 +144,7 @@ def _mean_activation_on(loaded, sae, feature_ids: list[int], ids: list[int], sta
     """Mean activation of each feature on ids[start:], re-encoded without any steering."""
     import torch
 
-    from pipeline.residual import residual_after_block
+    from pipeline.lm.hooks import residual_after_block
 
     with torch.inference_mode():
         hidden = residual_after_block(loaded.model, torch.tensor([ids]), 15)[0, start:]
@@ -167,11 +167,10 @@ def test_clamping_a_feature_raises_it_on_its_own_text_far_more_than_on_others(re
     """
     import statistics
 
-    from jobs.evaluation import load_run_model
-    from jobs.sae_io import read_sae
-    from pipeline.generation import SamplingConfig, generate
-    from pipeline.steering import FeatureSteer, SteeringSpec
-    from storage.feature_queries import FeatureIndex
+    from jobs.run import load_run_model, read_sae
+    from pipeline.steering.edit import FeatureSteer, SteeringSpec
+    from pipeline.steering.generation import SamplingConfig, generate
+    from storage.index_queries import FeatureIndex
     from storage.shards import read_manifest
 
     monkeypatch.setenv("SAESCOPE_HOME", str(real_home))

@@ -7,12 +7,12 @@ import torch
 
 import storage.explanations as explanations_store
 from jobs.cli import main
-from jobs.explain_job import ExplainConfig, run_explain
-from jobs.sae_io import read_sae
-from pipeline.explain_examples import ExampleRows, ExampleSource, WindowMaker
-from pipeline.packing import special_mask
+from jobs.explain import ExplainConfig, run_explain
+from jobs.run import read_sae
+from pipeline.explain.examples import ExampleRows, ExampleSource, WindowMaker
+from pipeline.lm.packing import special_mask
 from storage.explanations import ExplanationReader, explanations_path
-from storage.feature_queries import FeatureIndex
+from storage.index_queries import FeatureIndex
 from storage.shards import iter_shards, read_manifest
 
 
@@ -125,7 +125,7 @@ def test_explain_resume_rerun_and_new_settings(indexed_copy, monkeypatch):
     assert len(scores) == 2  # the new test setting added rows; the old rows are untouched
     assert set(first) <= set(table(path, "SELECT * FROM scores ORDER BY ALL"))
     # Predictions are kept per example for auditing: the stored AUROC is recomputed from them.
-    from pipeline.scoring_metrics import auroc
+    from pipeline.explain.metrics import auroc
 
     rows = table(
         path,

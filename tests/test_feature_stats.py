@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.feature_stats import CodeBatch, FeatureAccumulator, lexsort, per_context_peaks
+from pipeline.features.statistics import CodeBatch, FeatureAccumulator, per_context_peaks, sort_by_keys
 
 
 def random_codes(n_contexts=40, ctx_len=12, n_features=15, k=3, seed=0):
@@ -81,5 +81,5 @@ def test_per_context_peaks_and_lexsort():
         (1, 6, 0),
         (2, 5, 2),
     ]
-    order = lexsort(torch.tensor([2, 1, 2, 1]), torch.tensor([0, 1, 0, 0]))
+    order = sort_by_keys(torch.tensor([2, 1, 2, 1]), torch.tensor([0, 1, 0, 0]))
     assert order.tolist() == [3, 1, 0, 2]

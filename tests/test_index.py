@@ -4,13 +4,13 @@ import duckdb
 import pytest
 import torch
 
-import jobs.index_job as index_job
+import jobs.index as index_job
 from jobs.cli import main
-from jobs.index_job import IndexConfig, run_index
-from jobs.sae_io import read_sae
-from pipeline.decoder_geometry import logit_effects, nearest_by_decoder
-from pipeline.packing import special_mask
-from storage.feature_queries import FeatureIndex, FeatureIndexError
+from jobs.index import IndexConfig, run_index
+from jobs.run import read_sae
+from pipeline.features.decoder_geometry import logit_effects, nearest_by_decoder
+from pipeline.lm.packing import special_mask
+from storage.index_queries import FeatureIndex, FeatureIndexError
 from storage.shards import iter_shards, read_manifest
 
 
@@ -152,7 +152,7 @@ def test_show_and_features_cli(indexed_run, capsys):
 
 
 def test_a_token_every_direction_pushes_tops_no_standardized_list():
-    from pipeline.decoder_geometry import logit_effect_rankings
+    from pipeline.features.decoder_geometry import logit_effect_rankings
 
     generator = torch.Generator().manual_seed(0)
     W_dec = torch.randn(60, 8, generator=generator)

@@ -1,4 +1,12 @@
-"""Imports follow DESIGN.md: pipeline and storage never import each other or jobs; importing does no work."""
+"""Imports follow DESIGN.md and LAYOUT.md: layers point one way, verbs stand alone, importing does no work.
+
+- pipeline and storage never import each other, jobs or dashboards;
+- dashboards import pipeline and storage, never jobs; jobs never import dashboards;
+- a verb module (``jobs/<verb>.py``) imports no other verb, except ``demo``, which is the
+  composition of cache, train, index, explain, features and serve by definition;
+- bench/ may use pipeline, storage and jobs (never dashboards) and is never imported by them;
+- dynamic imports (``importlib.import_module("x.y")``, ``__import__``) with literal names count too.
+"""
 
 import ast
 import subprocess
@@ -9,31 +17,77 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "pipeline": {"storage", "jobs", "dashboards"},
-    "storage": {"pipeline", "jobs", "dashboards"},
-    "jobs": {"dashboards"},
+    "pipeline": {"storage", "jobs", "dashboards", "bench"},
+    "storage": {"pipeline", "jobs", "dashboards", "bench"},
+    "jobs": {"dashboards", "bench"},
+    "dashboards": {"jobs", "bench"},
+    "bench": {"dashboards"},
 }
+VERBS = {"demo", "cache", "verify", "train", "evaluate", "import_sae", "index", "explain", "features", "steer", "serve"}
+"""jobs modules that implement a `saescope` verb (the rest are helpers any verb may use)."""
+COMPOSITE_VERBS = {"demo"}
 
 
-def _imported_packages(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def _dynamic_target(node: ast.Call) -> str | None:
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    first = node.args[0]
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name the file imports, statically or through importlib with a literal name."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and (target := _dynamic_target(node)):
+            names.add(target)
     return names
+
+
+def _python_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_no_import_crosses_the_layers(package):
     offenders = [
         f"{path.relative_to(ROOT)} imports {bad}"
-        for path in sorted((ROOT / package).rglob("*.py"))
-        for bad in sorted(_imported_packages(path) & FORBIDDEN[package])
+        for path in _python_files(package)
+        for bad in sorted({name.split(".")[0] for name in imported_modules(path)} & FORBIDDEN[package])
     ]
     assert offenders == []
+
+
+def test_a_verb_imports_no_other_verb():
+    offenders = []
+    for verb in sorted(VERBS - COMPOSITE_VERBS):
+        for name in sorted(imported_modules(ROOT / "jobs" / f"{verb}.py")):
+            parts = name.split(".")
+            if parts[0] == "jobs" and len(parts) > 1 and parts[1] in VERBS and parts[1] != verb:
+                offenders.append(f"jobs/{verb}.py imports {name}")
+    assert offenders == []
+
+
+def test_every_verb_module_is_registered_by_the_cli():
+    from jobs.cli import VERB_MODULES
+
+    assert {name.removeprefix("jobs.") for name in VERB_MODULES} == VERBS
+    assert all((ROOT / "jobs" / f"{verb}.py").is_file() for verb in VERBS)
+
+
+def test_the_checker_sees_dynamic_and_from_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import importlib\nfrom jobs import train\nimportlib.import_module('jobs.steer')\n__import__('storage.x')\n"
+    )
+    assert {"jobs.train", "jobs.steer", "storage.x"} <= imported_modules(probe)
 
 
 def test_importing_every_module_prints_nothing():

@@ -8,10 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from pipeline.explain_examples import Windows
-from pipeline.llm_backends import API_KEY_ENV, LlmError, OpenAIBackend
-from pipeline.llm_explainer import explanation_messages, marked_text, parse_explanation
-from pipeline.llm_scorers import fuzz_marks, llm_score, probability_of_yes
+from pipeline.explain.examples import Windows
+from pipeline.explain.llm_backends import API_KEY_ENV, LlmError, OpenAIBackend
+from pipeline.explain.llm_explainer import explanation_messages, marked_text, parse_explanation
+from pipeline.explain.llm_scorers import fuzz_marks, llm_score, probability_of_yes
 
 
 def chat_reply(text: str, logprobs: dict | None = None) -> dict:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.lm_eval import ce_loss_recovered, splice_metrics
-from pipeline.metrics import ReconstructionStats, reconstruction_report
-from pipeline.sae import Sae, SaeConfig
+from pipeline.evaluation.lm_loss import ce_loss_recovered, splice_metrics
+from pipeline.evaluation.reconstruction import ReconstructionStats, reconstruction_report
+from pipeline.sae.model import Sae, SaeConfig
 
 
 def _stats(x, x_hat, active=None, d_sae=4):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.models import ModelLoadError, load_model, resolve_spec
+from pipeline.lm.models import ModelLoadError, load_model, resolve_spec
 
 
 def test_local_folder_loads_with_its_shape(tiny_model_dir):

@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.packing import SpecialTokens, pack_contexts, special_mask
+from pipeline.lm.packing import SpecialTokens, pack_contexts, special_mask
 
 
 def test_contexts_start_with_bos_and_have_fixed_length(tokenizer):

@@ -7,7 +7,7 @@ branches run on every CPU whatever its real bfloat16 speed.
 import pytest
 import torch
 
-from pipeline.precision import choose_dtype, decide_dtype, measure_speeds, resolve_device
+from pipeline.runtime.precision import choose_dtype, decide_dtype, measure_speeds, resolve_device
 
 
 def test_explicit_dtypes_pass_through():

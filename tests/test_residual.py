@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.residual import check_layer, decoder_blocks, residual_after_block
+from pipeline.lm.hooks import check_layer, decoder_blocks, residual_after_block
 
 
 @pytest.fixture

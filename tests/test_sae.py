@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from pipeline.sae import Sae, SaeConfig, batch_topk_select, export_sae, sae_from_tensors, sae_tensors
-from pipeline.training import normalize_decoder, remove_parallel_decoder_grad
+from pipeline.sae.model import Sae, SaeConfig, batch_topk_select, export_sae
+from pipeline.sae.saelens import sae_from_tensors, sae_tensors
+from pipeline.sae.training import normalize_decoder, remove_parallel_decoder_grad
 
 
 def identity_sae(arch="topk", k=2, d=4):

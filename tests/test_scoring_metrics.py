@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.scoring_metrics import auroc, balanced_accuracy, confusion, f1, pearson
+from pipeline.explain.metrics import auroc, balanced_accuracy, confusion, f1, pearson
 
 
 def test_auroc_by_hand_with_ties():

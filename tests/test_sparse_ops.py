@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.sparse_ops import (
+from pipeline.sae.sparse_ops import (
     encode_selected,
     encode_selected_eager,
     sparse_decode,

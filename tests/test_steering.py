@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipeline.generation import SamplingConfig, compare, sample
-from pipeline.residual import decoder_blocks, residual_after_block
-from pipeline.sae import Sae, SaeConfig
-from pipeline.steering import FeatureSteer, SteeringSpec, steer
+from pipeline.lm.hooks import decoder_blocks, residual_after_block
+from pipeline.sae.model import Sae, SaeConfig
+from pipeline.steering.edit import FeatureSteer, SteeringSpec, steer
+from pipeline.steering.generation import SamplingConfig, compare, sample
 
 LAYER = 1
 

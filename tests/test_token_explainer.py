@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.explain_examples import Windows
-from pipeline.explanation_scorers import embedding_score, simulation_score, token_set_from_text, window_text
-from pipeline.token_explainer import Background, TokenSet, explain_tokens, label
+from pipeline.explain.examples import Windows
+from pipeline.explain.scorers import embedding_score, simulation_score, token_set_from_text, window_text
+from pipeline.explain.token_explainer import Background, TokenSet, explain_tokens, label
 
 FILLER = [" the", " a", " of", " and", " to", " in", " is", " it", " was", " for", " on", " with", " as", " at"]
 DIGITS = [str(d) for d in range(10)]
@@ -124,7 +124,7 @@ def test_token_set_from_free_text():
 
 def test_embedding_scorer_prefers_the_true_topic():
     """Sports windows vs finance windows: the sports explanation beats the (shuffled) finance one."""
-    from pipeline.embedding import Embedder
+    from pipeline.explain.embedding import Embedder
 
     tokens = corpus(3)
     sports, finance = activations(tokens, "sports"), activations(tokens, "finance")

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline.training as training
+import pipeline.sae.training as training
 from jobs.cli import main
-from jobs.config import ConfigError
-from jobs.sae_io import read_sae
-from jobs.train_job import TrainJobConfig, run_train
+from jobs.options import ConfigError
+from jobs.run import read_sae
+from jobs.train import TrainJobConfig, run_train
 from storage.sae_store import SaeStoreError
 
 
@@ -202,13 +202,13 @@ def test_import_refuses_a_mismatched_sae(run_copy, tmp_path):
 
 def test_auto_dtype_is_chosen_once_and_reused_on_resume(run_copy, monkeypatch):
     """ "auto" measured bfloat16 faster at the start; on resume the measurement flips, the run keeps bfloat16."""
-    import pipeline.precision
+    import pipeline.runtime.precision
 
-    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _d: {"float32": 10.0, "bfloat16": 40.0})
+    monkeypatch.setattr(pipeline.runtime.precision, "measure_speeds", lambda _d: {"float32": 10.0, "bfloat16": 40.0})
     undo = crash_training_at(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         run_train(_cfg(run_copy, dtype="auto", lm_eval_contexts=0))
     undo()
-    monkeypatch.setattr(pipeline.precision, "measure_speeds", lambda _d: {"float32": 40.0, "bfloat16": 10.0})
+    monkeypatch.setattr(pipeline.runtime.precision, "measure_speeds", lambda _d: {"float32": 40.0, "bfloat16": 10.0})
     summary = run_train(_cfg(run_copy, dtype="auto", lm_eval_contexts=0))
     assert summary.resumed_from > 0 and summary.config.dtype == "bfloat16"

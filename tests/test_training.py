@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipeline.init import geometric_median, normalization_factor
-from pipeline.sae import Sae, SaeConfig
-from pipeline.schedule import default_lr, lr_at
-from pipeline.training import (
+from pipeline.sae.initialization import geometric_median, normalization_factor
+from pipeline.sae.model import Sae, SaeConfig
+from pipeline.sae.schedule import default_lr, lr_at
+from pipeline.sae.training import (
     TrainConfig,
     TrainState,
     make_optimizer,
@@ -83,7 +83,7 @@ def test_auxk_moves_dead_latents_only_when_enabled():
 
 
 def test_dense_and_sparse_auxk_paths_agree(monkeypatch):
-    import pipeline.training as training
+    import pipeline.sae.training as training
 
     x, _ = planted_data(256)
     grads = []

@@ -6,7 +6,7 @@ from itertools import islice
 
 import torch
 
-from pipeline.packing import special_mask
+from pipeline.lm.packing import special_mask
 from storage.shards import iter_shards, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, heldout_range
 

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import bin_edges, format_density, histogram_rows, link, shade_tokens
-from dashboards.state import app_settings, explanations, feature_index, selected_sae, show_error
+from dashboards.resources import app_settings, explanations, feature_index, selected_sae, show_error
 
 
 def feature_id(text: str | None, n_features: int) -> int:

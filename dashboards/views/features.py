@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import format_density, link
-from dashboards.state import app_settings, embedder, explanations, feature_index, selected_sae, show_error
-from storage.feature_queries import SORT_COLUMNS, Example
+from dashboards.resources import app_settings, embedder, explanations, feature_index, selected_sae, show_error
+from storage.index_queries import SORT_COLUMNS, Example
 
 PAGE_SIZE = 50
 
@@ -54,7 +54,7 @@ def table(index, rows: list[dict], labels: dict[int, dict] | None = None) -> pd.
 def render_meaning(index, reader, query: str) -> None:
     """Features ranked by meaning: the closest PAGE_SIZE to the query."""
     hits = reader.search(embedder().encode([query])[0], limit=PAGE_SIZE)
-    stats = {row["feature"]: row for row in index.list_features("id", False, None, limit=index.n_features)}
+    stats = index.stats_of([hit["feature"] for hit in hits])
     rows = [{**stats[hit["feature"]], "similarity": hit["similarity"]} for hit in hits]
     st.caption(f"{len(rows)} features closest in meaning to {query!r}")
     labels = reader.labels([row["feature"] for row in rows])
@@ -106,12 +106,11 @@ def render() -> None:
         st.error("min density is above max density")
         return
     dead = {"all": None, "live": False, "dead": True}[only]
-    limit = index.n_features if search else PAGE_SIZE
     page = st.number_input("page", 1, max(1, -(-index.n_features // PAGE_SIZE)), 1) if not search else 1
-    rows = index.list_features(sort, not ascending, dead, min_pct / 100, max_pct / 100, limit, (page - 1) * PAGE_SIZE)
+    token = search if search.strip() else None
+    offset = (page - 1) * PAGE_SIZE
+    rows = index.list_features(sort, not ascending, dead, min_pct / 100, max_pct / 100, PAGE_SIZE, offset, token=token)
     if search:
-        hits = {row["feature"] for row in index.search_tokens(search, limit=1000)} if search.strip() else set()
-        rows = [row for row in rows if row["feature"] in hits][:PAGE_SIZE]
         st.caption(f"{len(rows)} features match {search!r}")
     if not rows:
         st.info("no feature matches these filters")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboards.state import app_settings, feature_index, sae_names, selected_sae, show_error
-from storage.constants import TRAIN_LOG
-from storage.sae_store import read_sae_cfg, sae_dir
+from dashboards.resources import app_settings, feature_index, sae_names, selected_sae, show_error
+from storage.sae_store import SaeRecord, sae_dir
+from storage.train_log import read_log
 
 METRIC_LABELS = {
     "fvu": "FVU",
@@ -28,8 +27,7 @@ METRIC_LABELS = {
 
 
 def metrics_of(folder: Path) -> dict:
-    record = read_sae_cfg(folder).get("saescope", {})
-    return record.get("metrics") or record.get("last_eval") or {}
+    return SaeRecord.read(folder).metrics
 
 
 def metrics_row(run: Path, name: str) -> dict:
@@ -38,11 +36,7 @@ def metrics_row(run: Path, name: str) -> dict:
 
 
 def training_log(folder: Path) -> pd.DataFrame:
-    path = folder / TRAIN_LOG
-    if not path.is_file():
-        return pd.DataFrame()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_log(folder))
 
 
 def render() -> None:
@@ -70,13 +64,12 @@ def render() -> None:
 
 
 def describe(folder: Path) -> None:
-    cfg = read_sae_cfg(folder)
-    record, meta = cfg.get("saescope", {}), cfg.get("meta", {})
-    training = record.get("training", {})
+    sae = SaeRecord.read(folder)
+    cfg, meta, training = sae.cfg, sae.meta, sae.training
     k = f", k {cfg['k']}" if "k" in cfg else ""
     st.markdown(
         f"**Model** {meta.get('model_name', '?')} · **hook** `{meta.get('hook_name', '?')}` · "
-        f"**SAE** `{folder.name}`: {record.get('trained_architecture', cfg.get('architecture', '?'))}, "
+        f"**SAE** `{folder.name}`: {sae.trained_architecture}, "
         f"d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')}{k}"
     )
     if training:

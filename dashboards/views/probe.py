@@ -6,8 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import link, shade_tokens
-from dashboards.state import app_settings, hook_lock, live_model, selected_sae, show_error
-from pipeline.probe import probe
+from dashboards.resources import app_settings, hook_lock, live_model, selected_sae, show_error
+from pipeline.features.probe import probe
 
 MAX_PROBE_TOKENS = 256
 TOP_PER_TOKEN = 5

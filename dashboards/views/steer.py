@@ -7,10 +7,10 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.render import shade_tokens
-from dashboards.state import app_settings, feature_index, hook_lock, live_model, selected_sae, show_error
-from pipeline.generation import SamplingConfig, check_length, compare
-from pipeline.packing import encode_prompt
-from pipeline.steering import MODES, POSITIONS, FeatureScale, Strength, build_spec
+from dashboards.resources import app_settings, feature_index, hook_lock, live_model, selected_sae, show_error
+from pipeline.lm.packing import encode_prompt
+from pipeline.steering.edit import MODES, POSITIONS, FeatureScale, Strength, build_spec
+from pipeline.steering.generation import SamplingConfig, check_length, compare
 
 
 def parse_features(text: str, n_features: int) -> list[int]:

@@ -1,0 +1,137 @@
+"""What every page shares: which run and SAE to show, and resources loaded once per server process.
+
+The run comes from the command line after ``--`` (``saescope serve`` passes
+``--run R [--sae NAME]``) or, for tests, from ``SAESCOPE_RUN``/``SAESCOPE_SAE``.
+The feature index is cached per (path, modification time): when `saescope
+index` replaces the file, the next page load opens the new one. The model and
+SAE are loaded once and shared by all sessions; steering and probing attach
+hooks to that shared model, so they hold ``hook_lock()`` while they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from pipeline.runtime.errors import first_line
+from storage.constants import FEATURE_INDEX
+from storage.explanations import ExplanationReader, explanations_path, open_explanations
+from storage.index_queries import FeatureIndex, open_sae_index
+from storage.sae_store import finished_sae_names, resolve_sae, sae_dir, weights_fingerprint
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    run: Path
+    sae: str | None
+
+
+def app_settings() -> AppSettings:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run", default=os.environ.get("SAESCOPE_RUN"))
+    parser.add_argument("--sae", default=os.environ.get("SAESCOPE_SAE"))
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    if not args.run:
+        raise ValueError("no run given: start the app with `saescope serve --run runs/NAME`")
+    return AppSettings(Path(args.run), args.sae)
+
+
+def sae_names(settings: AppSettings) -> list[str]:
+    return finished_sae_names(settings.run)
+
+
+def selected_sae(settings: AppSettings) -> Path:
+    """The SAE folder chosen by ?sae=NAME, else --sae, else the run's only (or first) SAE."""
+    names = sae_names(settings)
+    wanted = st.query_params.get("sae") or settings.sae
+    if wanted is None and len(names) > 1:
+        wanted = "default" if "default" in names else names[0]
+    if wanted is not None:
+        return sae_dir(settings.run, wanted) if wanted in names else resolve_sae(settings.run, wanted)
+    return resolve_sae(settings.run, None)
+
+
+@st.cache_resource
+def _open_indexes() -> dict:
+    """path -> ((mtime, size), handle): one open index or explanations reader per file, shared by sessions."""
+    return {"lock": threading.Lock(), "open": {}}
+
+
+def feature_index(sae_folder: Path) -> FeatureIndex:
+    """The read-only index of ``sae_folder``; a replaced file is reopened on the next call.
+
+    The superseded connection is closed first: DuckDB shares one database instance per path
+    within a process, so a new connection would otherwise keep reading the replaced file.
+    """
+    path = Path(sae_folder) / FEATURE_INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{sae_folder.name!r} has no feature index yet: build it with "
+            f"`saescope index --run {sae_folder.parent.parent} --sae {sae_folder.name}`"
+        )
+    return _opened(path, lambda: open_sae_index(Path(sae_folder)))
+
+
+def _opened(path: Path, opener):
+    """The shared open handle of ``path`` (``opener()``'s result), reopened when the file was replaced."""
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    registry = _open_indexes()
+    with registry["lock"]:
+        current = registry["open"].get(str(path))
+        if current is not None and current[0] == version:
+            return current[1]
+        if current is not None and current[1] is not None:
+            current[1].close()
+        handle = opener()
+        registry["open"][str(path)] = (version, handle)
+        return handle
+
+
+def explanations(sae_folder: Path) -> ExplanationReader | None:
+    """The SAE's explanations (None when `saescope explain` has not run on its weights); reopened when replaced."""
+    path = explanations_path(sae_folder)
+    if not path.is_file():
+        return None
+    return _opened(path, lambda: open_explanations(Path(sae_folder), weights_fingerprint(Path(sae_folder))))
+
+
+@st.cache_resource(show_spinner="loading the sentence-embedding model (once per server)…")
+def embedder():
+    """MiniLM for search by meaning, shared by every session."""
+    from pipeline.explain.embedding import Embedder
+
+    return Embedder()
+
+
+@st.cache_resource(max_entries=2, show_spinner="loading the model and the SAE (once per server)…")
+def live_model(run: str, sae_folder: str):
+    """(loaded model, SAE, layer) on the CPU, shared by every session."""
+    from pipeline.lm.models import load_model
+    from pipeline.sae.saelens import sae_from_saelens
+    from storage.home import converted_models_dir
+    from storage.sae_store import load_sae_files
+    from storage.shards import activations_dir, read_manifest
+
+    manifest = read_manifest(activations_dir(Path(run)))
+    loaded = load_model(
+        manifest.model_spec, convert_dir=converted_models_dir(), expect_revision=manifest.model_revision
+    )
+    return loaded, sae_from_saelens(*load_sae_files(Path(sae_folder))).eval(), manifest.layer
+
+
+@st.cache_resource
+def hook_lock() -> threading.Lock:
+    """Held while a steering or probing hook is attached to the shared model."""
+    return threading.Lock()
+
+
+def show_error(error: Exception) -> None:
+    """One readable message instead of a traceback."""
+    st.error(first_line(error))

@@ -1,0 +1,351 @@
+"""`saescope cache`: run a model over a corpus and store the residual stream after one block.
+
+Resumable: contexts come in a fixed order, shards are published atomically and
+listed in the manifests only once complete, so re-running the same command
+continues at the first unfinished shard and yields the same cache as an
+uninterrupted run. A different model, layer, ctx-len, corpus or dtype on an
+existing cache is refused rather than mixed in.
+
+Under `torchrun` each rank computes its share of the unfinished shards
+(jobs.cache_shards), writes them under its own prefix (w00, w01, ...) with its own
+``manifest.wNN.json``; after a barrier rank 0 merges them into ``manifest.json``.
+The cache lists the same contexts in the same order as a one-process run, and
+a partial cache resumes under any world size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from jobs.cache_shards import ShardSink, compute_shards, plan_shards
+from jobs.console import human_bytes, human_count
+from jobs.options import add_config_arguments, config_from_args, config_to_mapping, option, require
+from jobs.torchrun import agreed_dtype, exclusive_on_main
+from pipeline.lm.corpus import CorpusError, CorpusSpec, check_corpus, fingerprint
+from pipeline.lm.hooks import check_layer, hook_name
+from pipeline.lm.models import LoadedModel, load_model
+from pipeline.lm.packing import SpecialTokens
+from pipeline.runtime.distributed import Group, from_environment, is_main_process
+from pipeline.runtime.precision import DtypeChoice, resolve_device
+from storage.atomic import remove_stale_temps
+from storage.constants import CACHE_LOCK
+from storage.home import converted_models_dir
+from storage.run_config import update_run_config
+from storage.shards import CacheError, CacheManifest, activations_dir, read_manifest, write_manifest
+from storage.writer_manifests import merged_manifest, read_cache_state, remove_writer_manifests
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Options of `saescope cache`."""
+
+    run: str = option(help="run directory, e.g. runs/demo")
+    model: str = option(
+        "default", "'default' (SmolLM2-135M-Instruct, offline), a hub id, a model folder or a .gguf file"
+    )
+    layer: int | None = option(None, "cache the residual stream after this block (0-based; default: the middle block)")
+    dataset: str = option(
+        "default", "'default' (Python's own docs, offline), a hub dataset, or .txt/.jsonl/.parquet files"
+    )
+    dataset_config: str | None = option(None, "hub dataset configuration name")
+    split: str = option("train", "dataset split")
+    text_column: str = option("text", "column holding the text")
+    tokens: int = option(1_000_000, "positions to cache (BOS included); stops early if the corpus runs out")
+    ctx_len: int = option(128, "tokens per context")
+    batch_size: int = option(8, "contexts per forward pass")
+    dtype: Literal["float16", "bfloat16", "float32"] = option("float16", "storage dtype of the activations")
+    model_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "model compute dtype; auto measures which is faster here"
+    )
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    shard_tokens: int = option(32768, "tokens per shard file (rounded down to whole contexts)")
+    writer: str = option("w00", "shard-name prefix of this process")
+
+    def __post_init__(self):
+        require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
+        require(self.ctx_len >= 2, f"--ctx-len must be at least 2, got {self.ctx_len}")
+        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        require(
+            self.shard_tokens >= self.ctx_len,
+            f"--shard-tokens ({self.shard_tokens}) must hold one context ({self.ctx_len})",
+        )
+        require(self.layer is None or self.layer >= 0, f"layer {self.layer} out of range: layers are numbered from 0")
+        require(self.writer.isalnum(), f"--writer must be alphanumeric, got {self.writer!r}")
+
+    @property
+    def shard_contexts(self) -> int:
+        return self.shard_tokens // self.ctx_len
+
+    @property
+    def target_contexts(self) -> int:
+        return math.ceil(self.tokens / self.ctx_len)
+
+    @property
+    def corpus(self) -> CorpusSpec:
+        return CorpusSpec(self.dataset, self.dataset_config, self.split, self.text_column)
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What a cache run did."""
+
+    run_dir: Path
+    manifest: CacheManifest
+    new_tokens: int
+    seconds: float
+    already_done: bool
+    corpus_exhausted: bool
+
+
+def _recorded_request(manifest: CacheManifest) -> dict:
+    prov = manifest.provenance
+    return {
+        "model": prov["model"]["spec"],
+        "layer": prov["hook"]["layer"],
+        "ctx_len": manifest.ctx_len,
+        "corpus": prov["corpus"]["spec"],
+        "dtype": manifest.dtype,
+        "shard_contexts": manifest.shard_contexts,
+        "model_dtype": prov["model_dtype"]["name"],
+    }
+
+
+def _requested(cfg: CacheConfig, recorded: dict) -> dict:
+    return {
+        "model": cfg.model,
+        "layer": recorded["layer"] if cfg.layer is None else cfg.layer,
+        "ctx_len": cfg.ctx_len,
+        "corpus": config_to_mapping(cfg.corpus),
+        "dtype": cfg.dtype,
+        "shard_contexts": cfg.shard_contexts,
+        "model_dtype": recorded["model_dtype"] if cfg.model_dtype == "auto" else cfg.model_dtype,
+    }
+
+
+def check_same_request(manifest: CacheManifest, cfg: CacheConfig) -> None:
+    """Refuse to add to a cache made with a different model, layer, ctx-len, corpus or dtype."""
+    recorded = _recorded_request(manifest)
+    requested = _requested(cfg, recorded)
+    differences = [
+        f"{key}: cache has {recorded[key]!r}, requested {requested[key]!r}"
+        for key in recorded
+        if recorded[key] != requested[key]
+    ]
+    if differences:
+        raise CacheError(
+            f"{cfg.run} already holds a different activation cache ({'; '.join(differences)}); "
+            "use a new --run folder, or repeat the original options"
+        )
+
+
+def _check_same_content(manifest: CacheManifest, provenance: dict, run: str) -> None:
+    for part, key in (("model", "revision"), ("corpus", "fingerprint")):
+        before, now = manifest.provenance[part][key], provenance[part][key]
+        if before != now:
+            raise CacheError(
+                f"{run}: the {part} changed since this cache was started ({key} {before} -> {now}); "
+                "use a new --run folder"
+            )
+
+
+def _provenance(cfg: CacheConfig, loaded: LoadedModel, layer: int, choice: DtypeChoice, device: torch.device) -> dict:
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    return {
+        "model": loaded.info.as_dict(),
+        "tokenizer": {
+            "name": loaded.info.name,
+            "vocab_size": len(loaded.tokenizer),
+            "bos_token_id": special.bos_id,
+            "separator_token_id": special.separator_id,
+        },
+        "hook": {"layer": layer, "name": hook_name(layer)},
+        "corpus": {
+            "spec": config_to_mapping(cfg.corpus),
+            "description": cfg.corpus.describe(),
+            "fingerprint": fingerprint(cfg.corpus),
+        },
+        "model_dtype": choice.as_dict(),
+        "device": str(device),
+    }
+
+
+def _new_manifest(cfg: CacheConfig, loaded: LoadedModel, provenance: dict) -> CacheManifest:
+    return CacheManifest(
+        provenance=provenance,
+        d_model=loaded.info.d_model,
+        ctx_len=cfg.ctx_len,
+        dtype=cfg.dtype,
+        special_token_ids=SpecialTokens.from_tokenizer(loaded.tokenizer).special_ids,
+        shard_contexts=cfg.shard_contexts,
+    )
+
+
+def _is_finished(manifest: CacheManifest, cfg: CacheConfig) -> bool:
+    return manifest.complete and (
+        manifest.n_contexts >= cfg.target_contexts or manifest.extra.get("corpus_exhausted", False)
+    )
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A --run that exists must be a folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CacheError(f"--run {run_dir} is a file, not a run folder: choose another path")
+
+
+def run_cache(cfg: CacheConfig, background_writes: bool = True) -> CacheSummary:
+    """Cache activations for ``cfg``, resuming or refusing as the module docstring says."""
+    run_dir = Path(cfg.run)
+    check_run_folder(run_dir)
+    device = resolve_device(cfg.device)
+    _, done = _existing_cache(cfg, run_dir)  # read-only: a finished cache needs no corpus, model or lock
+    if done is not None:
+        return done
+    check_corpus(cfg.corpus)  # a missing or empty corpus fails here, before a model loads or a file is written
+    group = from_environment(device)
+    with exclusive_on_main(group, run_dir / CACHE_LOCK, f"the activation cache of {run_dir}"):
+        return _run_cache_locked(cfg, run_dir, group, background_writes)
+
+
+def _existing_cache(cfg: CacheConfig, run_dir: Path) -> tuple[CacheManifest | None, CacheSummary | None]:
+    """(the cache to continue or None, a summary when it is already finished) after checking the request."""
+    state = read_cache_state(activations_dir(run_dir))
+    if state is None or not state[1]:
+        return None, None  # nothing finished yet: the cache may restart with other options
+    existing = state[0]
+    check_same_request(existing, cfg)
+    if _is_finished(existing, cfg):
+        return existing, CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    return existing, None
+
+
+def _load(cfg: CacheConfig, existing: CacheManifest | None, group: Group):
+    device = group.device(resolve_device(cfg.device))
+    recorded = existing.model_dtype if existing else cfg.model_dtype
+    choice = agreed_dtype(group, recorded, device)
+    loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
+    default_layer = loaded.info.default_layer if existing is None else existing.layer
+    layer = check_layer(default_layer if cfg.layer is None else cfg.layer, loaded.info.n_layers)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.ctx_len > max_positions:
+        raise CacheError(f"--ctx-len {cfg.ctx_len} is beyond the model's {max_positions} positions")
+    provenance = _provenance(cfg, loaded, layer, choice, device)
+    if existing is not None:
+        _check_same_content(existing, provenance, cfg.run)
+        provenance["model_dtype"] = existing.provenance["model_dtype"]
+    return loaded, layer, existing or _new_manifest(cfg, loaded, provenance)
+
+
+def _prepare_folder(cfg: CacheConfig, run_dir: Path, header: CacheManifest, layer: int, fresh: bool) -> None:
+    """Rank 0, before any rank writes: run.toml, stale temp files and per-writer lists, a manifest to merge into."""
+    folder = activations_dir(run_dir)
+    model_dtype = header.model_dtype
+    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=model_dtype)))
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    if fresh:
+        remove_writer_manifests(folder)
+    write_manifest(folder, replace(header, complete=False))
+
+
+def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_writes: bool) -> CacheSummary:
+    folder = activations_dir(run_dir)
+    existing, done = _existing_cache(cfg, run_dir)  # again under the lock: another job may have moved it on
+    if done is not None:
+        return done
+    loaded, layer, header = _load(cfg, existing, group)
+    if group.is_main:
+        _prepare_folder(cfg, run_dir, header, layer, fresh=existing is None)
+    group.barrier()
+    _, records, end = read_cache_state(folder)
+    before = sum(record.n_ctx for record in records.values())
+    tasks = plan_shards(records, _context_limit(cfg, end), cfg.shard_contexts, group)
+    writer = group.writer if group.distributed else cfg.writer
+    sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes, records)
+    start = time.perf_counter()
+    compute_shards(loaded.model, loaded.tokenizer, cfg.corpus, tasks, layer, cfg.batch_size, cfg.ctx_len, sink)
+    group.barrier()  # every rank's shards are published
+    seconds = time.perf_counter() - start
+    manifest, end = _finish(cfg, folder, group)
+    new_tokens = (manifest.n_contexts - before) * cfg.ctx_len
+    return CacheSummary(run_dir, manifest, max(0, new_tokens), seconds, False, end is not None)
+
+
+def _context_limit(cfg: CacheConfig, corpus_end: int | None) -> int:
+    """Contexts the finished cache holds: the target, or fewer where the corpus ran out."""
+    return cfg.target_contexts if corpus_end is None else min(cfg.target_contexts, corpus_end)
+
+
+def _finish(cfg: CacheConfig, folder: Path, group: Group) -> tuple[CacheManifest, int | None]:
+    """Rank 0 merges every writer's shards into a complete manifest.json; the other ranks then read it."""
+    if group.is_main:
+        _merge_complete(cfg, folder)
+    group.barrier()
+    manifest = read_manifest(folder)
+    return manifest, manifest.extra.get("exhausted_at")
+
+
+def _merge_complete(cfg: CacheConfig, folder: Path) -> None:
+    merged, records, end = read_cache_state(folder)
+    manifest = merged_manifest(merged, records, end)
+    limit = _context_limit(cfg, end)
+    if manifest.n_contexts == 0:
+        raise CorpusError(
+            f"corpus {cfg.corpus.describe()!r} holds too little text for one context of {cfg.ctx_len} tokens"
+        )
+    if manifest.n_contexts < limit:
+        raise CacheError(
+            f"{folder}: contexts {manifest.n_contexts}-{limit} are missing after every rank finished; "
+            "re-run the same command to compute them"
+        )
+    extra = {**manifest.extra, "target_tokens": cfg.target_contexts * cfg.ctx_len, "corpus_exhausted": end is not None}
+    write_manifest(folder, replace(manifest, complete=True, extra=extra))
+    remove_writer_manifests(folder)
+
+
+def format_summary(summary: CacheSummary) -> str:
+    """The end-of-job report: what is where, how fast, and what to run next."""
+    m = summary.manifest
+    prov = m.provenance
+    size = sum(record.n_bytes for record in m.shards)
+    lines = []
+    if summary.already_done:
+        lines.append(
+            f"{summary.run_dir}: activation cache already complete ({human_count(m.n_tokens)} tokens); nothing to do."
+        )
+    else:
+        rate = summary.new_tokens / summary.seconds if summary.seconds else 0.0
+        lines.append(
+            f"cached {human_count(summary.new_tokens)} new tokens in {summary.seconds:.0f}s ({rate:,.0f} tokens/s)"
+        )
+    if summary.corpus_exhausted:
+        asked = human_count(m.extra.get("target_tokens", 0))
+        lines.append(f"note: the corpus ran out at {human_count(m.n_tokens)} tokens (asked for {asked})")
+    model, dtype = prov["model"], prov["model_dtype"]
+    lines += [
+        f"  model      {model['name']} ({model['source']}), {prov['hook']['name']}, d_model {m.d_model}",
+        f"  compute    {dtype['name']} ({dtype['reason']})",
+        f"  corpus     {prov['corpus']['description']}",
+        f"  cache      {activations_dir(summary.run_dir)}: {len(m.shards)} shards, "
+        f"{m.n_contexts} contexts x {m.ctx_len} tokens, {m.dtype}, {human_bytes(size)}",
+        f"next: saescope verify --run {summary.run_dir}   |   saescope train --run {summary.run_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("cache", help="cache a model's residual-stream activations as shards")
+    add_config_arguments(parser, CacheConfig)
+    parser.set_defaults(handler=command)
+
+
+def command(args) -> int:
+    summary = run_cache(config_from_args(CacheConfig, args))
+    if is_main_process():
+        print(format_summary(summary))
+    return 0

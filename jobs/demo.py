@@ -1,0 +1,90 @@
+"""`saescope demo`: cache, train, index and explain on the offline defaults, reusing finished stages.
+
+Sizes are chosen to finish in about 10-15 minutes on a 2-core laptop CPU:
+200k tokens of SmolLM2-135M-Instruct layer-15 activations, a 4608-latent TopK
+SAE (k=32) trained for 10 passes over them, an index of all cached tokens, and
+token-explainer labels scored offline (no LLM) for every live feature.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from jobs import cache, explain, features, index, serve, train
+from jobs.features import render_example
+from storage.constants import DEFAULT_SAE_NAME
+from storage.index_builder import INDEX_FORMAT_VERSION, index_path
+from storage.index_queries import open_sae_index
+from storage.sae_store import sae_dir
+
+DEMO_RUN = "runs/demo"
+DEMO_TOKENS = 200_000
+DEMO_D_SAE = 4608
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="cache, train and index on the offline default model and corpus")
+    parser.add_argument("--run", default=DEMO_RUN, help=f"run directory (default: {DEMO_RUN})")
+    parser.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens to cache (default: {DEMO_TOKENS:,})")
+    parser.add_argument("--d-sae", type=int, default=DEMO_D_SAE, help=f"SAE latents (default: {DEMO_D_SAE})")
+    parser.add_argument("--no-serve", action="store_true", help="stop after indexing instead of serving the dashboard")
+    serve.add_serve_arguments(parser, with_run=False)
+    parser.set_defaults(handler=command)
+
+
+def _stage(number: int, text: str) -> None:
+    print(f"\n[{number}/4] {text}", flush=True)
+
+
+def command(args) -> int:
+    started = time.perf_counter()
+    _stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
+    print(cache.format_summary(cache.run_cache(cache.CacheConfig(run=args.run, tokens=args.tokens))))
+    _stage(2, f"training a TopK SAE (d_sae {args.d_sae}, k 32)")
+    train_cfg = train.TrainJobConfig(run=args.run, d_sae=args.d_sae)
+    print(train.format_summary(train.run_train(train_cfg, say=print)))
+    _stage(3, "indexing every feature's statistics and examples")
+    folder = sae_dir(args.run, DEFAULT_SAE_NAME)
+    if index_is_current(folder):
+        print(f"{index_path(folder)}: index already built; nothing to do (run `saescope index` to rebuild)")
+    else:
+        print(index.format_summary(index.run_index(index.IndexConfig(run=args.run)), args.run))
+    _stage(4, "labelling every live feature (token explainer) and scoring the labels against a control")
+    explained = explain.run_explain(explain.ExplainConfig(run=args.run))
+    print(f"explained {explained.n_explained} features in {explained.seconds:.0f}s "
+          f"({explained.n_done_before} were already done)\n{explained.report}")  # fmt: skip
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. A few features worth reading first:")
+    print_interesting(args.run)
+    print("\nlook further:")
+    lines = ("features --run {run} --sort max", 'features --run {run} --query "file paths"',
+             "show --run {run} --feature N", "serve --run {run}")  # fmt: skip
+    for line in lines:
+        print("  saescope " + line.format(run=args.run))
+    if args.no_serve:
+        return 0
+    print()
+    return serve.serve(Path(args.run), None, args.host, args.port)
+
+
+def index_is_current(sae_folder) -> bool:
+    """An index exists and was built from the SAE's current weights."""
+    if not index_path(sae_folder).is_file():
+        return False
+    try:
+        index = open_sae_index(sae_folder)
+    except ValueError:
+        return False
+    with index:
+        return int(index.metadata["index"].get("format_version", 1)) >= INDEX_FORMAT_VERSION
+
+
+def print_interesting(run: str, count: int = 5) -> None:
+    colour = features._use_colour()
+    with features.open_index(run, None) as index:
+        for feature in index.interesting(count):
+            summary = index.summary(feature)
+            example = index.top_examples(feature, 1)[0]
+            promoted = " ".join(repr(t) for t, _ in summary["promoted"][:5])
+            print(f"  #{feature:<5} density {summary['density']:.2e}  promotes {promoted}")
+            print(f"         {render_example(example, colour, summary['max_act'])}")

@@ -1,0 +1,113 @@
+"""What most verbs start with: a run's cache manifest, its SAE folder, the SAE, the checked model, the index.
+
+``open_run`` replaces the preamble every verb used to repeat (read the manifest,
+resolve the SAE, load the model the cache was made with and check its revision).
+Reading and writing SAE artifacts joins ``storage.sae_store`` (the files) and
+``pipeline.sae.saelens`` (the layout); a bad artifact becomes a ``SaeStoreError``
+naming its folder.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from pipeline.lm.models import LoadedModel, load_model
+from pipeline.sae.model import Sae
+from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, sae_tensors
+from storage.explanations import ExplanationReader, open_explanations
+from storage.home import converted_models_dir
+from storage.index_queries import FeatureIndex, open_sae_index
+from storage.sae_store import SaeStoreError, load_sae_files, resolve_sae, save_sae, weights_fingerprint
+from storage.shards import CacheManifest, activations_dir, read_manifest
+
+
+def write_sae(folder: Path, sae: Sae, meta: dict, record: dict, metrics: dict | None) -> dict:
+    """Save an exported SAE in the SAELens layout with saescope's record; returns its cfg.json."""
+    cfg = sae_cfg_dict(sae, meta, record)
+    save_sae(folder, sae_tensors(sae), cfg, metrics)
+    return cfg
+
+
+def read_sae(folder: Path) -> tuple[Sae, dict]:
+    """Load an SAE folder (saescope or SAELens) into an inference SAE taking raw activations."""
+    tensors, cfg = load_sae_files(folder)
+    try:
+        return sae_from_saelens(tensors, cfg), cfg
+    except ValueError as error:
+        raise SaeStoreError(f"{folder}: {error}") from error
+
+
+def load_run_model(manifest: CacheManifest, device: torch.device | str) -> LoadedModel:
+    """The model that produced the cache, checked against the cache's recorded revision."""
+    return load_model(
+        manifest.model_spec, device=device, convert_dir=converted_models_dir(), expect_revision=manifest.model_revision
+    )
+
+
+def check_fits_cache(cfg: dict, manifest: CacheManifest, source: Path) -> None:
+    """The SAE must read activations of the cache's width and hook."""
+    if int(cfg["d_in"]) != manifest.d_model:
+        raise SaeStoreError(f"{source} reads d_in={cfg['d_in']} but the cache holds d_model={manifest.d_model}")
+    layer, cached = hook_layer_of(cfg), manifest.layer
+    if layer is not None and layer != cached:
+        raise SaeStoreError(f"{source} was trained on layer {layer} but the cache holds layer {cached}")
+
+
+class Run:
+    """An opened run: its folder, its cache manifest (read when first needed) and one SAE folder (or None)."""
+
+    def __init__(self, folder: Path, sae_folder: Path | None):
+        self.folder, self.sae_folder = folder, sae_folder
+
+    @cached_property
+    def manifest(self) -> CacheManifest:
+        return read_manifest(activations_dir(self.folder))
+
+    @property
+    def layer(self) -> int:
+        return self.manifest.layer
+
+    def _sae_folder(self) -> Path:
+        if self.sae_folder is None:
+            raise ValueError(f"{self.folder} was opened without an SAE")
+        return self.sae_folder
+
+    def sae(self) -> tuple[Sae, dict]:
+        """The SAE (inference, raw units) and its cfg.json."""
+        return read_sae(self._sae_folder())
+
+    def model(self, device: torch.device | str) -> LoadedModel:
+        """The model the cache was made with, its revision checked."""
+        return load_run_model(self.manifest, device)
+
+    def index(self) -> FeatureIndex:
+        """The SAE's feature index (refused when stale or missing, with the command that builds it)."""
+        return open_sae_index(self._sae_folder())
+
+    def labels(self) -> ExplanationReader | None:
+        """The SAE's explanations, or None when `saescope explain` has not run on these weights."""
+        folder = self._sae_folder()
+        return open_explanations(folder, weights_fingerprint(folder))
+
+
+def open_run(run: str | Path, sae: str | None = None, with_sae: bool = True) -> Run:
+    """The run and, with ``with_sae``, the SAE named ``sae`` (default: the run's only one), checked to exist."""
+    folder = Path(run)
+    return Run(folder, resolve_sae(folder, sae) if with_sae else None)
+
+
+def saelens_meta(manifest: CacheManifest) -> dict:
+    """SAELens' ``meta`` block of cfg.json for an SAE trained on this cache."""
+    prov = manifest.provenance
+    return {
+        "model_name": prov["model"]["name"],
+        "hook_name": prov["hook"]["name"],
+        "hook_layer": prov["hook"]["layer"],
+        "context_size": manifest.ctx_len,
+        "prepend_bos": True,
+        "exclude_special_tokens": list(manifest.special_token_ids),
+        "dataset_path": prov["corpus"]["description"],
+    }

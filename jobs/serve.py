@@ -1,0 +1,112 @@
+"""`saescope serve`: start the Streamlit feature browser on a run with Streamlit's own server.
+
+Checks the run and its SAE before starting (one clear line when something is
+missing), binds to 127.0.0.1 unless --host says otherwise, prints the URL, and
+stops the server cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.options import counted
+from storage.index_builder import index_path
+from storage.sae_store import resolve_sae
+from storage.shards import activations_dir, read_manifest
+
+
+class ServeError(ValueError):
+    """The dashboard cannot start as asked."""
+
+
+def app_path() -> Path:
+    """dashboards/app.py, found without importing the dashboards package (jobs may not import it)."""
+    spec = importlib.util.find_spec("dashboards")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("the dashboards package is not installed: reinstall saescope")
+    return Path(next(iter(spec.submodule_search_locations))) / "app.py"
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ServeError(f"cannot listen on {host}:{port} ({error.strerror}): pick another --port") from error
+
+
+def streamlit_command(run: Path, sae: str | None, host: str, port: int) -> list[str]:
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app_path()),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--client.toolbarMode", "viewer", "--theme.base", "light",
+        "--", "--run", str(run),
+    ]  # fmt: skip
+    return command + (["--sae", sae] if sae else [])
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="browse a run's features in the Streamlit dashboard")
+    add_serve_arguments(parser)
+    parser.set_defaults(handler=command)
+
+
+def add_serve_arguments(parser, with_run: bool = True) -> None:
+    if with_run:
+        parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--sae", default=None, help="SAE to open first (default: the run's only SAE)")
+    parser.add_argument("--port", type=counted(1), default=8501, help="port (default: 8501)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+
+
+def serve(run: Path, sae: str | None, host: str, port: int) -> int:
+    """Run the dashboard until Ctrl-C; returns the server's exit status."""
+    read_manifest(activations_dir(run))
+    folder = resolve_sae(run, sae)
+    if not index_path(folder).is_file():
+        print(f"note: {folder.name!r} has no feature index yet; run `saescope index --run {run}` for the feature pages")
+    check_port_free(host, port)
+    shown_host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+    print(f"saescope dashboard for {run}: http://{shown_host}:{port}   (Ctrl-C to stop)", flush=True)
+    # Ctrl-C and `kill` both stop the server (SIGINT explicitly: a shell may start us with it ignored)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = subprocess.Popen(
+        streamlit_command(run, sae, host, port), stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        print("dashboard stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the server process (Linux): receive SIGTERM when saescope itself dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def command(args) -> int:
+    return serve(Path(args.run), args.sae, args.host, args.port)

@@ -1,0 +1,127 @@
+"""What the language model loses when the SAE's reconstruction replaces its residual stream.
+
+Shape legend: B contexts, T positions, D d_model, V vocabulary.
+
+For each batch of held-out contexts the full model runs three times:
+  clean   : untouched;
+  spliced : the output of block ``layer`` replaced by the SAE's reconstruction;
+  zero    : the output of block ``layer`` replaced by zeros (the ablation baseline).
+Only positions holding ordinary tokens are replaced; special-token positions
+(BOS, separators) keep their clean values in both spliced and zero runs, since
+the SAE never saw them in training. Next-token cross-entropy is averaged over
+positions t whose input token t and target token t+1 are both ordinary, and
+
+    CE-loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
+    delta LM loss     = CE_spliced - CE_clean
+    KL                = mean over the same positions of KL(p_clean || p_spliced)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.lm.hooks import block_hook, block_output, replace_block_output
+
+
+@dataclass(frozen=True)
+class SpliceMetrics:
+    """Language-model loss with the SAE spliced in, against clean and zero-ablated runs."""
+
+    n_tokens: int
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    ce_loss_recovered: float
+    delta_lm_loss: float
+    kl_spliced: float
+    """Mean KL(clean || spliced) in nats."""
+    kl_zero: float
+    """Mean KL(clean || zero-ablated) in nats."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(CE_zero - CE_spliced) / (CE_zero - CE_clean)."""
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
+def _replacing_hook(replace: Callable[[torch.Tensor], torch.Tensor], ordinary_BT: torch.Tensor):
+    def hook(_module, _inputs, output):
+        hidden_BTD = block_output(output)
+        new = replace(hidden_BTD[ordinary_BT]).to(hidden_BTD.dtype)
+        patched = hidden_BTD.clone()
+        patched[ordinary_BT] = new
+        return replace_block_output(output, patched)
+
+    return hook
+
+
+def _logits(model: nn.Module, ids_BT: torch.Tensor, layer: int | None = None, hook=None) -> torch.Tensor:
+    if hook is None:
+        return model(input_ids=ids_BT, use_cache=False).logits.float()
+    with block_hook(model, layer, hook):
+        return model(input_ids=ids_BT, use_cache=False).logits.float()
+
+
+def _token_ce_and_kl(clean_BTV, other_BTV, targets_BT, scored_BT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored position: CE of the other run on the targets, and KL(clean || other)."""
+    logp_clean = F.log_softmax(clean_BTV[scored_BT], dim=-1)
+    logp_other = F.log_softmax(other_BTV[scored_BT], dim=-1)
+    ce = -logp_other.gather(1, targets_BT[scored_BT].unsqueeze(1)).squeeze(1)
+    kl = (logp_clean.exp() * (logp_clean - logp_other)).sum(-1)
+    return ce, kl
+
+
+@torch.inference_mode()
+def splice_metrics(
+    model: nn.Module,
+    layer: int,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    tokens_CT: torch.Tensor,
+    ordinary_CT: torch.Tensor,
+    batch_size: int = 8,
+) -> SpliceMetrics:
+    """CE-loss recovered, delta LM loss and KL on the given contexts (see module docstring)."""
+    device = next(model.parameters()).device
+    sums = {key: 0.0 for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero")}
+    n_scored = 0
+    for start in range(0, tokens_CT.shape[0], batch_size):
+        ids = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
+        ordinary = ordinary_CT[start : start + batch_size].to(device)
+        targets = ids[:, 1:]
+        scored = ordinary[:, :-1] & ordinary[:, 1:]
+        clean = _logits(model, ids)[:, :-1]
+        spliced = _logits(model, ids, layer, _replacing_hook(reconstruct, ordinary))[:, :-1]
+        zero = _logits(model, ids, layer, _replacing_hook(torch.zeros_like, ordinary))[:, :-1]
+        ce_clean, _ = _token_ce_and_kl(clean, clean, targets, scored)
+        ce_spliced, kl_spliced = _token_ce_and_kl(clean, spliced, targets, scored)
+        ce_zero, kl_zero = _token_ce_and_kl(clean, zero, targets, scored)
+        for key, values in (
+            ("ce_clean", ce_clean),
+            ("ce_spliced", ce_spliced),
+            ("ce_zero", ce_zero),
+            ("kl_spliced", kl_spliced),
+            ("kl_zero", kl_zero),
+        ):
+            sums[key] += values.double().sum().item()
+        n_scored += int(scored.sum())
+    if n_scored == 0:
+        raise ValueError("no scorable positions: every position is a special token")
+    means = {key: value / n_scored for key, value in sums.items()}
+    return SpliceMetrics(
+        n_tokens=n_scored,
+        ce_clean=means["ce_clean"],
+        ce_spliced=means["ce_spliced"],
+        ce_zero=means["ce_zero"],
+        ce_loss_recovered=ce_loss_recovered(means["ce_clean"], means["ce_spliced"], means["ce_zero"]),
+        delta_lm_loss=means["ce_spliced"] - means["ce_clean"],
+        kl_spliced=means["kl_spliced"],
+        kl_zero=means["kl_zero"],
+    )

@@ -1,0 +1,1 @@
+"""Explaining features: examples, token and LLM explainers, scorers, their metrics, backends, embeddings."""

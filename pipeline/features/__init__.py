@@ -1,0 +1,1 @@
+"""What features do: streaming statistics, decoder geometry (logit effects, neighbours), text probes."""

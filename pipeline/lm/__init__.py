@@ -1,0 +1,1 @@
+"""The language model side: loading, corpora, packing into contexts, hooks, activations."""

@@ -1,0 +1,51 @@
+"""Residual-stream activations for a block of contexts, computed batch by batch.
+
+Shape legend: C contexts, T positions, D d_model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pipeline.lm.hooks import residual_after_block
+
+
+@torch.inference_mode()
+def compute_activations(
+    model: nn.Module,
+    tokens_CT: torch.Tensor,
+    layer: int,
+    batch_size: int,
+    out_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Residual stream after block ``layer`` for every context, on CPU in ``out_dtype`` [C, T, D].
+
+    Batches are always cut at the same offsets for the same inputs, so the same
+    contexts give bit-identical activations on the same machine. ``on_batch`` is
+    called with the number of tokens after each batch (for progress bars). On a
+    GPU each batch is cast there and copied into one pinned host buffer without
+    blocking, so the next batch's forward is queued while the copy runs; the
+    single synchronize is at the end.
+    """
+    device = next(model.parameters()).device
+    outputs, pinned = [], None
+    for start in range(0, tokens_CT.shape[0], batch_size):
+        ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
+        acts_BTD = residual_after_block(model, ids_BT, layer).to(out_dtype)
+        if device.type == "cuda":
+            if pinned is None:
+                shape = (tokens_CT.shape[0], *acts_BTD.shape[1:])
+                pinned = torch.empty(shape, dtype=out_dtype, pin_memory=True)
+            pinned[start : start + ids_BT.shape[0]].copy_(acts_BTD, non_blocking=True)
+        else:
+            outputs.append(acts_BTD)
+        if on_batch is not None:
+            on_batch(ids_BT.numel())
+    if pinned is not None:
+        torch.cuda.synchronize(device)
+        return pinned
+    return torch.cat(outputs)

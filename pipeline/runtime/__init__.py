@@ -1,0 +1,1 @@
+"""Where and how things run: torch.distributed groups, dtype choice by measurement, error lines."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the model, sparse kernels, SAELens layout, initialization, training, schedules."""

@@ -1,0 +1,1 @@
+"""Steering: feature edits as an immutable spec and hook, and generation with and without them."""
