@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import first_line
+from pipeline.packing import chat_ids
 
 API_KEY_ENV = "SAESCOPE_LLM_API_KEY"
 """Environment variable holding the bearer token for an HTTP endpoint (OPENAI_API_KEY is used when unset)."""
@@ -48,9 +49,8 @@ class TransformersBackend:
         self.device = next(model.parameters()).device
 
     def _prompt_ids(self, messages: list[dict]) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return ids.to(self.device)
+        """[1, T] ids of the messages in the chat template (the same rule as the steer verb's --chat)."""
+        return torch.tensor([chat_ids(self.tokenizer, messages)], device=self.device)
 
     @torch.no_grad()
     def complete(self, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0, top_logprobs: int = 0):
