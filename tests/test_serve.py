@@ -129,3 +129,19 @@ def test_default_serve_listens_on_loopback_only(indexed_run, tmp_path):
         stop(process)
     assert process.returncode == 0
     assert listening_addresses(port) == set()  # the Streamlit child is gone too
+
+
+def test_the_port_check_takes_ipv6_literals():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    jobs.serve_job.check_port_free("::1", free_port())  # an IPv4-only probe would refuse this address
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        with pytest.raises(jobs.serve_job.ServeError, match=r"cannot listen on ::1:\d+ .*pick another --port"):
+            jobs.serve_job.check_port_free("::1", taken.getsockname()[1])
