@@ -45,6 +45,8 @@ class TransformersBackend:
     """A local causal LM with a chat template (e.g. SmolLM2-135M-Instruct)."""
 
     def __init__(self, model, tokenizer, name: str):
+        if not getattr(tokenizer, "chat_template", None):
+            raise LlmError(f"{name} has no chat template: give --llm a chat (instruct) model")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.device = next(model.parameters()).device
 

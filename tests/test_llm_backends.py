@@ -183,5 +183,5 @@ def test_local_backend_prompts_through_the_shared_chat_rule(tiny_model, monkeypa
 def test_local_backend_without_chat_template_is_a_clear_error(tiny_model, tokenizer):
     from pipeline.llm_backends import TransformersBackend
 
-    with pytest.raises(ValueError, match="no chat template"):
-        TransformersBackend(tiny_model, tokenizer, "tiny").complete([{"role": "user", "content": "hi"}])
+    with pytest.raises(LlmError, match="^tiny has no chat template: give --llm a chat \\(instruct\\) model$"):
+        TransformersBackend(tiny_model, tokenizer, "tiny")
