@@ -1,13 +1,15 @@
 """`saescope serve`: start the Streamlit feature browser on a run with Streamlit's own server.
 
 Checks the run and its SAE before starting (one clear line when something is
-missing), binds to 127.0.0.1 unless --host says otherwise, prints the URL, and
-stops the server cleanly on Ctrl-C.
+missing), binds to 127.0.0.1 unless --host says otherwise, prints the URL it
+really listens on (with a one-line warning when that is reachable from other
+machines), and stops the server cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import signal
 import socket
 import subprocess
@@ -33,12 +35,51 @@ def app_path() -> Path:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal such as :: or ::1
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
         try:
             probe.bind((host, port))
         except OSError as error:
             raise ServeError(f"cannot listen on {host}:{port} ({error.strerror}): pick another --port") from error
+
+
+def address_line(run: Path, host: str, port: int) -> str:
+    """The line naming the address the server really listens on (not a friendlier alias of it)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"saescope dashboard for {run}: http://{shown}:{port}   (Ctrl-C to stop)"
+
+
+def exposure_warning(host: str) -> str | None:
+    """One warning line when ``host`` is reachable from other machines; None for loopback only."""
+    if _is_loopback(host):
+        return None
+    if _is_unspecified(host):
+        where = f"every interface ({host})"
+    else:
+        where = f"{host}, not only this machine"
+    return f"warning: listening on {where}: anyone who can reach this machine can open the dashboard and run the model"
+
+
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return []
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+def _is_loopback(host: str) -> bool:
+    addresses = _addresses(host)
+    return bool(addresses) and all(a.is_loopback for a in addresses)
+
+
+def _is_unspecified(host: str) -> bool:
+    return any(a.is_unspecified for a in _addresses(host))
 
 
 def streamlit_command(run: Path, sae: str | None, host: str, port: int) -> list[str]:
@@ -73,8 +114,10 @@ def serve(run: Path, sae: str | None, host: str, port: int) -> int:
     if not index_path(folder).is_file():
         print(f"note: {folder.name!r} has no feature index yet; run `saescope index --run {run}` for the feature pages")
     check_port_free(host, port)
-    shown_host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
-    print(f"saescope dashboard for {run}: http://{shown_host}:{port}   (Ctrl-C to stop)", flush=True)
+    print(address_line(run, host, port), flush=True)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # Ctrl-C and `kill` both stop the server (SIGINT explicitly: a shell may start us with it ignored)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = subprocess.Popen(

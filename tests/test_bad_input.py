@@ -113,20 +113,42 @@ DAMAGE = {
 }
 
 
+READS = {
+    "features": {"index", "weights"},  # the index, checked against the weights' hash
+    "show": {"index", "weights"},
+    "train": {"manifest", "run.toml"},  # --force replaces cfg.json, the weights and the index
+    "eval": {"manifest", "cfg.json", "weights"},
+    "index": {"manifest", "cfg.json", "weights"},  # it rebuilds features.duckdb
+}
+"""Which damaged files each verb reads: those must stop it with exit 2; the others must not disturb it."""
+REWRITES = {("index", "index"), ("train", "cfg.json"), ("train", "weights")}
+"""(verb, file) pairs where the verb replaces the damaged file with a good one instead of reading it."""
+
+
 @pytest.mark.parametrize("damaged", sorted(DAMAGE))
-@pytest.mark.parametrize("verb", ["features", "show", "train", "eval", "index"])
+@pytest.mark.parametrize("verb", sorted(READS))
 def test_damaged_files_name_the_file_whichever_verb_reads_them(capsys, indexed_copy, damaged, verb):
     relative, garbage, message = DAMAGE[damaged]
     (indexed_copy / relative).write_bytes(garbage)
     extra = {"show": ["--feature", "1"], "train": ["--name", "default", "--force", "--device", "cpu"]}
     extra["eval"] = extra["index"] = ["--device", "cpu"]
     code, err = run_cli(capsys, verb, "--run", indexed_copy, *extra.get(verb, []))
-    if code == 0:  # this verb does not read that file
+    if damaged not in READS[verb]:
+        assert code == 0 and "error" not in err.lower(), err
+        if (verb, damaged) in REWRITES:
+            from jobs.run import read_sae
+
+            assert (indexed_copy / relative).read_bytes() != garbage
+            assert read_sae(indexed_copy / "saes" / "default")[0].cfg.d_in == 32  # the rewritten SAE reads back
+            if verb == "index":
+                assert main(["show", "--run", str(indexed_copy), "--feature", "1"]) == 0  # the new index serves
         return
     line = one_line_error(code, err)
     if damaged == "weights" and verb in ("features", "show"):
         message = "was built from other weights"  # the index check reads the weights' hash, not their tensors
-    assert message in line, line
+    assert message in line and line.startswith("error: "), line
+    named = "features.duckdb" if message == "was built from other weights" else Path(relative).name
+    assert named in line, line  # the file to look at (the stale index, when the weights changed under it)
 
 
 def test_train_checks_shards(capsys, indexed_copy):

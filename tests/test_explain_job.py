@@ -96,25 +96,42 @@ def table(path, sql):
         con.close()
 
 
-def test_explain_resume_rerun_and_new_settings(indexed_copy, monkeypatch):
+def test_explain_resume_rerun_and_new_settings(indexed_copy, monkeypatch, tmp_path):
+    import shutil
+
+    clean_copy = tmp_path / "clean"
+    shutil.copytree(indexed_copy, clean_copy)
     live = table(indexed_copy / "saes/default/features.duckdb", "SELECT count(*) FROM features WHERE NOT dead")[0][0]
     calls = {"n": 0}
-    append = explanations_store.ExplanationStore.append
+    insert = explanations_store.ExplanationStore._insert
+    sae_folder = indexed_copy / "saes" / "default"
 
-    def dies_on_second_batch(self, batch):
+    def killed_while_publishing_the_second_batch(self, con, batch):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return append(self, batch)
+        if calls["n"] < 2:
+            return insert(self, con, batch)
+        first_table = next(iter(batch.rows))
+        partial = explanations_store.ExplanationBatch({first_table: batch.rows[first_table]})
+        insert(self, con, partial)  # some of the batch's rows are in the temp copy ...
+        con.execute("CHECKPOINT")
+        (temp,) = sae_folder.glob(".explanations.duckdb.*.tmp")
+        shutil.copyfile(temp, sae_folder / ".explanations.duckdb.1.tmp")  # ... and stay there, as after SIGKILL
+        raise KeyboardInterrupt  # before the rename that would publish them
 
-    monkeypatch.setattr(explanations_store.ExplanationStore, "append", dies_on_second_batch)
+    monkeypatch.setattr(explanations_store.ExplanationStore, "_insert", killed_while_publishing_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_explain(explain_cfg(indexed_copy))
-    path = explanations_path(indexed_copy / "saes" / "default")
-    assert table(path, "SELECT count(*) FROM done")[0][0] == 16  # the first batch survived
-    monkeypatch.setattr(explanations_store.ExplanationStore, "append", append)
+    path = explanations_path(sae_folder)
+    assert calls["n"] == 2 and (sae_folder / ".explanations.duckdb.1.tmp").is_file()
+    assert table(path, "SELECT count(*) FROM done")[0][0] == 16  # the first batch survived, whole
+    assert table(path, "SELECT count(DISTINCT feature) FROM explanations")[0][0] == 16  # nothing of the second
+    monkeypatch.setattr(explanations_store.ExplanationStore, "_insert", insert)
     resumed = run_explain(explain_cfg(indexed_copy))
     assert resumed.n_done_before == 16 and resumed.n_explained == live - 16
+    assert not list(sae_folder.glob(".explanations.duckdb.*.tmp*"))  # the dead job's temp copy is gone
+    run_explain(explain_cfg(clean_copy))
+    for sql in ("SELECT * FROM explanations ORDER BY ALL", "SELECT * FROM scores ORDER BY ALL"):
+        assert table(path, sql) == table(explanations_path(clean_copy / "saes" / "default"), sql)
     assert "simulation auroc" in resumed.report and "control" in resumed.report
     first = table(path, "SELECT * FROM scores ORDER BY ALL")
     assert table(path, "SELECT count(DISTINCT feature) FROM explanations")[0][0] == live

@@ -41,13 +41,44 @@ def test_statistics_match_dense_codes(indexed_run):
             ).fetchall()
         )
         assert all(sums[f] == n_active[f] for f in sums) and len(sums) == sum(n > 0 for n in n_active)
-    spread = con.execute(
-        "SELECT max(n) - min(n) FROM (SELECT feature, max(n_activations) - min(n_activations) AS n "
+    largest_spread = con.execute(  # within each feature, across its quantile bins; then the worst feature
+        "SELECT max(n) FROM (SELECT feature, max(n_activations) - min(n_activations) AS n "
         "FROM interval_bins WHERE kind = 'quantile' GROUP BY feature)"
     ).fetchone()[0]
     hist_total = dict(con.execute("SELECT feature, list_sum(counts) FROM histograms").fetchall())
-    assert spread <= 1
+    assert largest_spread <= 1
     assert all(hist_total[f] == n_active[f] for f in hist_total)
+
+
+def ntile_sizes(n: int, bins: int) -> list[int]:
+    """SQL ntile(bins) over n rows: the first n % bins buckets hold one row more; never an empty bucket."""
+    return [n // bins + (b < n % bins) for b in range(min(n, bins))]
+
+
+def test_quantile_bins_are_equal_count_slices_of_the_sorted_activations(indexed_run):
+    """Per feature: bins 0..min(n, 8)-1, sizes as ntile gives them, bounds the first and last value of each slice."""
+    run, path = indexed_run
+    codes = dense_codes(run)
+    con = duckdb.connect(str(path), read_only=True)
+    rows = con.execute(
+        "SELECT feature, bin, lower, upper, n_activations FROM interval_bins WHERE kind = 'quantile' "
+        "ORDER BY feature, bin"
+    ).fetchall()
+    assert rows and max(r[1] for r in rows) == 7  # the builder's default of 8 bins is used somewhere
+    checked = 0
+    for feature in range(codes.shape[1]):
+        values = codes[:, feature][codes[:, feature] > 0].sort().values
+        mine = [r for r in rows if r[0] == feature]
+        sizes = ntile_sizes(len(values), 8)
+        assert [r[1] for r in mine] == list(range(len(sizes))) and [r[4] for r in mine] == sizes
+        if not sizes:
+            continue
+        first = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        last = torch.tensor(sizes).cumsum(0) - 1
+        torch.testing.assert_close(torch.tensor([r[2] for r in mine]), values[first])
+        torch.testing.assert_close(torch.tensor([r[3] for r in mine]), values[last])
+        checked += 1
+    assert checked > 10
 
 
 def test_equal_width_bin_counts_by_hand(indexed_run):

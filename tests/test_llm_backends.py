@@ -155,3 +155,33 @@ def test_detection_through_the_server(server):
     score = llm_score("detection", OpenAIBackend(server.url, "m", retries=0), "digits", test, labels, VOCAB)
     assert score.metrics == {"balanced_accuracy": 1.0, "f1": 1.0, "auroc": 1.0}
     assert "digits" in server.requests[0]["body"]["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("style", ["transformers 5 mapping", "transformers 4 tensor"])
+def test_local_backend_prompts_through_the_shared_chat_rule(tiny_model, monkeypatch, style):
+    """The local backend's prompt ids are the rendered chat template, whatever apply_chat_template returns."""
+    import torch
+    from test_packing import chat_tokenizer
+
+    from pipeline.explain.llm_backends import TransformersBackend
+
+    tokenizer = chat_tokenizer()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = tokenizer("<bos>system: be brief\n<bos>user: hi\n<bos>assistant: ", add_special_tokens=False).input_ids
+    if style == "transformers 4 tensor":
+        real = tokenizer.apply_chat_template
+        monkeypatch.setattr(
+            tokenizer, "apply_chat_template", lambda m, **k: torch.tensor([list(real(m, **k)["input_ids"])])
+        )
+    backend = TransformersBackend(tiny_model, tokenizer, "tiny")
+    ids = backend._prompt_ids(messages)
+    assert ids.shape == (1, len(expected)) and ids[0].tolist() == expected
+    reply = backend.complete(messages, max_tokens=3, top_logprobs=2)
+    assert isinstance(reply.text, str) and len(reply.first_token_logprobs) >= 1
+
+
+def test_local_backend_without_chat_template_is_a_clear_error(tiny_model, tokenizer):
+    from pipeline.explain.llm_backends import TransformersBackend
+
+    with pytest.raises(LlmError, match="^tiny has no chat template: give --llm a chat \\(instruct\\) model$"):
+        TransformersBackend(tiny_model, tokenizer, "tiny")

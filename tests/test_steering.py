@@ -202,3 +202,60 @@ def test_prompt_positions_only(tiny_model, sae, ids):
     spec = SteeringSpec((FeatureSteer(3, "add", 2.0, positions="prompt"),), prompt_len=3)
     delta = _captured_delta(tiny_model, sae, ids, spec)
     assert delta[:3].abs().sum() > 0 and delta[3:].abs().sum() == 0
+
+
+def _hand_logprobs(model, ids, added_D):
+    """log p(next token) [T, V] of the planted (identity-block) model with ``added_D`` added to its residual.
+
+    The oracle for scoring: no hooks, no steering code; the blocks add nothing, so the
+    final residual is the embedding plus the edit.
+    """
+    with torch.no_grad():
+        hidden_TD = model.model.embed_tokens(torch.tensor(ids)).float() + added_D
+        return torch.log_softmax(model.lm_head(model.model.norm(hidden_TD)).float(), dim=-1)
+
+
+def test_logprob_self_and_other_match_a_hand_forward_under_each_condition(tokenizer):
+    model = planted(tokenizer)
+    torch.manual_seed(0)
+    sae = Sae(SaeConfig(d_in=32, d_sae=8, architecture="relu")).initialize(torch.Generator().manual_seed(2)).eval()
+    direction = model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("z")].detach()
+    with torch.no_grad():
+        sae.W_dec[0] = direction / direction.norm()  # adding it pushes the model towards "z"
+    alpha = 3.0 * float(direction.norm())
+    spec = SteeringSpec((FeatureSteer(0, "add", alpha),))
+    prompt = [tokenizer.bos_token_id] + tokenizer("the dog", add_special_tokens=False).input_ids
+    result = compare(model, sae, LAYER, spec, prompt, SamplingConfig(max_new_tokens=6, temperature=0.0), eos_id=None)
+    added = {"default": torch.zeros(32), "steered": alpha * sae.W_dec[0].detach().float()}
+    for name, report in (("default", result.default), ("steered", result.steered)):
+        ids = prompt + report.token_ids
+        span, targets = slice(len(prompt) - 1, len(ids) - 1), torch.tensor(report.token_ids)
+        under = {c: _hand_logprobs(model, ids, a)[span].gather(1, targets[:, None])[:, 0] for c, a in added.items()}
+        other = "default" if name == "steered" else "steered"
+        torch.testing.assert_close(torch.tensor(report.logprob_self), under[name], rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(report.logprob_other), under[other], rtol=0, atol=1e-4)
+    assert result.steered.token_ids != result.default.token_ids  # the edit is strong enough to matter
+    steered = result.steered
+    assert sum(steered.logprob_self) / len(steered.logprob_self) > sum(steered.logprob_other) / len(
+        steered.logprob_other
+    )
+
+
+def test_mean_relative_values_through_the_cli(indexed_copy, capsys):
+    """`--value 2xmean` and `--sweep 0,1xmean,2xmean` resolve against the index's mean activation."""
+    import json
+
+    from jobs.cli import main
+    from storage.index_queries import open_sae_index
+
+    with open_sae_index(indexed_copy / "saes" / "default") as index:
+        _max, mean = index.typical_activations([1])[1]
+    base = ["steer", "--run", str(indexed_copy), "--feature", "1", "--prompt", "The cat", "--max-new-tokens", "3",
+            "--temperature", "0", "--device", "cpu", "--json"]  # fmt: skip
+    assert main([*base, "--value", "2xmean"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["steers"][0]["value"] == pytest.approx(2 * mean) and mean > 0
+    assert main([*base, "--sweep", "0,1xmean,2xmean"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["value"] for r in rows] == ["0", "1xmean", "2xmean"]
+    assert [r["steers"][0]["value"] for r in rows] == pytest.approx([0.0, mean, 2 * mean])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.lm.packing import chat_ids
 from pipeline.runtime.errors import first_line
 
 API_KEY_ENV = "SAESCOPE_LLM_API_KEY"
@@ -45,13 +46,14 @@ class TransformersBackend:
     """A local causal LM with a chat template (e.g. SmolLM2-135M-Instruct)."""
 
     def __init__(self, model, tokenizer, name: str):
+        if not getattr(tokenizer, "chat_template", None):
+            raise LlmError(f"{name} has no chat template: give --llm a chat (instruct) model")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.device = next(model.parameters()).device
 
     def _prompt_ids(self, messages: list[dict]) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return ids.to(self.device)
+        """[1, T] ids of the messages in the chat template (the same rule as the steer verb's --chat)."""
+        return torch.tensor([chat_ids(self.tokenizer, messages)], device=self.device)
 
     @torch.no_grad()
     def complete(self, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0, top_logprobs: int = 0):

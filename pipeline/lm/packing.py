@@ -82,20 +82,25 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
 
     Plain text starts with BOS (EOS when the tokenizer has none), as every cached
     context does. With ``chat`` the text is one user turn wrapped in the tokenizer's
-    chat template, with the assistant's turn opened. ``apply_chat_template`` returns
-    a list in transformers 4 and a mapping with ``input_ids`` in transformers 5: both
-    are accepted.
+    chat template, with the assistant's turn opened (see ``chat_ids``).
     """
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template: leave out the chat option")
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return _token_list(encoded)
+        return chat_ids(tokenizer, [{"role": "user", "content": text}])
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prefix = [] if bos is None else [int(bos)]
     return prefix + [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a message list in the tokenizer's chat template, with the assistant's turn opened.
+
+    ``apply_chat_template(tokenize=True)`` returns a list (or tensor) of ids in
+    transformers 4 and a mapping with ``input_ids`` in transformers 5: both are accepted.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template: use a chat (instruct) model, or leave out --chat")
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return _token_list(encoded)
 
 
 def _token_list(encoded) -> list[int]:
