@@ -9,10 +9,12 @@ token-explainer labels scored offline (no LLM) for every live feature.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import cache, explain, features, index, serve, train
 from jobs.features import render_example
+from jobs.options import add_config_arguments, config_from_args, counted, option
 from storage.constants import DEFAULT_SAE_NAME
 from storage.index_builder import INDEX_FORMAT_VERSION, index_path
 from storage.index_queries import open_sae_index
@@ -23,21 +25,27 @@ DEMO_TOKENS = 200_000
 DEMO_D_SAE = 4608
 
 
+@dataclass(frozen=True)
+class DemoConfig(serve.ServeConfig):
+    """Options of `saescope demo`: the run and sizes of each stage, then how to serve the result."""
+
+    run: str = option(DEMO_RUN, "run directory")
+    tokens: int = option(DEMO_TOKENS, "tokens to cache", parse=counted(1))
+    d_sae: int = option(DEMO_D_SAE, "SAE latents", parse=counted(2))
+    serve: bool = option(True, "serve the dashboard at the end (--no-serve stops after the last stage)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="cache, train and index on the offline default model and corpus")
-    parser.add_argument("--run", default=DEMO_RUN, help=f"run directory (default: {DEMO_RUN})")
-    parser.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens to cache (default: {DEMO_TOKENS:,})")
-    parser.add_argument("--d-sae", type=int, default=DEMO_D_SAE, help=f"SAE latents (default: {DEMO_D_SAE})")
-    parser.add_argument("--no-serve", action="store_true", help="stop after indexing instead of serving the dashboard")
-    serve.add_serve_arguments(parser, with_run=False)
-    parser.set_defaults(handler=command)
+    add_config_arguments(parser, DemoConfig)
+    parser.set_defaults(handler=lambda args: command(config_from_args(DemoConfig, args)))
 
 
 def _stage(number: int, text: str) -> None:
     print(f"\n[{number}/4] {text}", flush=True)
 
 
-def command(args) -> int:
+def command(args: DemoConfig) -> int:
     started = time.perf_counter()
     _stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
     print(cache.format_summary(cache.run_cache(cache.CacheConfig(run=args.run, tokens=args.tokens))))
@@ -61,10 +69,10 @@ def command(args) -> int:
              "show --run {run} --feature N", "serve --run {run}")  # fmt: skip
     for line in lines:
         print("  saescope " + line.format(run=args.run))
-    if args.no_serve:
+    if not args.serve:
         return 0
     print()
-    return serve.serve(Path(args.run), None, args.host, args.port)
+    return serve.serve(Path(args.run), args.sae, args.host, args.port)
 
 
 def index_is_current(sae_folder) -> bool:

@@ -66,6 +66,11 @@ class Run:
     def manifest(self) -> CacheManifest:
         return read_manifest(activations_dir(self.folder))
 
+    def checked(self) -> Run:
+        """This run once its manifest has been read (a missing or damaged cache is one clear error now)."""
+        _ = self.manifest
+        return self
+
     @property
     def layer(self) -> int:
         return self.manifest.layer

@@ -14,12 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.options import counted
+from jobs.options import add_config_arguments, config_from_args, counted, option
+from jobs.run import open_run
 from storage.index_builder import index_path
-from storage.sae_store import resolve_sae
-from storage.shards import activations_dir, read_manifest
 
 
 class ServeError(ValueError):
@@ -93,24 +93,25 @@ def streamlit_command(run: Path, sae: str | None, host: str, port: int) -> list[
     return command + (["--sae", sae] if sae else [])
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """Options of `saescope serve` (and of the dashboard `saescope demo` ends with)."""
+
+    run: str = option(help="run directory")
+    sae: str | None = option(None, "SAE to open first (default: the run's only SAE)")
+    port: int = option(8501, "port", parse=counted(1))
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1 is this machine only)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="browse a run's features in the Streamlit dashboard")
-    add_serve_arguments(parser)
-    parser.set_defaults(handler=command)
-
-
-def add_serve_arguments(parser, with_run: bool = True) -> None:
-    if with_run:
-        parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--sae", default=None, help="SAE to open first (default: the run's only SAE)")
-    parser.add_argument("--port", type=counted(1), default=8501, help="port (default: 8501)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    add_config_arguments(parser, ServeConfig)
+    parser.set_defaults(handler=lambda args: command(config_from_args(ServeConfig, args)))
 
 
 def serve(run: Path, sae: str | None, host: str, port: int) -> int:
     """Run the dashboard until Ctrl-C; returns the server's exit status."""
-    read_manifest(activations_dir(run))
-    folder = resolve_sae(run, sae)
+    folder = open_run(run, sae).checked().sae_folder
     if not index_path(folder).is_file():
         print(f"note: {folder.name!r} has no feature index yet; run `saescope index --run {run}` for the feature pages")
     check_port_free(host, port)
@@ -151,5 +152,5 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def command(args) -> int:
-    return serve(Path(args.run), args.sae, args.host, args.port)
+def command(cfg: ServeConfig) -> int:
+    return serve(Path(cfg.run), cfg.sae, cfg.host, cfg.port)

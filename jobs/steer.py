@@ -1,8 +1,9 @@
 """`saescope steer`: default and steered generations side by side, or a strength sweep.
 
-Values are absolute (``3.5``) or multiples of the feature's maximum activation
-over the indexed tokens (``8x``, which needs `saescope index`). For ``--mode
-scale`` the value is the multiplier itself (``2`` or ``2x``).
+Values are absolute (``3.5``) or multiples of the feature's typical activation
+over the indexed tokens, which need `saescope index`: its max (``8x``) or its
+mean when active (``2xmean``). For ``--mode scale`` the value is the multiplier
+itself (``2`` or ``2x``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import json
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from jobs.options import counted, finite_float
-from jobs.run import load_run_model, read_sae
+from jobs.options import add_config_arguments, config_from_args, counted, finite_float, option
+from jobs.run import Run, open_run
 from pipeline.lm.packing import encode_prompt
 from pipeline.runtime.precision import resolve_device
 from pipeline.steering.edit import (
@@ -29,46 +29,37 @@ from pipeline.steering.edit import (
 )
 from pipeline.steering.generation import Comparison, SamplingConfig, check_length, compare
 from storage.index_builder import index_path
-from storage.index_queries import open_sae_index
-from storage.sae_store import resolve_sae
-from storage.shards import activations_dir, read_manifest
 
 
-def _feature_scales(sae_folder: Path, features: list[int]) -> dict[int, FeatureScale] | None:
-    """Max and mean activation of each feature from the index (None when there is no index)."""
-    if not index_path(sae_folder).is_file():
-        return None
-    with open_sae_index(sae_folder) as index:
-        return {f: FeatureScale(*typical) for f, typical in index.typical_activations(features).items()}
+@dataclass(frozen=True)
+class SteerConfig:
+    """Options of `saescope steer`."""
+
+    run: str = option(help="run directory")
+    feature: tuple[int, ...] = option(help="feature id (repeat for several)", parse=counted(0))
+    prompt: str = option(help="text to continue")
+    sae: str | None = option(None, "SAE name (default: the run's only SAE)")
+    value: tuple[str, ...] = option(
+        (), "value per feature: absolute (3.5), x max activation (8x) or x mean when active (2xmean); default 8x"
+    )
+    mode: str = option("clamp", "clamp (set), add, or scale", choices=MODES)
+    positions: str = option("all", "which positions to edit", choices=POSITIONS)
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
+    sweep: str | None = option(None, "comma-separated values for a table, e.g. 0,2x,4x,8x")
+    seed: int = option(0, "seed of the sampler (the same for both generations)")
+    max_new_tokens: int = option(40, "tokens to generate", parse=counted(1))
+    temperature: float = option(0.5, "0 for greedy", parse=finite_float)
+    top_p: float = option(0.9, "nucleus sampling mass", parse=finite_float)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    json: bool = option(False, "print everything, per token, as JSON")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "steer", help="generate with a feature clamped, added or scaled, next to the default"
     )
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--sae", default=None, help="SAE name (default: the run's only SAE)")
-    parser.add_argument(
-        "--feature", type=counted(0), action="append", required=True, help="feature id (repeat for several)"
-    )
-    parser.add_argument(
-        "--value",
-        action="append",
-        default=None,
-        help="value per feature: absolute (3.5) or x max activation (8x); default 8x",
-    )
-    parser.add_argument("--mode", choices=MODES, default="clamp", help="clamp (set), add, or scale (default: clamp)")
-    parser.add_argument("--positions", choices=POSITIONS, default="all", help="which positions to edit")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--sweep", default=None, help="comma-separated values for a table, e.g. 0,2x,4x,8x")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=counted(1), default=40)
-    parser.add_argument("--temperature", type=finite_float, default=0.5, help="0 for greedy")
-    parser.add_argument("--top-p", type=finite_float, default=0.9)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", action="store_true", help="print everything, per token, as JSON")
-    parser.set_defaults(handler=command)
+    add_config_arguments(parser, SteerConfig)
+    parser.set_defaults(handler=lambda args: command(config_from_args(SteerConfig, args)))
 
 
 @dataclass(frozen=True)
@@ -77,8 +68,8 @@ class Request:
     strengths: list[Strength]
 
 
-def _request(args) -> Request:
-    values = args.value or ["8x"]
+def _request(args: SteerConfig) -> Request:
+    values = list(args.value) or ["8x"]
     if len(values) == 1:
         values = values * len(args.feature)
     if len(values) != len(args.feature):
@@ -86,23 +77,29 @@ def _request(args) -> Request:
     return Request(list(args.feature), [Strength.parse(v) for v in values])
 
 
-def command(args) -> int:
+def _feature_scales(run: Run, features: list[int]) -> dict[int, FeatureScale] | None:
+    """Max and mean activation of each feature from the index (None when there is no index)."""
+    if not index_path(run.sae_folder).is_file():
+        return None
+    with run.index() as index:
+        return {f: FeatureScale(*typical) for f, typical in index.typical_activations(features).items()}
+
+
+def command(args: SteerConfig) -> int:
     if not args.prompt.strip() and not args.chat:
         raise SteerError("--prompt is empty: give some text to continue")
     request = _request(args)
     sweep = [Strength.parse(v) for v in args.sweep.split(",")] if args.sweep else None
-    run = Path(args.run)
-    manifest = read_manifest(activations_dir(run))
-    sae_folder = resolve_sae(run, args.sae)
-    sae, _ = read_sae(sae_folder)
+    run = open_run(args.run, args.sae)
+    sae, _ = run.sae()
     SteeringSpec(tuple(FeatureSteer(f) for f in request.features)).check(sae.cfg.d_sae)
     needs_index = any(s.relative for s in request.strengths + (sweep or [])) and args.mode != "scale"
-    scales = _feature_scales(sae_folder, request.features) if needs_index else None
+    scales = _feature_scales(run, request.features) if needs_index else None
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     device = resolve_device(args.device)
-    loaded = load_run_model(manifest, device)
+    loaded = run.model(device)
     sae = sae.to(device)
-    layer = manifest.layer
+    layer = run.layer
     prompt = encode_prompt(loaded.tokenizer, args.prompt, args.chat)
     check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
