@@ -42,3 +42,24 @@ def test_invalid_value_from_the_file_is_validated(tmp_path):
     path.write_text('run = "runs/x"\ntokens = -1\n')
     with pytest.raises(ConfigError, match="--tokens must be positive"):
         parse(["--config", str(path)])
+
+
+def _parsed(cls, argv):
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_config_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(argv))
+
+
+def test_repeated_flags_positionals_and_owned_choices():
+    from jobs.features import FeaturesConfig
+    from jobs.import_sae import ImportConfig
+    from jobs.steer import SteerConfig
+
+    steer = _parsed(SteerConfig, ["--run", "r", "--prompt", "p", "--feature", "3", "--feature", "7", "--value", "2x"])
+    assert steer.feature == (3, 7) and steer.value == ("2x",) and steer.mode == "clamp"
+    assert _parsed(ImportConfig, ["some/folder", "--run", "r"]).path == "some/folder"
+    assert _parsed(FeaturesConfig, ["--run", "r", "--sort", "max"]).sort == "max"
+    with pytest.raises(argparse.ArgumentError, match="invalid choice: 'size'"):
+        _parsed(FeaturesConfig, ["--run", "r", "--sort", "size"])
+    with pytest.raises(ConfigError, match="missing required option --feature"):
+        _parsed(SteerConfig, ["--run", "r", "--prompt", "p"])
