@@ -3,7 +3,7 @@
 Pure and typed: an ``ExplainContext`` carries what the batch needs (the explainer,
 the scorers, the token background, the vocabulary, an LLM backend and the
 embedder); nothing here knows the job's options or the storage rows, which
-`saescope explain` (jobs/explain.py) makes from the ``FeatureScores`` returned.
+`saescope explain` makes from the ``ScorerResult`` lists returned.
 """
 
 from __future__ import annotations
