@@ -217,3 +217,13 @@ def load_model(
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def check_revision(loaded: LoadedModel, recorded: str) -> LoadedModel:
+    """``loaded`` when it is the revision a cache recorded; else a ModelLoadError saying the model changed."""
+    if loaded.info.revision != recorded:
+        raise ModelLoadError(
+            f"model {loaded.info.spec!r} has changed since the cache was made "
+            f"(revision {recorded} -> {loaded.info.revision})"
+        )
+    return loaded

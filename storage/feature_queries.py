@@ -23,6 +23,28 @@ from storage.shards import first_line
 SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
 
 
+def open_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection of its own to ``path``, in a private DuckDB instance.
+
+    ``duckdb.connect(path)`` shares one instance per path within a process, so a connection made
+    after the file was replaced would read the old file while any old connection stays open;
+    attaching into a private in-memory instance reads the file that is at ``path`` now, and an
+    older connection keeps answering from the file it opened.
+    """
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH '{_sql_string(path)}' AS db (READ_ONLY)")
+        con.execute("USE db")
+    except duckdb.Error:
+        con.close()
+        raise
+    return con
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
 class FeatureIndexError(ValueError):
     """The index is missing, or a query asks for something it does not hold."""
 
@@ -58,7 +80,7 @@ class FeatureIndex:
         self._lock = threading.Lock()  # one DuckDB connection is not safe to share between threads
         self.closed = False
         try:
-            self.con = duckdb.connect(str(path), read_only=True)
+            self.con = open_read_only(path)
             rows = self.con.execute("SELECT key, value FROM metadata").fetchall()
             self.metadata = {k: json.loads(v) for k, v in rows}
             self.n_features = self.con.execute("SELECT count(*) FROM features").fetchone()[0]
