@@ -108,7 +108,7 @@ def test_steering_submit_shows_two_texts(served):
     assert app.text_input[0].value == "3"
     app.text_input[1].input("4")
     app.number_input[3].set_value(6)  # max new tokens
-    app.button[0].click().run()
+    app.button(key="generate").click().run()
     assert not app.exception, app.exception
     headers = [h.value for h in app.subheader]
     assert headers[0] == "default" and headers[1].startswith("steered: #3 clamp 4")
