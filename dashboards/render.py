@@ -125,10 +125,10 @@ def text_html(text: str, tag: str = "span", style: str = "") -> str:
     return f"<{tag}{attr}>{html.escape(text, quote=False)}</{tag}>"
 
 
-def feature_link(feature: int, label: str | None, extra: str = "") -> str:
-    """A link to a feature's page whose hover (and text, when given) carries its label."""
+def feature_link(feature: int, label: str | None, extra: str = "", text: str | None = None) -> str:
+    """A link to a feature's page (``#id`` + ``extra``, or ``text``) whose hover carries its label."""
     title = html.escape(label or "no label yet", quote=True)
-    text = f"#{feature}{extra}"
+    text = text if text is not None else f"#{feature}{extra}"
     return f'<a href="./feature?id={int(feature)}" target="_self" title="{title}">{html.escape(text)}</a>'
 
 

@@ -24,7 +24,7 @@ import streamlit as st
 from pipeline.errors import first_line
 from pipeline.models import check_revision, load_model
 from pipeline.sae import Sae, SaeConfig, sae_from_tensors
-from pipeline.token_text import load_tokenizer
+from pipeline.token_text import REPLACEMENT, load_tokenizer
 from pipeline.token_text import vocab_bytes as token_bytes_of
 from storage.constants import FEATURE_INDEX
 from storage.explanations import ExplanationReader, explanations_path, open_explanations
@@ -178,3 +178,15 @@ def hook_lock() -> threading.Lock:
 def show_error(error: Exception) -> None:
     """One readable message instead of a traceback."""
     st.error(first_line(error))
+
+
+def index_token_bytes(settings: AppSettings, index: FeatureIndex, ids) -> list[bytes | None] | None:
+    """Per id, its bytes where a token is part of a character alone (the tokenizer loads only then), else None."""
+    ids = [int(i) for i in ids]
+    if not any(REPLACEMENT in index.vocab_text(i) for i in ids):
+        return None
+    try:
+        table = vocab_bytes(str(settings.run), len(index.vocab))
+    except (ValueError, OSError):
+        return None  # no tokenizer here: the tokens show as decoded
+    return [table[i] if 0 <= i < len(table) else None for i in ids]

@@ -67,6 +67,8 @@ class Example:
     """The feature's activation on each window token."""
     peak: int
     """Index of the example's token within ``tokens``."""
+    token_ids: tuple[int, ...] = ()
+    """Token ids of the window (what ``tokens`` decodes)."""
 
 
 class FeatureIndex:
@@ -126,7 +128,11 @@ class FeatureIndex:
         return feature
 
     def decode(self, token_ids: list[int]) -> list[str]:
-        return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in token_ids]
+        return [self.vocab_text(t) for t in token_ids]
+
+    def vocab_text(self, token_id: int) -> str:
+        """The single-token decode of ``token_id`` (``<id>`` for ids outside the vocabulary)."""
+        return self.vocab[token_id] if 0 <= token_id < len(self.vocab) else f"<{token_id}>"
 
     def _rows(self, sql: str, params: list) -> list[dict]:
         with self._lock:
@@ -146,18 +152,16 @@ class FeatureIndex:
             row = self._rows("SELECT * FROM logit_effects_std WHERE feature = ?", [feature])[0]
             return {
                 side: [
-                    {"token": t, "raw": float(r), "z": float(z)}
-                    for t, r, z in zip(
-                        self.decode(row[f"{side}_ids"]), row[f"{side}_raw"], row[f"{side}_z"], strict=True
-                    )
+                    {"token": self.vocab_text(i), "token_id": int(i), "raw": float(r), "z": float(z)}
+                    for i, r, z in zip(row[f"{side}_ids"], row[f"{side}_raw"], row[f"{side}_z"], strict=True)
                 ]
                 for side in ("promoted", "suppressed")
             }
         row = self._rows("SELECT * FROM logit_effects WHERE feature = ?", [feature])[0]
         return {
             side: [
-                {"token": t, "raw": float(v), "z": None}
-                for t, v in zip(self.decode(row[f"{side}_ids"]), row[f"{side}_values"], strict=True)
+                {"token": self.vocab_text(i), "token_id": int(i), "raw": float(v), "z": None}
+                for i, v in zip(row[f"{side}_ids"], row[f"{side}_values"], strict=True)
             ]
             for side in ("promoted", "suppressed")
         }
@@ -211,6 +215,7 @@ class FeatureIndex:
             tokens=self.decode(row["tokens"][start:end]),
             acts=acts,
             peak=row["position"] - start,
+            token_ids=tuple(int(t) for t in row["tokens"][start:end]),
         )
 
     def top_examples(self, feature: int, limit: int = 20) -> list[Example]:
@@ -262,7 +267,8 @@ class FeatureIndex:
         )
         rows = self._rows(sql, [*params, int(limit), int(offset)])
         for row in rows:
-            row["promoted"] = self.decode(row.pop("top_ids"))
+            row["promoted_ids"] = [int(t) for t in row.pop("top_ids")]
+            row["promoted"] = self.decode(row["promoted_ids"])
         return rows
 
     def search_tokens(self, text: str, limit: int = 50) -> list[dict]:

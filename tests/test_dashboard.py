@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -219,7 +221,8 @@ def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run
         feature, label = next(iter(reader.labels(list(range(64))).items()))
     app = page("feature", explained_run, id=feature).run()
     assert not app.exception
-    assert f"**Explanation** (tokens): {label['text']}" in text_of(app)
+    assert f"<b>Explanation</b> (tokens): {html.escape(label['text'])}</div>" in html_of(app)
+    assert all(label["text"] not in str(m.value) for m in app.markdown)  # a label is text, never markdown
     scores = app.dataframe[0].value
     assert set(scores["scorer"]) == {"simulation", "embedding"}
     assert "control (another feature's label)" in scores.columns
