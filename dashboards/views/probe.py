@@ -135,7 +135,7 @@ def shade_choice(strongest: list[tuple[int, float]], labels: dict[int, str]) -> 
     """The feature to shade by: picked in the box (with labels), or clicked in the list of features."""
     options = [f for f, _ in strongest]
     frame = pd.DataFrame([{"feature": f, "max here": round(v, 3), "label": labels.get(f, "")} for f, v in strongest])
-    with st.expander("features firing here, with labels (select one to shade by it)", expanded=False):
+    with st.expander("the same features in a table with labels (select one to shade by it)", expanded=False):
         picked = st.dataframe(
             frame, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="probe_feats"
         )
