@@ -20,7 +20,7 @@ SHADE_RGB = (255, 136, 0)
 VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 TOKEN_CSS = (
     "<style>.tok[data-show]::before{content:attr(data-show);color:#888;font-size:85%}"
-    ".tok.ws{box-shadow:inset 0 -1px 0 #bbb}</style>"
+    ".tok.ws{outline:1px dotted #bbb;outline-offset:-3px}</style>"
 )
 
 
