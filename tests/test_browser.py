@@ -180,7 +180,7 @@ def test_real_model_generations_and_probe_show_text_exactly(browser, real_indexe
         page.locator("div.generation").nth(1).wait_for(timeout=300_000)
         check_generations(page, tokenizer, 2)
         page.screenshot(path=str(tmp_path / "steer-real.png"))
-        page.get_by_label("sweep values").fill("0, 4xmean")
+        page.get_by_role("textbox", name="sweep values").fill("0, 4xmean")
         page.get_by_text("Sweep strengths").click()
         page.get_by_role("heading", name="4xmean (clamp to").wait_for(timeout=300_000)
         check_generations(page, tokenizer, 3)
