@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from storage.constants import EXPLANATIONS
 from storage.errors import first_line
+from storage.index_queries import open_read_only
 
 FORMAT_VERSION = 1
 
@@ -148,8 +149,9 @@ class ExplanationReader:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.closed = False
         try:
-            self.con = duckdb.connect(str(self.path), read_only=True)
+            self.con = open_read_only(self.path)
             rows = self.con.execute("SELECT key, value FROM metadata").fetchall()
             self.metadata = {k: json.loads(v) for k, v in rows}
         except (duckdb.Error, ValueError) as error:
@@ -160,6 +162,7 @@ class ExplanationReader:
     def close(self) -> None:
         with self._lock:
             self.con.close()
+            self.closed = True
 
     def __enter__(self) -> ExplanationReader:
         return self
@@ -169,6 +172,8 @@ class ExplanationReader:
 
     def _rows(self, sql: str, params: list) -> list[dict]:
         with self._lock:
+            if self.closed:
+                raise ExplanationStoreError(f"{self.path} was closed while this page was loading: reload the page")
             cursor = self.con.execute(sql, params)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -23,6 +23,28 @@ from storage.sae_store import weights_fingerprint
 SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
 
 
+def open_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection of its own to ``path``, in a private DuckDB instance.
+
+    ``duckdb.connect(path)`` shares one instance per path within a process, so a connection made
+    after the file was replaced would read the old file while any old connection stays open;
+    attaching into a private in-memory instance reads the file that is at ``path`` now, and an
+    older connection keeps answering from the file it opened.
+    """
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH '{_sql_string(path)}' AS db (READ_ONLY)")
+        con.execute("USE db")
+    except duckdb.Error:
+        con.close()
+        raise
+    return con
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
 class FeatureIndexError(ValueError):
     """The index is missing, or a query asks for something it does not hold."""
 
@@ -45,6 +67,8 @@ class Example:
     """The feature's activation on each window token."""
     peak: int
     """Index of the example's token within ``tokens``."""
+    token_ids: tuple[int, ...] = ()
+    """Token ids of the window (what ``tokens`` decodes)."""
 
 
 class FeatureIndex:
@@ -58,7 +82,7 @@ class FeatureIndex:
         self._lock = threading.Lock()  # one DuckDB connection is not safe to share between threads
         self.closed = False
         try:
-            self.con = duckdb.connect(str(path), read_only=True)
+            self.con = open_read_only(path)
             rows = self.con.execute("SELECT key, value FROM metadata").fetchall()
             self.metadata = {k: json.loads(v) for k, v in rows}
             self.n_features = self.con.execute("SELECT count(*) FROM features").fetchone()[0]
@@ -104,7 +128,11 @@ class FeatureIndex:
         return feature
 
     def decode(self, token_ids: list[int]) -> list[str]:
-        return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in token_ids]
+        return [self.vocab_text(t) for t in token_ids]
+
+    def vocab_text(self, token_id: int) -> str:
+        """The single-token decode of ``token_id`` (``<id>`` for ids outside the vocabulary)."""
+        return self.vocab[token_id] if 0 <= token_id < len(self.vocab) else f"<{token_id}>"
 
     def _rows(self, sql: str, params: list) -> list[dict]:
         with self._lock:
@@ -124,18 +152,16 @@ class FeatureIndex:
             row = self._rows("SELECT * FROM logit_effects_std WHERE feature = ?", [feature])[0]
             return {
                 side: [
-                    {"token": t, "raw": float(r), "z": float(z)}
-                    for t, r, z in zip(
-                        self.decode(row[f"{side}_ids"]), row[f"{side}_raw"], row[f"{side}_z"], strict=True
-                    )
+                    {"token": self.vocab_text(i), "token_id": int(i), "raw": float(r), "z": float(z)}
+                    for i, r, z in zip(row[f"{side}_ids"], row[f"{side}_raw"], row[f"{side}_z"], strict=True)
                 ]
                 for side in ("promoted", "suppressed")
             }
         row = self._rows("SELECT * FROM logit_effects WHERE feature = ?", [feature])[0]
         return {
             side: [
-                {"token": t, "raw": float(v), "z": None}
-                for t, v in zip(self.decode(row[f"{side}_ids"]), row[f"{side}_values"], strict=True)
+                {"token": self.vocab_text(i), "token_id": int(i), "raw": float(v), "z": None}
+                for i, v in zip(row[f"{side}_ids"], row[f"{side}_values"], strict=True)
             ]
             for side in ("promoted", "suppressed")
         }
@@ -189,6 +215,7 @@ class FeatureIndex:
             tokens=self.decode(row["tokens"][start:end]),
             acts=acts,
             peak=row["position"] - start,
+            token_ids=tuple(int(t) for t in row["tokens"][start:end]),
         )
 
     def top_examples(self, feature: int, limit: int = 20) -> list[Example]:
@@ -260,7 +287,8 @@ class FeatureIndex:
 
     def _with_promoted(self, rows: list[dict]) -> list[dict]:
         for row in rows:
-            row["promoted"] = self.decode(row.pop("top_ids"))
+            row["promoted_ids"] = [int(t) for t in row.pop("top_ids")]
+            row["promoted"] = self.decode(row["promoted_ids"])
         return rows
 
     def token_ids_matching(self, text: str) -> list[int]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,65 @@ def indexed_copy(indexed_run, tmp_path) -> Path:
     target = tmp_path / "indexed"
     shutil.copytree(indexed_run[0], target)
     return target
+
+
+# The real default model (SmolLM2-135M-Instruct): one small run per session, for the slow tests.
+CACHE_TOKENS = 8192
+
+
+def saescope(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `saescope` console script (falls back to `python -m jobs.cli`)."""
+    script = Path(sys.executable).with_name("saescope")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    env = {**os.environ, "SAESCOPE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"saescope {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("saescope-home")
+
+
+@pytest.fixture(scope="session")
+def model_dtype(forced_dtype) -> str:
+    """float32 unless the suite runs with --force-dtype: numbers here must not depend on the CPU."""
+    return forced_dtype or "float32"
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, real_home, model_dtype) -> Path:
+    run = tmp_path_factory.mktemp("real") / "run"
+    saescope(
+        "cache", "--run", str(run), "--tokens", str(CACHE_TOKENS), "--device", "cpu",
+        "--model-dtype", model_dtype, home=real_home,
+    )  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="session")
+def real_indexed(real_run, real_home, model_dtype) -> Path:
+    saescope(
+        "train",
+        "--run",
+        str(real_run),
+        "--d-sae",
+        "1152",
+        "--batch-size",
+        "512",
+        "--tokens",
+        "15360",
+        "--lm-eval-contexts",
+        "2",
+        "--device",
+        "cpu",
+        "--dtype",
+        model_dtype,
+        home=real_home,
+    )
+    saescope("index", "--run", str(real_run), "--device", "cpu", home=real_home)
+    return real_run

@@ -7,6 +7,7 @@ where a missing browser is a failure. Screenshots go to the test's temp folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -66,13 +67,13 @@ def browser():
             launched.close()
 
 
-@pytest.fixture
-def server(indexed_run, tmp_path):
-    run, _ = indexed_run
+@contextlib.contextmanager
+def serving(run: Path, home: Path):
+    """`saescope serve --run RUN` on a free port; yields its address and stops the whole process group after."""
     port = free_port()
     script = Path(sys.executable).with_name("saescope")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
-    env = {**os.environ, "SAESCOPE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SAESCOPE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [*command, "serve", "--run", str(run), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -83,7 +84,8 @@ def server(indexed_run, tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        assert url.replace("127.0.0.1", "localhost") in process.stdout.readline()
+        first = process.stdout.readline()
+        assert f"127.0.0.1:{port}" in first or f"localhost:{port}" in first, first
         wait_healthy(url, process)
         yield url
     finally:
@@ -95,6 +97,12 @@ def server(indexed_run, tmp_path):
             process.wait()
     listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--server.port {port}" not in listing  # the Streamlit child is gone too
+
+
+@pytest.fixture
+def server(indexed_run, tmp_path):
+    with serving(indexed_run[0], tmp_path / "home") as url:
+        yield url
 
 
 def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_run, tmp_path):
@@ -120,11 +128,11 @@ def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_ru
     with page.context.expect_page() as opened:
         page.get_by_text("Steer with this feature").click()
     steer = opened.value
-    steer.get_by_text("Generate").wait_for(timeout=60_000)
+    steer.get_by_text("Generate at value").wait_for(timeout=60_000)
     # Streamlit's text input can paint empty for a moment before it shows its value: wait for it, then read it
     expect(steer.get_by_label("features")).to_have_value(str(feature), timeout=30_000)
     steer.get_by_label("max new tokens").fill("6")
-    steer.get_by_text("Generate").click()
+    steer.get_by_text("Generate at value").click()
     steer.get_by_text("mean KL(default").wait_for(timeout=120_000)
     assert steer.get_by_role("heading", name="default").count() == 1
     assert steer.get_by_role("heading", name=f"steered: #{feature}").count() == 1
@@ -140,3 +148,61 @@ def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_ru
     probe.screenshot(path=str(tmp_path / "probe.png"), full_page=True)
     for name in ("feature", "steer", "probe"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+TRICKY = "Use `x` and *y* with $a+b$ and _b_ <script>alert(1)</script>\n```py\nx = 1\n```"
+
+
+def assert_plain_text(shown: str) -> None:
+    assert "<span" not in shown and 'class="tok"' not in shown and "data-act" not in shown, shown
+
+
+@pytest.mark.slow
+def test_real_model_generations_and_probe_show_text_exactly(browser, real_indexed, real_home, tmp_path):
+    """On SmolLM2: every generation and the probe of markdown-like text read exactly as the decoded ids."""
+    from playwright.sync_api import expect
+
+    from pipeline.lm.packing import encode_prompt
+    from pipeline.lm.token_text import load_tokenizer
+    from storage.index_queries import FeatureIndex
+
+    tokenizer = load_tokenizer("default", real_home / "models")
+    with FeatureIndex(real_indexed / "saes" / "default" / "features.duckdb") as index:
+        feature = index.list_features("max", limit=1)[0]["feature"]
+    with serving(real_indexed, real_home) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/steer?feature={feature}")
+        page.get_by_text("Generate at value").wait_for(timeout=120_000)
+        expect(page.get_by_label("features")).to_have_value(str(feature), timeout=30_000)
+        page.get_by_label("max new tokens").fill("12")
+        page.get_by_label("temperature").fill("0")
+        page.get_by_text("Generate at value").click()
+        page.locator("div.generation").nth(1).wait_for(timeout=300_000)
+        check_generations(page, tokenizer, 2)
+        page.screenshot(path=str(tmp_path / "steer-real.png"))
+        page.get_by_role("textbox", name="sweep values").fill("0, 4xmean")
+        page.get_by_text("Sweep strengths").click()
+        page.get_by_role("heading", name="4xmean (clamp to").wait_for(timeout=300_000)
+        check_generations(page, tokenizer, 3)
+
+        probe = browser.new_page(viewport={"width": 1400, "height": 1000})
+        probe.goto(f"{url}/probe")
+        probe.get_by_role("textbox", name="text").fill(TRICKY)
+        probe.get_by_text("Probe", exact=True).click()
+        probe.locator("span.tokens").first.wait_for(timeout=300_000)
+        shown = probe.locator("span.tokens").last.inner_text()
+        assert_plain_text(shown)
+        assert shown == tokenizer.decode(encode_prompt(tokenizer, TRICKY))  # BOS, then the text as typed
+        assert probe.locator(".katex").count() == 0  # no typeset math
+        assert probe.locator("script", has_text="alert").count() == 0  # no live script
+        probe.screenshot(path=str(tmp_path / "probe-real.png"))
+
+
+def check_generations(page, tokenizer, expected: int) -> None:
+    blocks = page.locator("div.generation").all()
+    assert len(blocks) == expected
+    for block in blocks:
+        ids = [int(t) for t in block.get_attribute("data-ids").split(",") if t]
+        shown = block.inner_text()
+        assert_plain_text(shown)
+        assert ids and shown == tokenizer.decode(ids), (block.get_attribute("data-role"), shown)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+from html.parser import HTMLParser
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -108,7 +111,7 @@ def test_steering_submit_shows_two_texts(served):
     assert app.text_input[0].value == "3"
     app.text_input[1].input("4")
     app.number_input[3].set_value(6)  # max new tokens
-    app.button[0].click().run()
+    app.button(key="generate").click().run()
     assert not app.exception, app.exception
     headers = [h.value for h in app.subheader]
     assert headers[0] == "default" and headers[1].startswith("steered: #3 clamp 4")
@@ -219,7 +222,8 @@ def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run
         feature, label = next(iter(reader.labels(list(range(64))).items()))
     app = page("feature", explained_run, id=feature).run()
     assert not app.exception
-    assert f"**Explanation** (tokens): {label['text']}" in text_of(app)
+    assert f"<b>Explanation</b> (tokens): {html.escape(label['text'])}</div>" in html_of(app)
+    assert all(label["text"] not in str(m.value) for m in app.markdown)  # a label is text, never markdown
     scores = app.dataframe[0].value
     assert set(scores["scorer"]) == {"simulation", "embedding"}
     assert "control (another feature's label)" in scores.columns
@@ -228,3 +232,228 @@ def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run
 def test_meaning_search_is_disabled_before_explain(served):
     app = page("features", served).run()
     assert not app.exception and app.text_input(key="meaning").disabled
+
+
+class _VisibleText(HTMLParser):
+    """The text a browser shows for markup: character data outside <style>, entities decoded."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self._in_style = [], False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_style = self._in_style or tag == "style"
+
+    def handle_endtag(self, tag):
+        self._in_style = self._in_style and tag != "style"
+
+    def handle_data(self, data):
+        if not self._in_style:
+            self.parts.append(data)
+
+
+def visible_text(markup: str) -> str:
+    parser = _VisibleText()
+    parser.feed(markup)
+    return "".join(parser.parts)
+
+
+def html_blocks(app: AppTest, marker: str) -> list[str]:
+    return [h.proto.body for h in app.get("html") if marker in h.proto.body]
+
+
+TRICKY = 'Use `x` and *y* with $a+b$ and _b_ <script>alert(1)</script>\n```py\nx = 1\n```\n    indented "q" & \\'
+
+
+def probed(run, text: str) -> AppTest:
+    app = page("probe", run).run()
+    app.text_area[0].input(text)
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    return app
+
+
+def test_probe_renders_markdown_and_markup_characters_as_text(served):
+    app = probed(served, TRICKY)
+    (shaded,) = html_blocks(app, 'class="tokens"')
+    assert visible_text(shaded) == "<bos>" + TRICKY  # the text exactly as typed, after the BOS position
+    assert "<script>" not in shaded and "<span" not in visible_text(shaded)
+    assert all("a+b" not in str(m.value) for m in app.markdown)  # never through markdown (no $…$ math)
+    tokens = list(app.dataframe[0].value["token"])
+    assert tokens[1:4] == ["U", "s", "e"] and "↵" in tokens and "·" in tokens  # whitespace tokens stay visible
+
+
+def test_probe_leaves_special_positions_out_by_default(served):
+    app = probed(served, "The cat sat.")
+    rows = app.dataframe[0].value
+    assert rows["token"][0] == "<bos>  (special)" and rows["top features"][0] == ""
+    (shaded,) = html_blocks(app, 'class="tokens"')
+    bos_span = shaded.split("</span>")[0]
+    assert "(special position)" in bos_span and 'data-act="0"' in bos_span  # the BOS token is not shaded
+    result = app.session_state["probe_result"][2]
+    app.toggle[0].set_value(True).run()
+    assert not app.exception
+    if float(result.feats_TF[0].max()) > 0:
+        assert app.dataframe[0].value["top features"][0] != ""
+
+
+def test_probe_result_ranks_without_special_positions():
+    import torch
+
+    from pipeline.features.probe import ProbeResult
+
+    feats_TF = torch.tensor([[100.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 3.0]])
+    result = ProbeResult([1, 5, 6], feats_TF, (True, False, False))
+    assert result.strongest(5) == [(2, 3.0), (1, 2.0)]
+    assert result.strongest(5, include_special=True)[0] == (0, 100.0)
+    assert result.activations_of(0, include_special=False) == [0.0, 0.0, 0.0]
+    assert result.activations_of(0) == [100.0, 0.0, 0.0]
+
+
+def test_probe_shows_labels_beside_and_on_hover(explained_run, monkeypatch):
+    from storage.explanations import ExplanationReader, explanations_path
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
+    app = probed(explained_run, "The cat sat on the mat.")
+    result = app.session_state["probe_result"][2]
+    with ExplanationReader(explanations_path(explained_run / "saes" / "default")) as reader:
+        labels = reader.labels([f for f, _ in result.strongest(30)])
+    assert labels, "the tiny run's strongest features have labels"
+    feature, row = next(iter(labels.items()))
+    (links,) = html_blocks(app, 'class="feature-links"')
+    assert f'title="{html.escape(row["text"], quote=True)}">#{feature} ' in links
+    cells = " ".join(app.dataframe[0].value["top features"])
+    assert any(label["text"][:20] in cells for label in labels.values())
+    assert any(row["text"][:20] in option for option in app.selectbox[0].options)
+
+
+def generations(app: AppTest) -> list[tuple[str, list[int], str]]:
+    """(role, token ids, visible text) of every generation the steering page shows."""
+    found = []
+    for block in html_blocks(app, 'class="generation"'):
+        for part in block.split('<div class="generation"')[1:]:
+            role = part.split('data-role="')[1].split('"')[0]
+            ids = [int(t) for t in part.split('data-ids="')[1].split('"')[0].split(",") if t]
+            found.append((role, ids, visible_text('<div class="generation"' + part)))
+    return found
+
+
+@pytest.mark.parametrize("button", ["generate", "sweep"])
+def test_steering_generations_are_text_not_markup(served, tokenizer, button):
+    app = page("steer", served, feature=3).run()
+    app.number_input[3].set_value(8)
+    app.text_input[2].input("0, 2xmean")
+    app.text_area[0].input("*a* `b` $c$ <i>")
+    app.button(key=button).click().run()
+    assert not app.exception, app.exception
+    shown = generations(app)
+    assert len(shown) == (2 if button == "generate" else 3)
+    for role, ids, text in shown:
+        assert ids, role
+        assert text == tokenizer.decode(ids), role
+        assert "<span" not in text and 'class="tok"' not in text and "data-act" not in text
+    assert all('class="tok"' not in str(m.value) for m in app.markdown)
+
+
+def test_steering_header_shows_label_density_and_max(explained_run, monkeypatch):
+    from storage.explanations import ExplanationReader, explanations_path
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
+    with ExplanationReader(explanations_path(explained_run / "saes" / "default")) as reader:
+        feature, row = next(iter(reader.labels(list(range(64))).items()))
+    app = page("steer", explained_run, feature=feature).run()
+    assert not app.exception
+    (header,) = html_blocks(app, "mean when active")
+    assert html.escape(row["text"]) in header and "density" in header and "max" in header
+
+
+def test_retrained_sae_is_used_on_the_next_probe(indexed_copy, monkeypatch):
+    from jobs.train import TrainJobConfig, run_train
+    from storage.sae_store import weights_fingerprint
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(indexed_copy))
+    folder = indexed_copy / "saes" / "default"
+    before = probed(indexed_copy, "The cat sat.").session_state["probe_result"][2].feats_TF
+    sha = weights_fingerprint(folder)
+    run_train(
+        TrainJobConfig(
+            run=str(indexed_copy),
+            d_sae=64,
+            k=4,
+            tokens=256 * 8,
+            batch_size=256,
+            lm_eval_contexts=0,
+            device="cpu",
+            dtype="float32",
+            seed=7,
+            force=True,
+        )  # fmt: skip
+    )
+    assert weights_fingerprint(folder) != sha
+    after = probed(indexed_copy, "The cat sat.").session_state["probe_result"][2].feats_TF
+    assert after.shape == before.shape and not torch_equal(after, before)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_replaced_index_handle_keeps_answering(served, tmp_path, monkeypatch):
+    import shutil
+
+    from dashboards.resources import feature_index
+    from jobs.index import IndexConfig, run_index
+
+    copy = tmp_path / "run"
+    shutil.copytree(served, copy)
+    folder = copy / "saes" / "default"
+    old = feature_index(folder)
+    run_index(IndexConfig(run=str(copy), device="cpu", top_k=5, window=1))
+    new = feature_index(folder)
+    assert new is not old and not old.closed
+    assert old.window == 4 and new.window == 1  # each reads the file it opened
+    assert old.summary(5)["feature"] == 5 and len(new.top_examples(5)[0].tokens) <= 3
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer trained in code on ASCII text: any other character is byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<s>"]
+    )
+    core.train_from_iterator(["the cat sat on the mat"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>")
+
+
+def test_byte_tokens_show_their_bytes_and_merge_on_hover():
+    from dashboards.render import token_spans
+    from pipeline.lm.token_text import display_text, merged_texts, vocab_bytes
+
+    tok = byte_level_tokenizer()
+    ids = tok("a—b 中", add_special_tokens=False).input_ids
+    texts = [tok.decode([i]) for i in ids]
+    raw = vocab_bytes(tok, ids)
+    shown = [display_text(t, r) for t, r in zip(texts, raw, strict=True)]
+    assert shown == ["a", "\\xe2", "\\x80", "\\x94", "b", "·", "\\xe4", "\\xb8", "\\xad"]
+    assert len(set(shown)) == len(shown) and "\ufffd" not in "".join(shown)
+    assert "".join(merged_texts(texts, raw)) == tok.decode(ids) == "a—b 中"
+    markup = token_spans(texts, [0.0] * len(ids), 1.0, raw=raw, line_breaks=True)
+    assert visible_text(markup) == "a—b 中"  # the text is whole; the bytes are drawn beside it by CSS
+    assert 'data-show="\\xe2"' in markup and "text here: &#x27;—&#x27;" in markup
+    assert vocab_bytes(tok, [tok.bos_token_id]) == [None]
+
+
+def test_whitespace_tokens_stay_visible():
+    from dashboards.render import token_label, token_spans
+
+    assert token_label("  ") == "··" and token_label("\n") == "↵" and token_label(" a\tb") == " a⇥b"
+    markup = token_spans(["a", "\n", "  ", "b"], [0.0] * 4, 1.0, line_breaks=True)
+    assert visible_text(markup) == "a\n  b" and 'data-show="↵"' in markup and 'class="tok ws"' in markup
+    assert visible_text(token_spans(["a", "\n"], [0.0, 0.0], 1.0)) == "a↵"  # one-line examples

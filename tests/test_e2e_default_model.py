@@ -6,49 +6,12 @@ One small run is built once per session and each later stage checks its own outp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import CACHE_TOKENS, saescope
 
 pytestmark = pytest.mark.slow
-CACHE_TOKENS = 8192
-
-
-def saescope(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed `saescope` console script (falls back to `python -m jobs.cli`)."""
-    script = Path(sys.executable).with_name("saescope")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
-    env = {**os.environ, "SAESCOPE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"saescope {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-@pytest.fixture(scope="session")
-def real_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("saescope-home")
-
-
-@pytest.fixture(scope="session")
-def model_dtype(forced_dtype) -> str:
-    """float32 unless the suite runs with --force-dtype: numbers here must not depend on the CPU."""
-    return forced_dtype or "float32"
-
-
-@pytest.fixture(scope="session")
-def real_run(tmp_path_factory, real_home, model_dtype) -> Path:
-    run = tmp_path_factory.mktemp("real") / "run"
-    saescope(
-        "cache", "--run", str(run), "--tokens", str(CACHE_TOKENS), "--device", "cpu",
-        "--model-dtype", model_dtype, home=real_home,
-    )  # fmt: skip
-    return run
 
 
 def test_cache_on_the_default_model(real_run, model_dtype):
@@ -74,30 +37,6 @@ def test_wrong_layer_is_one_clear_line(tmp_path, real_home):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: layer 40 out of range: model has 30 layers (0-29)"
-
-
-@pytest.fixture(scope="session")
-def real_indexed(real_run, real_home, model_dtype) -> Path:
-    saescope(
-        "train",
-        "--run",
-        str(real_run),
-        "--d-sae",
-        "1152",
-        "--batch-size",
-        "512",
-        "--tokens",
-        "15360",
-        "--lm-eval-contexts",
-        "2",
-        "--device",
-        "cpu",
-        "--dtype",
-        model_dtype,
-        home=real_home,
-    )
-    saescope("index", "--run", str(real_run), "--device", "cpu", home=real_home)
-    return real_run
 
 
 def test_train_and_eval_on_the_default_model(real_indexed, real_home):

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import html
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboards.render import bin_edges, format_density, histogram_rows, link, shade_tokens
-from dashboards.resources import app_settings, explanations, feature_index, selected_sae, show_error
+from dashboards.render import (
+    bin_edges,
+    feature_link,
+    feature_links,
+    format_density,
+    histogram_rows,
+    token_label,
+    token_spans,
+)
+from dashboards.resources import (
+    app_settings,
+    explanations,
+    feature_index,
+    feature_labels,
+    index_token_bytes,
+    selected_sae,
+    show_error,
+)
 
 
 def feature_id(text: str | None, n_features: int) -> int:
@@ -33,11 +51,15 @@ def render() -> None:
         return
     summary = index.summary(feature)
     st.title(f"Feature {feature}" + ("  (dead)" if summary["dead"] else ""))
+    folder = selected_sae(app_settings())
+    labels = feature_labels(folder, [f for f in (feature - 1, feature, feature + 1) if 0 <= f < index.n_features])
+    if labels.get(feature):
+        st.html(f'<div class="label" style="font-size:1.1em">{html.escape(labels[feature])}</div>')
     nav = st.columns(4)
     if feature > 0:
-        nav[0].markdown(link("feature", f"← #{feature - 1}", id=feature - 1))
+        nav[0].html(feature_link(feature - 1, labels.get(feature - 1), text=f"← #{feature - 1}"))
     if feature + 1 < index.n_features:
-        nav[1].markdown(link("feature", f"#{feature + 1} →", id=feature + 1))
+        nav[1].html(feature_link(feature + 1, labels.get(feature + 1), text=f"#{feature + 1} →"))
     nav[3].link_button("Steer with this feature", f"./steer?feature={feature}", type="primary")
     cols = st.columns(3)
     cols[0].metric("density", format_density(summary["density"]), help=f"{summary['n_active']:,} activations")
@@ -53,11 +75,21 @@ def render() -> None:
     with right:
         logit_bars(index, feature)
     st.subheader("Top examples")
-    st.html(examples_html(index.top_examples(feature, 20), summary["max_act"]))
+    top = index.top_examples(feature, 20)
+    raw = bytes_lookup(index, [*top, *(e for entry in bins for e in entry["examples"])])
+    st.html(examples_html(top, summary["max_act"], raw=raw))
     st.subheader("Interval examples")
-    st.html("".join(interval_html(entry, summary["max_act"]) for entry in bins))
+    st.html("".join(interval_html(entry, summary["max_act"], raw) for entry in bins))
     st.subheader("Nearest features by decoder cosine")
-    st.markdown(" · ".join(link("feature", f"#{n} ({c:.2f})", id=n) for n, c in summary["neighbours"]))
+    neighbours = [(int(n), f" ({c:.2f})") for n, c in summary["neighbours"]]
+    st.html(feature_links(neighbours, feature_labels(selected_sae(app_settings()), [n for n, _ in neighbours])))
+
+
+def bytes_lookup(index, examples) -> dict[int, bytes | None]:
+    """token id -> its bytes, for the byte tokens among the examples (empty when there are none)."""
+    ids = sorted({t for example in examples for t in example.token_ids})
+    raw = index_token_bytes(app_settings(), index, ids)
+    return dict(zip(ids, raw, strict=True)) if raw is not None else {}
 
 
 def explanation_panel(feature: int) -> None:
@@ -67,7 +99,10 @@ def explanation_panel(feature: int) -> None:
         st.caption("no explanation yet: run `saescope explain` to label features")
         return
     for explanation in reader.for_feature(feature):
-        st.markdown(f"**Explanation** ({explanation['explainer']}): {explanation['text']}", help=None)
+        st.html(
+            f'<div class="explanation"><b>Explanation</b> ({html.escape(explanation["explainer"])}): '
+            f"{html.escape(explanation['text'])}</div>"
+        )
         rows = [
             {
                 "scorer": score["scorer"],
@@ -84,24 +119,24 @@ def explanation_panel(feature: int) -> None:
             st.dataframe(rows, hide_index=True, width="stretch")
 
 
-def examples_html(examples, scale: float, with_values: bool = True) -> str:
+def examples_html(examples, scale: float, with_values: bool = True, raw: dict | None = None) -> str:
     """One block of shaded examples, each on its own line (one element renders faster than many)."""
     rows = []
     for example in examples:
         value = f'<small style="color:#666">{example.activation:.3f}</small> ' if with_values else ""
-        rows.append(
-            f'<div class="example">{value}{shade_tokens(example.tokens, example.acts, scale, example.peak)}</div>'
-        )
+        token_raw = [raw.get(t) for t in example.token_ids] if raw and example.token_ids else None
+        spans = token_spans(example.tokens, example.acts, scale, example.peak, raw=token_raw)
+        rows.append(f'<div class="example">{value}{spans}</div>')
     return "".join(rows)
 
 
-def interval_html(entry: dict, scale: float) -> str:
+def interval_html(entry: dict, scale: float, raw: dict | None = None) -> str:
     caption = (
         '<div class="bin" style="color:#666; margin-top: 0.6em">'
         f"activations {entry['lower']:.3g}–{entry['upper']:.3g}: "
         f"{entry['n_activations']:,} in this bin</div>"
     )
-    return caption + examples_html(entry["examples"], scale)
+    return caption + examples_html(entry["examples"], scale, raw=raw)
 
 
 def histogram(hist: dict, edges: list[float]) -> None:
@@ -131,7 +166,8 @@ def logit_bars(index, feature: int) -> None:
     effects = index.logit_tokens(feature, ranking)
     rows = [{**e, "side": side, "rank": i} for side in effects for i, e in enumerate(effects[side])]
     frame = pd.DataFrame(rows)
-    frame["token"] = frame["token"].map(repr)
+    raw = index_token_bytes(app_settings(), index, list(frame["token_id"]))
+    frame["token"] = [f"'{token_label(t, raw[i] if raw else None)}'" for i, t in enumerate(frame["token"])]
     value = "z" if ranking == "standardized" and frame["z"].notna().all() else "raw"
     chart = (
         alt.Chart(frame)

@@ -7,8 +7,17 @@ import random
 import pandas as pd
 import streamlit as st
 
-from dashboards.render import format_density, link
-from dashboards.resources import app_settings, embedder, explanations, feature_index, selected_sae, show_error
+from dashboards.render import feature_link, format_density, token_label
+from dashboards.resources import (
+    app_settings,
+    embedder,
+    explanations,
+    feature_index,
+    feature_labels,
+    index_token_bytes,
+    selected_sae,
+    show_error,
+)
 from storage.index_queries import SORT_COLUMNS, Example
 
 PAGE_SIZE = 50
@@ -20,12 +29,20 @@ def snippet(example: Example | None, width: int = 6) -> str:
         return ""
     lo, hi = max(0, example.peak - width), example.peak + width + 1
     parts = [f"«{t}»" if i == example.peak else t for i, t in enumerate(example.tokens) if lo <= i < hi]
-    return "".join(parts).replace("\n", "↵")
+    return token_label("".join(parts))
+
+
+def promoted_labels(index, rows: list[dict]) -> dict[int, str]:
+    """token id -> how a table shows it (quoted; a byte token as its bytes), for the rows' promoted tokens."""
+    ids = sorted({t for row in rows for t in row.get("promoted_ids", [])})
+    raw = index_token_bytes(app_settings(), index, ids)
+    return {t: "'" + token_label(index.vocab_text(t), raw[i] if raw else None) + "'" for i, t in enumerate(ids)}
 
 
 def table(index, rows: list[dict], labels: dict[int, dict] | None = None) -> pd.DataFrame:
     snippets = index.top_snippets([row["feature"] for row in rows])
     labels = labels or {}
+    shown = promoted_labels(index, rows)
     return pd.DataFrame(
         [
             {
@@ -43,7 +60,7 @@ def table(index, rows: list[dict], labels: dict[int, dict] | None = None) -> pd.
                 "density": format_density(row["density"]),
                 "max": row["max_act"],
                 "mean": row["mean_act"],
-                "promotes": " ".join(repr(t) for t in row["promoted"]),
+                "promotes": " ".join(shown[t] for t in row["promoted_ids"]),
                 "top example": snippet(snippets.get(row["feature"])),
             }
             for row in rows
@@ -75,11 +92,12 @@ def render() -> None:
         return
     top = st.columns([2, 1, 1, 1])
     jump = top[1].number_input("go to feature", 0, index.n_features - 1, step=1, value=None)
-    if jump is not None:
-        top[1].markdown(link("feature", f"open #{int(jump)}", id=int(jump)))
     chosen = index.random_live(random.randrange(1 << 30))
+    named = feature_labels(selected_sae(app_settings()), [f for f in (jump, chosen) if f is not None])
+    if jump is not None:
+        top[1].html(feature_link(int(jump), named.get(int(jump)), text=f"open #{int(jump)}"))
     if chosen is not None:
-        top[2].markdown(link("feature", "random live feature", id=chosen))
+        top[2].html(feature_link(chosen, named.get(chosen), text="random live feature"))
     search = top[0].text_input(
         "search by token",
         key="search",
