@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from storage.constants import EXPLANATIONS
 from storage.errors import first_line
-from storage.index_queries import open_read_only
+from storage.read_only import open_read_only
 
 FORMAT_VERSION = 1
 
