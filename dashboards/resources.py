@@ -26,7 +26,7 @@ from pipeline.lm.token_text import REPLACEMENT, load_tokenizer
 from pipeline.lm.token_text import vocab_bytes as token_bytes_of
 from pipeline.runtime.errors import first_line
 from pipeline.sae.saelens import sae_from_saelens
-from storage.constants import FEATURE_INDEX
+from storage.constants import DEFAULT_SAE_NAME, FEATURE_INDEX
 from storage.explanations import ExplanationReader, explanations_path, open_explanations
 from storage.home import converted_models_dir
 from storage.index_queries import FeatureIndex, open_sae_index
@@ -59,7 +59,7 @@ def selected_sae(settings: AppSettings) -> Path:
     names = sae_names(settings)
     wanted = st.query_params.get("sae") or settings.sae
     if wanted is None and len(names) > 1:
-        wanted = "default" if "default" in names else names[0]
+        wanted = DEFAULT_SAE_NAME if DEFAULT_SAE_NAME in names else names[0]
     if wanted is not None:
         return sae_dir(settings.run, wanted) if wanted in names else resolve_sae(settings.run, wanted)
     return resolve_sae(settings.run, None)
