@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -146,3 +147,83 @@ def test_the_control_is_a_seeded_untrained_sae_of_the_same_shape():
     control = control_pw_mcc(random_decoder(cfg, seed=7), cfg, seed=0)
     best_single_AB = decoder_cosines(random_decoder(cfg, seed=7), W_FD).max(1).values.mean()
     assert 0.0 < control <= float(best_single_AB) + 1e-6
+
+
+@pytest.fixture(scope="module")
+def two_sae_run(indexed_run, tmp_path_factory):
+    """The indexed tiny run plus a second, larger SAE ``other`` (128 latents, seed 1), compared once."""
+    from jobs.cli import main
+    from jobs.train import TrainJobConfig, run_train
+
+    run = tmp_path_factory.mktemp("compare") / "run"
+    shutil.copytree(indexed_run[0], run)
+    run_train(
+        TrainJobConfig(
+            run=str(run), name="other", d_sae=128, k=4, seed=1, tokens=256 * 24, batch_size=256,
+            lm_eval_contexts=0, device="cpu", dtype="float32",
+        )
+    )  # fmt: skip
+    assert main(["compare", "--run", str(run), "--sae", "default", "--sae", "other", "--heldout-tokens", "500"]) == 0
+    return run
+
+
+def test_compare_prints_pw_mcc_beside_its_control_and_saves_the_pairs(two_sae_run, capsys):
+    from jobs.cli import main
+
+    assert main(["compare", "--run", str(two_sae_run), "--sae", "default", "--sae", "other", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"PW-MCC (-?[\d.]+)\s+control (-?[\d.]+)", out)
+    assert found, out
+    saved = json.loads((two_sae_run / "comparisons" / "default__other.json").read_text())
+    assert float(found[1]) == pytest.approx(saved["pw_mcc"], abs=1e-3)
+    assert float(found[2]) == pytest.approx(saved["control_pw_mcc"], abs=1e-3)
+    assert len(saved["pairs"]["a"]) == 64 and len(set(saved["pairs"]["b"])) == 64
+    assert saved["splits"]["parent_side"] == "a" and "split families" in out
+    corr = saved["correlation"]
+    assert 0 < corr["n_tokens"] <= 500 and len(corr["per_pair"]) == 64
+
+
+def test_compare_against_the_same_sae_in_another_run_agrees(two_sae_run, tmp_path, capsys):
+    from jobs.cli import main
+
+    other = tmp_path / "other-run"
+    shutil.copytree(two_sae_run, other)
+    argv = ["compare", "--run", str(two_sae_run), "--sae", "default", "--against", f"{other}:other", "--json"]
+    assert main([*argv, "--no-save", "--heldout-tokens", "500"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    saved = json.loads((two_sae_run / "comparisons" / "default__other.json").read_text())
+    assert result["pw_mcc"] == pytest.approx(saved["pw_mcc"], abs=1e-6)
+    assert result["pairs"]["b"] == saved["pairs"]["b"]
+    assert result["b"]["label"] == f"{other}:other"
+
+
+def test_compare_refuses_runs_of_different_models(two_sae_run, tmp_path, capsys):
+    from jobs.cli import main
+
+    other = tmp_path / "other-run"
+    shutil.copytree(two_sae_run, other)
+    manifest_path = other / "activations" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["provenance"]["model"]["revision"] = "sha256:" + "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["compare", "--run", str(two_sae_run), "--sae", "default", "--against", f"{other}:other"]) == 2
+    err = capsys.readouterr().err
+    assert "cache different models" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sae", "default"], "give two SAEs"),
+        (["--sae", "default", "--sae", "default"], "given twice"),
+        (["--sae", "default", "--against", "nocolon"], "must be RUN:NAME"),
+        (["--sae", "default", "--sae", "other", "--against", "x:y"], "at most one --sae"),
+        (["--sae", "default", "--sae", "nope"], "no trained SAE named 'nope'"),
+    ],
+)
+def test_bad_pairs_are_one_line_errors(two_sae_run, capsys, extra, message):
+    from jobs.cli import main
+
+    assert main(["compare", "--run", str(two_sae_run), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
