@@ -227,3 +227,58 @@ def test_bad_pairs_are_one_line_errors(two_sae_run, capsys, extra, message):
     assert main(["compare", "--run", str(two_sae_run), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _compare_page(run, monkeypatch, **query):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(run))
+    app = AppTest.from_string("from dashboards.views import compare\ncompare.render()\n", default_timeout=120)
+    for key, value in query.items():
+        app.query_params[key] = value
+    return app.run()
+
+
+@pytest.mark.parametrize(("a", "b"), [("default", "other"), ("other", "default")])
+def test_compare_page_lists_matched_pairs_with_links_to_both_saes(two_sae_run, monkeypatch, a, b):
+    app = _compare_page(two_sae_run, monkeypatch, a=a, b=b)
+    assert not app.exception
+    metrics = {m.label: m.value for m in app.metric}
+    saved = json.loads((two_sae_run / "comparisons" / "default__other.json").read_text())
+    assert metrics["PW-MCC"] == f"{saved['pw_mcc']:.3f}" and metrics["control"] == f"{saved['control_pw_mcc']:.3f}"
+    pairs = app.dataframe[0].value
+    assert len(pairs) == 64 and pairs["cosine"].is_monotonic_decreasing
+    assert pairs["A"].str.fullmatch(rf"\./feature\?id=\d+&sae={a}").all()
+    assert pairs["B"].str.fullmatch(rf"\./feature\?id=\d+&sae={b}").all()
+    best = saved["pairs"]["cosine"].index(max(saved["pairs"]["cosine"]))
+    first_a, first_b = saved["pairs"]["a"][best], saved["pairs"]["b"][best]
+    expected = (first_a, first_b) if a == "default" else (first_b, first_a)
+    assert pairs["A"][0] == f"./feature?id={expected[0]}&sae={a}"
+    assert pairs["B"][0] == f"./feature?id={expected[1]}&sae={b}"
+
+
+def test_compare_page_without_a_saved_comparison_shows_the_command(two_sae_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(two_sae_run, run, ignore=shutil.ignore_patterns("comparisons"))
+    app = _compare_page(run, monkeypatch, a="default", b="other")
+    assert not app.exception and not app.dataframe
+    assert "saescope compare" in app.code[0].value and "--sae other" in app.code[0].value
+
+
+def test_split_families_table_keeps_labels_as_plain_cells():
+    from dashboards.views.compare import family_rows
+
+    result = {
+        "a": {"name": "small"},
+        "b": {"name": "large"},
+        "splits": {"parent_side": "a", "families": [{"parent": 3, "children": [7, 9], "cosines": [0.91, 0.72]}]},
+    }
+    frame = family_rows(result, {3: "<b>cats</b>"}, {7: "tabby", 9: "kittens"})
+    assert frame.to_dict("records") == [
+        {
+            "parent": "./feature?id=3&sae=small",
+            "parent label": "<b>cats</b>",
+            "size": 2,
+            "children in large": "#7 (0.91) tabby · #9 (0.72) kittens",
+        }
+    ]
