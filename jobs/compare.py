@@ -23,12 +23,15 @@ from jobs.heldout import EvalSettings, heldout_batches
 from jobs.options import add_config_arguments, config_from_args, counted, finite_float, option, require
 from jobs.run import Run, check_fits_cache, open_run
 from pipeline.features.matching import (
+    CONTROL_SEED,
     SPLIT_COSINE,
     Matching,
     Splits,
     control_pw_mcc,
     match_decoders,
     matched_correlation,
+    mean_row_cosine,
+    random_decoder,
     splits_between,
 )
 from pipeline.runtime.precision import resolve_device
@@ -55,7 +58,9 @@ class CompareConfig:
     split_cosine: float = option(
         SPLIT_COSINE, "decoder cosine that joins a latent to a split family", parse=finite_float
     )
-    control_seed: int = option(0, "seed of the untrained SAE of B's shape that scores the control")
+    control_seed: int = option(
+        CONTROL_SEED, "seed of the untrained SAE of B's shape that scores the control (not a training seed of A or B)"
+    )
     examples: int = option(5, "split families to print", parse=counted(0))
     device: str = option("auto", "where to encode held-out tokens: cpu, cuda, cuda:N or auto")
     save: bool = option(True, "save the comparison in RUN/comparisons/ for the dashboard's Compare page")
@@ -106,7 +111,24 @@ def open_sides(args: CompareConfig) -> tuple[Side, Side]:
         check_same_model(a.run, b.run)
     if a.run.sae_folder.resolve() == b.run.sae_folder.resolve():
         raise ValueError(f"{a.run.sae_folder} is both SAEs: compare two different SAEs")
+    if args.control_seed in (training_seed(a.cfg), training_seed(b.cfg)):
+        raise ValueError(
+            f"--control-seed {args.control_seed} is the seed an SAE was trained from: its own initialization is no "
+            "random control; choose another --control-seed"
+        )
     return a._replace(label=a.label or a.name), b._replace(label=b.label or b.name)
+
+
+def training_seed(cfg: dict) -> int | None:
+    """The seed saescope initialized the SAE with (None for an imported SAE)."""
+    seed = SaeRecord(cfg).training.get("seed")
+    return int(seed) if isinstance(seed, int) else None
+
+
+def kept_from_init(sae: Sae, cfg: dict) -> float | None:
+    """Mean cosine of each trained decoder row with its initial row (None when the training seed is unknown)."""
+    seed = training_seed(cfg)
+    return None if seed is None else mean_row_cosine(sae.W_dec, random_decoder(sae.cfg, seed))
 
 
 def check_same_model(run_a: Run, run_b: Run) -> None:
@@ -154,6 +176,8 @@ def correlate(a: Side, b: Side, sae_a: Sae, sae_b: Sae, matching: Matching, args
 def _shape(side: Side, sae: Sae) -> dict:
     cfg = sae.cfg
     return {
+        "training_seed": training_seed(side.cfg),
+        "cosine_with_init": kept_from_init(sae, side.cfg),
         "run": str(side.run.folder),
         "name": side.name,
         "label": side.label,
@@ -237,6 +261,18 @@ def split_lines(result: dict, a: Side, b: Side, examples: int) -> list[str]:
     return lines
 
 
+def init_lines(result: dict) -> list[str]:
+    """How much of its random initialization each decoder kept, and whether both started from the same one."""
+    kept = [result[key]["cosine_with_init"] for key in ("a", "b")]
+    if None in kept:
+        return []
+    lines = [f"decoder rows' mean cosine with their own initialization: A {kept[0]:.3f}, B {kept[1]:.3f}"]
+    seed_a, seed_b = result["a"]["training_seed"], result["b"]["training_seed"]
+    if seed_a == seed_b and (result["a"]["d_sae"], result["a"]["d_in"]) == (result["b"]["d_sae"], result["b"]["d_in"]):
+        lines.append(f"  A and B started from the same initialization (seed {seed_a}): PW-MCC includes what both kept")
+    return lines
+
+
 def summary_lines(result: dict, a: Side, b: Side, examples: int) -> list[str]:
     """What `saescope compare` prints: shapes, PW-MCC beside its control, pair counts, correlation, splits."""
     lines = []
@@ -249,6 +285,7 @@ def summary_lines(result: dict, a: Side, b: Side, examples: int) -> list[str]:
     lines.append(f"matched pairs: {n_pairs:,} (every latent of the smaller SAE), by decoder cosine")
     control = f"(the same matching against an untrained SAE of B's shape, seed {result['control_seed']})"
     lines.append(f"PW-MCC {result['pw_mcc']:.3f}   control {result['control_pw_mcc']:.3f} {control}")
+    lines += init_lines(result)
     at_least = ", ".join(f">= {c}: {n:,} ({n / max(n_pairs, 1):.1%})" for c, n in result["pairs_at_least"].items())
     lines.append(f"pairs with decoder cosine {at_least}")
     corr = result["correlation"]

@@ -18,6 +18,7 @@ from pipeline.features.matching import (
     decoder_cosines,
     match_decoders,
     matched_correlation,
+    mean_row_cosine,
     random_decoder,
     split_families,
     splits_between,
@@ -149,6 +150,17 @@ def test_the_control_is_a_seeded_untrained_sae_of_the_same_shape():
     assert 0.0 < control <= float(best_single_AB) + 1e-6
 
 
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_random_decoder_is_the_initialization_training_starts_from(architecture):
+    from pipeline.sae.initialization import init_sae
+
+    cfg = SaeConfig(d_in=8, d_sae=24, architecture=architecture, k=4)
+    sample_ND = torch.randn(32, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float32)
+    start = init_sae(cfg, sample_ND, seed=3)
+    assert mean_row_cosine(start.W_dec, random_decoder(cfg, seed=3)) == pytest.approx(1.0, abs=1e-6)
+    assert mean_row_cosine(start.W_dec, random_decoder(cfg, seed=4)) < 0.5
+
+
 @pytest.fixture(scope="module")
 def two_sae_run(indexed_run, tmp_path_factory):
     """The indexed tiny run plus a second, larger SAE ``other`` (128 latents, seed 1), compared once."""
@@ -181,6 +193,8 @@ def test_compare_prints_pw_mcc_beside_its_control_and_saves_the_pairs(two_sae_ru
     assert saved["splits"]["parent_side"] == "a" and "split families" in out
     corr = saved["correlation"]
     assert 0 < corr["n_tokens"] <= 500 and len(corr["per_pair"]) == 64
+    assert saved["a"]["training_seed"] == 0 and saved["b"]["training_seed"] == 1
+    assert -1 <= saved["b"]["cosine_with_init"] <= 1 and "own initialization" in out
 
 
 def test_compare_against_the_same_sae_in_another_run_agrees(two_sae_run, tmp_path, capsys):
@@ -219,6 +233,7 @@ def test_compare_refuses_runs_of_different_models(two_sae_run, tmp_path, capsys)
         (["--sae", "default", "--against", "nocolon"], "must be RUN:NAME"),
         (["--sae", "default", "--sae", "other", "--against", "x:y"], "at most one --sae"),
         (["--sae", "default", "--sae", "nope"], "no trained SAE named 'nope'"),
+        (["--sae", "default", "--sae", "other", "--control-seed", "1"], "no random control"),
     ],
 )
 def test_bad_pairs_are_one_line_errors(two_sae_run, capsys, extra, message):

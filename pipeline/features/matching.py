@@ -14,7 +14,9 @@ D d_in, N tokens, P matched pairs (P = S = min(A, B)), R rows of one block.
 * PW-MCC is the mean cosine of the matched pairs. Its control is the same number against an
   untrained SAE of b's shape (``random_decoder``): in a space of D dimensions, matching thousands
   of random directions already finds pairs of clearly positive cosine, so PW-MCC means only what
-  it adds above the control.
+  it adds above the control. The control's seed must differ from both SAEs' training seeds: an
+  SAE's own initialization is no control (``mean_row_cosine`` measures how much of it a trained
+  decoder kept; two SAEs trained from one seed share that much by construction).
 * ``split_families``: a latent of the smaller SAE whose decoder has cosine >= 0.7 with at least two
   latents of the larger one (a feature the larger SAE split). Streamed block by block: never more
   than one R x L block in memory.
@@ -36,6 +38,8 @@ from pipeline.sae.model import Sae, SaeConfig
 SPLIT_COSINE = 0.7
 """A latent of the larger SAE belongs to a split family at this decoder cosine with its parent, or more."""
 BLOCK_ROWS = 2048
+CONTROL_SEED = 123_456_789
+"""Seed of the untrained control SAE: far from the small seeds SAEs are usually trained with."""
 
 
 class Matching(NamedTuple):
@@ -134,7 +138,14 @@ def random_decoder(cfg: SaeConfig, seed: int) -> torch.Tensor:
     return Sae(cfg).initialize(torch.Generator().manual_seed(seed)).W_dec.detach()
 
 
-def control_pw_mcc(W_dec_AD: torch.Tensor, cfg_b: SaeConfig, seed: int = 0) -> float:
+def mean_row_cosine(W_a_FD: torch.Tensor, W_b_FD: torch.Tensor) -> float:
+    """Mean cosine of row i of one matrix with row i of the other (e.g. a decoder and its initialization)."""
+    if W_a_FD.shape != W_b_FD.shape:
+        raise ValueError(f"row-wise cosine needs equal shapes, got {tuple(W_a_FD.shape)} and {tuple(W_b_FD.shape)}")
+    return float((unit_rows(W_a_FD) * unit_rows(W_b_FD)).sum(1).double().mean())
+
+
+def control_pw_mcc(W_dec_AD: torch.Tensor, cfg_b: SaeConfig, seed: int = CONTROL_SEED) -> float:
     """PW-MCC of a against an untrained SAE of b's shape: what matching alone scores."""
     return match_decoders(W_dec_AD, random_decoder(cfg_b, seed)).pw_mcc
 
