@@ -10,7 +10,7 @@ D d_in, N tokens, P matched pairs (P = S = min(A, B)), R rows of one block.
   with more rows than columns), so the matrix is filled block by block into one float64 buffer of
   that orientation, negated in place for the solver and restored: 8 * S * L bytes at the peak
   (2 GiB for 16k x 16k, 170 MiB for 4608 x 4608) plus one float32 block. The solver's time grows
-  roughly cubically with the size (seconds at 4608, minutes at 16k).
+  roughly cubically with the size (2-5 s at 4608 on a loaded 2-core CPU; not yet timed at 16k).
 * PW-MCC is the mean cosine of the matched pairs. Its control is the same number against an
   untrained SAE of b's shape (``random_decoder``): in a space of D dimensions, matching thousands
   of random directions already finds pairs of clearly positive cosine, so PW-MCC means only what
