@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboards.views import feature, features, overview, probe, steer
+from dashboards.views import compare, feature, features, overview, probe, steer
 
 st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
 st.navigation(
@@ -12,5 +12,6 @@ st.navigation(
         st.Page(feature.render, title="Feature", url_path="feature"),
         st.Page(probe.render, title="Text probe", url_path="probe"),
         st.Page(steer.render, title="Steering", url_path="steer"),
+        st.Page(compare.render, title="Compare", url_path="compare"),
     ]
 ).run()

@@ -17,6 +17,7 @@ VERB_MODULES = (
     "jobs.index",
     "jobs.explain",
     "jobs.features",
+    "jobs.compare",
     "jobs.steer",
     "jobs.serve",
 )

@@ -23,7 +23,20 @@ FORBIDDEN = {
     "dashboards": {"jobs", "bench"},
     "bench": {"dashboards"},
 }
-VERBS = {"demo", "cache", "verify", "train", "evaluate", "import_sae", "index", "explain", "features", "steer", "serve"}
+VERBS = {
+    "demo",
+    "cache",
+    "verify",
+    "train",
+    "evaluate",
+    "import_sae",
+    "index",
+    "explain",
+    "features",
+    "compare",
+    "steer",
+    "serve",
+}
 """jobs modules that implement a `saescope` verb (the rest are helpers any verb may use)."""
 COMPOSITE_VERBS = {"demo"}
 
