@@ -27,7 +27,7 @@ from pipeline.steering.edit import (
     Strength,
     build_spec,
 )
-from pipeline.steering.generation import Comparison, SamplingConfig, check_length, compare
+from pipeline.steering.generation import Comparison, SamplingConfig, check_length, compare, sweep
 from storage.index_builder import index_path
 
 DEFAULT_VALUE = "4xmean"
@@ -95,11 +95,11 @@ def command(args: SteerConfig) -> int:
     if not args.prompt.strip() and not args.chat:
         raise SteerError("--prompt is empty: give some text to continue")
     request = _request(args)
-    sweep = [Strength.parse(v) for v in args.sweep.split(",")] if args.sweep else None
+    strengths = [Strength.parse(v) for v in args.sweep.split(",")] if args.sweep else None
     run = open_run(args.run, args.sae)
     sae, _ = run.sae()
     SteeringSpec(tuple(FeatureSteer(f) for f in request.features)).check(sae.cfg.d_sae)
-    needs_index = any(s.relative for s in request.strengths + (sweep or [])) and args.mode != "scale"
+    needs_index = any(s.relative for s in request.strengths + (strengths or [])) and args.mode != "scale"
     scales = _feature_scales(run, request.features) if needs_index else None
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     device = resolve_device(args.device)
@@ -110,17 +110,17 @@ def command(args: SteerConfig) -> int:
     check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    if sweep is None:
+    if strengths is None:
         spec = build_spec(request.features, request.strengths, args.mode, args.positions, scales)
         result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos)
         print(_json(spec, [result], decode) if args.json else _side_by_side(args, spec, result, decode))
         return 0
-    rows, default = [], None
-    for strength in sweep:
-        spec = build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, scales)
-        result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos, default=default)
-        default = result.default.token_ids
-        rows.append((strength, spec, result))
+    specs = [
+        build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, scales)
+        for strength in strengths
+    ]
+    results = sweep(loaded.model, sae, layer, specs, prompt, cfg, eos)
+    rows = list(zip(strengths, specs, results, strict=True))
     print(_json_sweep(rows, decode) if args.json else _sweep_table(args, rows, decode))
     return 0
 

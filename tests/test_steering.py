@@ -6,7 +6,7 @@ import torch
 from pipeline.lm.hooks import decoder_blocks, residual_after_block
 from pipeline.sae.model import Sae, SaeConfig
 from pipeline.steering.edit import FeatureSteer, SteeringSpec, steer
-from pipeline.steering.generation import SamplingConfig, compare, sample
+from pipeline.steering.generation import SamplingConfig, compare, sample, sweep
 
 LAYER = 1
 
@@ -259,3 +259,14 @@ def test_mean_relative_values_through_the_cli(indexed_copy, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["value"] for r in rows] == ["0", "1xmean", "2xmean"]
     assert [r["steers"][0]["value"] for r in rows] == pytest.approx([0.0, mean, 2 * mean])
+
+
+def test_a_sweep_equals_one_compare_per_strength_with_one_default(tiny_model, sae, ids):
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0.7, seed=3)
+    specs = [SteeringSpec((FeatureSteer(1, "add", value),)) for value in (0.0, 2.0, 6.0)]
+    swept = sweep(tiny_model, sae, LAYER, specs, ids, cfg, eos_id=None)
+    alone = [compare(tiny_model, sae, LAYER, spec, ids, cfg, eos_id=None) for spec in specs]
+    assert [r.steered.token_ids for r in swept] == [r.steered.token_ids for r in alone]
+    assert all(r.default.token_ids == alone[0].default.token_ids for r in swept)
+    assert [r.default.kl for r in swept] == pytest.approx([r.default.kl for r in alone])
+    assert swept[0].steered.token_ids == swept[0].default.token_ids  # adding zero steers nothing

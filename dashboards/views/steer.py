@@ -27,7 +27,7 @@ from dashboards.resources import (
 from pipeline.lm.packing import encode_prompt
 from pipeline.lm.token_text import vocab_bytes
 from pipeline.steering.edit import MODES, POSITIONS, FeatureScale, Strength, build_spec
-from pipeline.steering.generation import SamplingConfig, check_length, compare
+from pipeline.steering.generation import SamplingConfig, check_length, sweep
 
 DEFAULT_VALUE = "4xmean"
 DEFAULT_SWEEP = "0, 1xmean, 2xmean, 4xmean, 8xmean, 16xmean"
@@ -135,12 +135,8 @@ def run_and_show(settings, folder, form: dict, strengths, specs, scales) -> None
     except ValueError as error:
         show_error(error)
         return
-    results, default = [], None
     with st.spinner(f"generating ({len(specs) + 1} runs)…"), hook_lock():
-        for spec in specs:
-            result = compare(loaded.model, sae, layer, spec, ids, sampling, loaded.tokenizer.eos_token_id, default)
-            default = result.default.token_ids
-            results.append(result)
+        results = sweep(loaded.model, sae, layer, specs, ids, sampling, loaded.tokenizer.eos_token_id)
     tokenizer = loaded.tokenizer
     first = specs[0].steers[0].feature
     scale = scales[first].max

@@ -159,6 +159,24 @@ def compare(
     )
 
 
+def sweep(
+    model: nn.Module,
+    sae: Sae,
+    layer: int,
+    specs: list[SteeringSpec],
+    prompt_ids: list[int],
+    cfg: SamplingConfig,
+    eos_id: int | None,
+) -> list[Comparison]:
+    """``compare`` for each spec (e.g. one feature at several strengths); the default text is generated once."""
+    results, default = [], None
+    for spec in specs:
+        result = compare(model, sae, layer, spec, prompt_ids, cfg, eos_id, default)
+        default = result.default.token_ids
+        results.append(result)
+    return results
+
+
 def generate(model, sae, layer, spec: SteeringSpec | None, prompt_ids, cfg, eos_id) -> list[int]:
     """``sample`` with the edit attached (or not, when spec is None)."""
     context = steer(model, sae, layer, spec) if spec is not None else nullcontext()
