@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_job import crash_training_at
 
 from jobs.cli import main
 from jobs.options import ConfigError
 from jobs.train import TrainJobConfig, run_grid, run_train
 from jobs.train_grid import grid_members
-from test_train_job import crash_training_at
 
 GRID = dict(k=(4, 8), arch=("topk", "jumprelu"))
 NAMES = ["topk-d64-k4", "topk-d64-k8", "jumprelu-d64"]
