@@ -129,3 +129,34 @@ def test_cli_prints_one_table_sorted_by_l0(run_copy, capsys):
     assert lines[header].split()[:8] == ["SAE", "arch", "d_sae", "k", "FVU", "PCA", "FVU", "L0"]
     assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["topk-d64-k4", "topk-d64-k8"]
     assert "trained a grid of 2 SAEs (2 in this job" in out
+
+
+def test_overview_draws_the_frontier_with_a_link_per_sae(indexed_run, tmp_path, monkeypatch):
+    import pyarrow
+    from streamlit.testing.v1 import AppTest
+
+    run = tmp_path / "two-saes"
+    shutil.copytree(indexed_run[0], run)
+    run_train(_cfg(run, name="wider", d_sae=96, k=8))
+    monkeypatch.setenv("SAESCOPE_RUN", str(run))
+    app = AppTest.from_string("from dashboards.views import overview\noverview.render()\n", default_timeout=120)
+    app.run()
+    assert not app.exception
+    charts = [chart for chart in app.get("vega_lite_chart") if "href" in json.loads(chart.proto.spec)["encoding"]]
+    assert len(charts) == 1
+    spec = json.loads(charts[0].proto.spec)
+    assert spec["encoding"]["href"]["field"] == "url"
+    assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("L0", "FVU")
+    points = pyarrow.ipc.open_stream(charts[0].proto.datasets[0].data.data).read_all().to_pydict()
+    assert sorted(points["url"]) == ["./overview?sae=default", "./overview?sae=wider"]
+    assert "L0-FVU frontier" in "".join(c.value for c in app.caption)
+
+
+def test_overview_of_a_run_with_one_sae_has_no_frontier(indexed_run, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAESCOPE_RUN", str(indexed_run[0]))
+    app = AppTest.from_string("from dashboards.views import overview\noverview.render()\n", default_timeout=120)
+    app.run()
+    assert not app.exception
+    assert "L0-FVU frontier" not in "".join(c.value for c in app.caption)
