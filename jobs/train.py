@@ -282,6 +282,10 @@ def _silent(_: str) -> None:
     pass
 
 
+def _prefixed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
+    return lambda text: say(f"{name}: {text}")
+
+
 def _train_locked(
     todo: list[TrainJobConfig], run_dir: Path, manifest: CacheManifest, say, group: Group
 ) -> list[TrainSummary]:
@@ -301,8 +305,9 @@ def _train_locked(
         metrics = {}
         if group.is_main:  # rank 0 evaluates and writes the artifacts; the others wait, then all leave together
             speed = (m.state.tokens_seen - m.resumed_from * m.cfg.batch_size) / max(seconds, 1e-9)
+            told = _prefixed(say, m.cfg.name) if grid else say
             metrics = _finish(
-                m.cfg, run_dir, manifest, m.folder, m.sae, m.state, m.scale, m.sae.W_dec.device, say, speed
+                m.cfg, run_dir, manifest, m.folder, m.sae, m.state, m.scale, m.sae.W_dec.device, told, speed
             )
         epochs = m.state.tokens_seen / max(1, per_epoch) if group.is_main else 0.0
         summaries.append(TrainSummary(m.folder, m.cfg, metrics, False, m.resumed_from, seconds, epochs))
