@@ -75,7 +75,8 @@ class TrainJobConfig:
     )
     arch: Literal["topk", "batchtopk", "relu", "jumprelu"] | tuple[str, ...] = option(
         "topk",
-        "SAE architecture; a comma list (like --k, --d-sae, --expansion, --lr) trains a grid",
+        "SAE architecture (topk, batchtopk, relu, jumprelu); a comma list (as for --k, --d-sae, --expansion, --lr) "
+        "trains a grid",
         parse=listed(architecture),
     )
     k: int | tuple[int, ...] = option(
