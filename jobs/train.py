@@ -5,6 +5,11 @@ trainer, metrics). Re-running on an interrupted SAE resumes from its newest
 checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
 is left alone unless --force is given (or another --name is used).
 
+Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
+member is an SAE in its own folder, fed the same batches from one read of the
+cache (jobs.train_grid), and ends exactly where it would trained alone. Each
+member resumes from its own newest checkpoint; a finished one is skipped.
+
 Under `torchrun` every rank walks the same batch stream and trains on its slice
 of each batch (gradients and statistics summed over ranks, see
 pipeline.sae.training), so all ranks hold the same SAE and a checkpoint resumes with

@@ -11,6 +11,9 @@ multiplied by the normalization factor. Per architecture the loss is
 MSE is the squared error summed over dimensions, averaged over tokens. Decoder
 rows are kept at unit norm (the gradient's parallel component removed before
 each step, rows renormalized after) for all but relu.
+
+``train_many`` feeds one batch stream to several SAEs (a grid), each taking
+exactly the steps ``train_sae`` would give it alone.
 """
 
 from __future__ import annotations
