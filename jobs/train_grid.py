@@ -172,6 +172,19 @@ def _trainee(member: Member, bar: GridProgress, group: Group, started: float) ->
     return Trainee(member.sae, member.optimizer, member.state, member.tcfg, on_log, on_checkpoint)
 
 
+GRID_CHUNK_BYTES = 256 << 20
+"""Memory for the batches a grid holds at once, so each member takes several steps in a row."""
+GRID_CHUNK_MAX = 16
+
+
+def grid_chunk(members: list[Member], stream: TrainingStream, group: Group) -> int:
+    """Batches held at once: 1 for a lone SAE, else as many as fit GRID_CHUNK_BYTES (at most GRID_CHUNK_MAX)."""
+    if len(members) == 1:
+        return 1
+    batch_bytes = 4 * stream.manifest.d_model * -(-members[0].cfg.batch_size // group.world)
+    return max(1, min(GRID_CHUNK_MAX, GRID_CHUNK_BYTES // batch_bytes))
+
+
 def train_members(members: list[Member], stream: TrainingStream, group: Group) -> None:
     """Read the stream once from the earliest member's step and feed every batch to every member."""
     scales = sorted({m.scale for m in members})
@@ -184,7 +197,8 @@ def train_members(members: list[Member], stream: TrainingStream, group: Group) -
     started = time.perf_counter()
     bar = GridProgress(members, group)
     with bar.bar:
-        train_many([_trainee(m, bar, group, started) for m in members], batches, first, group)
+        trainees = [_trainee(m, bar, group, started) for m in members]
+        train_many(trainees, batches, first, group, chunk=grid_chunk(members, stream, group))
 
 
 GRID_COLUMNS = ("SAE", "arch", "d_sae", "k", "FVU", "PCA FVU", "L0", "dead %", "CE rec.", "")

