@@ -5,6 +5,11 @@ trainer, metrics). Re-running on an interrupted SAE resumes from its newest
 checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
 is left alone unless --force is given (or another --name is used).
 
+Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
+member is an SAE in its own folder, fed the same batches from one read of the
+cache (jobs.train_grid), and ends exactly where it would trained alone. Each
+member resumes from its own newest checkpoint; a finished one is skipped.
+
 Under `torchrun` every rank walks the same batch stream and trains on its slice
 of each batch (gradients and statistics summed over ranks, see
 pipeline.sae.training), so all ranks hold the same SAE and a checkpoint resumes with
@@ -19,13 +24,14 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from jobs.console import format_metrics, human_count, progress
+from jobs.console import format_metrics, human_count
 from jobs.heldout import EvalSettings, evaluate
 from jobs.options import (
     ConfigError,
@@ -38,22 +44,18 @@ from jobs.options import (
 )
 from jobs.run import saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
-from jobs.train_start import delete_trained, fresh_start, newest_checkpoint, resume, weights_config
+from jobs.train_grid import announce, architecture, format_grid_summary, grid_members, listed, one_value, train_members
+from jobs.train_start import Member, delete_trained, newest_checkpoint, start_member
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.model import ARCHITECTURES, SaeConfig, export_sae
 from pipeline.sae.schedule import auto_lr, default_warmup_steps
 from pipeline.sae.training import (
     DEAD_WINDOW_CAP,
-    StepStats,
     TrainConfig,
     TrainState,
     default_auxk_dead_tokens,
-    make_optimizer,
-    state_tree,
-    train_sae,
 )
-from storage.checkpoints import save_checkpoint
 from storage.constants import (
     CHECKPOINTS_DIR,
     DEFAULT_SAE_NAME,
@@ -62,7 +64,6 @@ from storage.constants import (
 from storage.run_config import update_run_config
 from storage.sae_store import SaeRecord, is_finished, load_sae_files, sae_dir
 from storage.shards import CacheManifest, activations_dir, read_manifest
-from storage.train_log import append_log, log_path, truncate_log
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts
 
 
@@ -71,22 +72,44 @@ class TrainJobConfig:
     """Options of `saescope train` ("auto" values are resolved from the cache and saved)."""
 
     run: str = option(help="run directory holding an activation cache")
-    name: str = option(DEFAULT_SAE_NAME, "name of the SAE inside the run (several may coexist)")
-    arch: Literal["topk", "batchtopk", "relu", "jumprelu"] = option("topk", "SAE architecture")
-    k: int = option(32, "active latents per token (topk; mean per token for batchtopk)")
-    d_sae: int | None = option(None, "number of latents (default: expansion x d_model)", parse=auto_or(int))
-    expansion: int = option(8, "latents per residual dimension when --d-sae is not given")
-    tokens: int | None = option(
-        None, "training tokens (default: 10 passes over the cache's training part)", parse=auto_or(int)
+    name: str = option(
+        DEFAULT_SAE_NAME,
+        "name of the SAE inside the run (several may coexist); for a grid, the prefix of each member's "
+        "name {name}-{arch}-x{expansion}-k{k} (d{d_sae} with --d-sae, no k for relu/jumprelu, -lr{lr} when "
+        "--lr is a list; no prefix when left at 'default')",
     )
-    batch_size: int = option(4096, "tokens per optimizer step")
-    lr: float | None = option(None, "peak Adam learning rate (default: auto, see README)", parse=auto_or(float))
+    arch: Literal["topk", "batchtopk", "relu", "jumprelu"] | tuple[str, ...] = option(
+        "topk",
+        "SAE architecture (topk, batchtopk, relu, jumprelu); a comma list (as for --k, --d-sae, --expansion, --lr) "
+        "trains a grid",
+        parse=listed(architecture),
+    )
+    k: int | tuple[int, ...] = option(
+        32,
+        "active latents per token (topk; mean per token for batchtopk); a comma list trains a grid",
+        parse=listed(int),
+    )
+    d_sae: int | tuple[int, ...] | None = option(
+        None, "number of latents (default: expansion x d_model); a comma list trains a grid", parse=listed(auto_or(int))
+    )
+    expansion: int | tuple[int, ...] = option(
+        8, "latents per residual dimension when --d-sae is not given; a comma list trains a grid", parse=listed(int)
+    )
+    tokens: int | None = option(
+        None, "training tokens (default: 10 passes over the cache's training part)", parse=one_value(auto_or(int))
+    )
+    batch_size: int = option(4096, "tokens per optimizer step", parse=one_value(int))
+    lr: float | tuple[float | None, ...] | None = option(
+        None,
+        "peak Adam learning rate (default: auto, see README); a comma list trains a grid",
+        parse=listed(auto_or(float)),
+    )
     warmup_steps: int | None = option(
         None, "learning-rate warm-up steps (default: 5%% of steps, at most 1000)", parse=auto_or(int)
     )
     decay_fraction: float = option(0.2, "linear decay to zero over this final fraction of steps")
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "autocast dtype of the SAE forward; auto measures")
-    seed: int = option(0, "seed of the initialization and the data order")
+    seed: int = option(0, "seed of the initialization and the data order", parse=one_value(int))
     auxk_coef: float = option(1 / 32, "weight of the AuxK loss that revives dead latents (topk, batchtopk)")
     l1_coef: float = option(5.0, "L1 penalty on f_i * ||W_dec[i]|| (relu)")
     l0_coef: float = option(0.05, "L0 penalty (jumprelu)")
@@ -97,14 +120,19 @@ class TrainJobConfig:
         None, "checkpoint every N steps (default: about 10 per run)", parse=auto_or(int)
     )
     heldout_contexts: int | None = option(
-        None, "contexts at the end of the cache kept for evaluation (default: 5%%, max 256)", parse=auto_or(int)
+        None,
+        "contexts at the end of the cache kept for evaluation (default: 5%%, max 256)",
+        parse=one_value(auto_or(int)),
     )
     lm_eval_contexts: int = option(64, "held-out contexts run through the model for CE-loss recovered (0: skip)")
-    window_shards: int = option(8, "shards pooled in one shuffling window")
+    window_shards: int = option(8, "shards pooled in one shuffling window", parse=one_value(int))
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     force: bool = option(False, "retrain even if this SAE is finished (deletes it first)")
 
     def __post_init__(self):
+        if any(isinstance(getattr(self, name), tuple) for name in ("arch", "k", "d_sae", "expansion", "lr")):
+            self._check_lists()
+            return
         require(self.arch in ARCHITECTURES, f"unknown architecture {self.arch!r}")
         require(self.k >= 1, f"--k must be at least 1, got {self.k}")
         require(self.d_sae is None or self.d_sae > 1, f"--d-sae must be at least 2, got {self.d_sae}")
@@ -113,9 +141,17 @@ class TrainJobConfig:
             f"--k ({self.k}) must be smaller than --d-sae ({self.d_sae})",
         )
         require(self.expansion >= 1, f"--expansion must be at least 1, got {self.expansion}")
+        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
+        self._check_shared()
+
+    def _check_lists(self) -> None:
+        """A grid: each member's own checks (its config is built here), then the shared options'."""
+        grid_members(self)
+        self._check_shared()
+
+    def _check_shared(self) -> None:
         require(self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
         require(0 <= self.decay_fraction <= 1, f"--decay-fraction must be in [0, 1], got {self.decay_fraction}")
         require(self.window_shards >= 1, "--window-shards must be at least 1")
         require(self.lm_eval_contexts >= 0, "--lm-eval-contexts must be >= 0")
@@ -191,15 +227,6 @@ def trainer_config(cfg: TrainJobConfig, compute_dtype: torch.dtype) -> TrainConf
     )
 
 
-def _log_line(stats: StepStats, state: TrainState, cfg: TrainJobConfig, started: float) -> dict:
-    return {
-        **stats._asdict(),
-        "tokens": state.tokens_seen,
-        "seconds": round(time.perf_counter() - started, 2),
-        "dead_fraction": state.dead_fraction(cfg.dead_window),
-    }
-
-
 def _record(
     cfg: TrainJobConfig, manifest: CacheManifest, scale: float, state: TrainState, metrics: dict, trained_arch: str
 ) -> dict:
@@ -214,110 +241,109 @@ def _record(
     }
 
 
-def _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg, group: Group) -> TrainState:
-    started = time.perf_counter()
-    bar = progress(
-        tcfg.total_steps * cfg.batch_size, f"train {cfg.name}", initial=state.tokens_seen, disable=not group.is_main
-    )
-
-    def on_log(stats: StepStats, st: TrainState) -> None:
-        if group.is_main:
-            append_log(folder, _log_line(stats, st, cfg, started))
-        bar.update(st.tokens_seen - bar.n)
-        bar.set_postfix(
-            loss=f"{stats.loss:.3g}",
-            fvu=f"{stats.fvu:.3f}",
-            l0=f"{stats.l0:.1f}",
-            dead=f"{100 * st.dead_fraction(cfg.dead_window):.1f}%",
-            refresh=False,
-        )
-
-    def on_checkpoint(st: TrainState, opt) -> None:
-        if group.is_main:
-            job = {"weights_config": weights_config(cfg), "scale": scale}
-            save_checkpoint(folder / CHECKPOINTS_DIR, st.step, {"job": job, "trainer": state_tree(sae, opt, st)})
-
-    part = (group.rank, group.world)
-    batches = (x * scale for x in stream.iter_batches(start=state.step, device=sae.W_dec.device, part=part))
-    with bar:
-        result = train_sae(sae, batches, tcfg, state, optimizer, on_log, on_checkpoint, group)
-    return result.state
-
-
 def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> TrainSummary:
-    """Train (or resume, or skip) the SAE described by ``cfg``; ``say`` receives progress notes."""
+    """Train (or resume, or skip) the one SAE described by ``cfg``; ``say`` receives progress notes."""
+    summaries = run_grid(cfg, say)
+    if len(summaries) != 1:
+        raise ConfigError(f"the lists in these options make a grid of {len(summaries)} SAEs: use run_grid")
+    return summaries[0]
+
+
+def run_grid(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> list[TrainSummary]:
+    """Train every SAE of ``cfg``'s grid (one SAE without lists) from one read of the cache; skip finished ones."""
     run_dir = Path(cfg.run)
     manifest = read_manifest(activations_dir(run_dir))
-    folder = sae_dir(run_dir, cfg.name)
-    if is_finished(folder) and not cfg.force:
-        _, saved = load_sae_files(folder)
-        return TrainSummary(folder, cfg, SaeRecord(saved).training_metrics, True, 0, 0.0, 0.0)
-    resolve(cfg, manifest)  # validate shapes before touching anything
-    group = from_environment(resolve_device(cfg.device))
-    if cfg.batch_size < group.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing each batch")
-    if not group.is_main:
-        say = _silent
-    with exclusive_on_main(group, folder / TRAIN_LOCK, f"SAE {cfg.name!r} of {run_dir}"):
-        return _train_locked(cfg, run_dir, manifest, folder, say, group)
+    members = grid_members(cfg)
+    done = {m.name: _already_done(m, sae_dir(run_dir, m.name)) for m in members if _is_done(m, run_dir)}
+    todo = [m for m in members if m.name not in done]
+    for member in todo:
+        resolve(member, manifest)  # validate shapes before touching anything
+    if todo:
+        group = from_environment(resolve_device(cfg.device))
+        if cfg.batch_size < group.world:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing each batch"
+            )
+        with ExitStack() as locks:
+            for m in todo:
+                what = f"SAE {m.name!r} of {run_dir}"
+                locks.enter_context(exclusive_on_main(group, sae_dir(run_dir, m.name) / TRAIN_LOCK, what))
+            trained = _train_locked(todo, run_dir, manifest, say if group.is_main else _silent, group)
+        done.update(zip((m.name for m in todo), trained, strict=True))
+    return [done[m.name] for m in members]
+
+
+def _is_done(cfg: TrainJobConfig, run_dir: Path) -> bool:
+    return is_finished(sae_dir(run_dir, cfg.name)) and not cfg.force
+
+
+def _already_done(cfg: TrainJobConfig, folder: Path) -> TrainSummary:
+    _, saved = load_sae_files(folder)
+    record = SaeRecord(saved)
+    shown = dataclasses.replace(cfg, d_sae=saved.get("d_sae", cfg.d_sae))
+    return TrainSummary(folder, shown, record.training_metrics, True, 0, 0.0, 0.0)
 
 
 def _silent(_: str) -> None:
     pass
 
 
+def _prefixed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
+    return lambda text: say(f"{name}: {text}")
+
+
 def _train_locked(
-    cfg: TrainJobConfig, run_dir: Path, manifest: CacheManifest, folder: Path, say, group: Group
-) -> TrainSummary:
+    todo: list[TrainJobConfig], run_dir: Path, manifest: CacheManifest, say, group: Group
+) -> list[TrainSummary]:
+    stream = _stream(todo[0], manifest)  # every member reads the same stream (the options that shape it are shared)
+    dtypes: dict[str, object] = {}
+    sample: list = []  # read on the first fresh start, then shared
+    grid = len(todo) > 1
+    members = [
+        _prepare(m, run_dir, manifest, stream, group, say, dtypes, sample, (grid, i == 0)) for i, m in enumerate(todo)
+    ]
+    started = time.perf_counter()
+    train_members(members, stream, group)
+    seconds = time.perf_counter() - started
+    per_epoch = stream.batches_per_epoch() * todo[0].batch_size
+    summaries = []
+    for m in members:
+        metrics = {}
+        if group.is_main:  # rank 0 evaluates and writes the artifacts; the others wait, then all leave together
+            speed = (m.state.tokens_seen - m.resumed_from * m.cfg.batch_size) / max(seconds, 1e-9)
+            told = _prefixed(say, m.cfg.name) if grid else say
+            metrics = _finish(
+                m.cfg, run_dir, manifest, m.folder, m.sae, m.state, m.scale, m.sae.W_dec.device, told, speed
+            )
+        epochs = m.state.tokens_seen / max(1, per_epoch) if group.is_main else 0.0
+        summaries.append(TrainSummary(m.folder, m.cfg, metrics, False, m.resumed_from, seconds, epochs))
+    group.barrier()
+    return summaries
+
+
+def _prepare(cfg, run_dir: Path, manifest, stream, group: Group, say, dtypes: dict, sample: list, place) -> Member:
+    """One member ready to train: resolved options, and its checkpoint's state or a fresh start."""
+    folder = sae_dir(run_dir, cfg.name)
     if cfg.force and group.is_main:
         delete_trained(folder)
-    stream = _stream(cfg, manifest)
     cfg = resolve(cfg, manifest, stream)
     device = group.device(resolve_device(cfg.device))
     checkpoint = newest_checkpoint(folder, group)
     # an interrupted run keeps the dtype it chose when it started ("auto" is not measured again)
-    recorded_dtype = checkpoint["job"]["weights_config"].get("dtype") if checkpoint else None
-    compute = agreed_dtype(group, recorded_dtype or cfg.dtype, device)
+    requested = (checkpoint["job"]["weights_config"].get("dtype") if checkpoint else None) or cfg.dtype
+    if requested not in dtypes:  # measured once per job, not once per member
+        dtypes[requested] = agreed_dtype(group, requested, device)
+    compute = dtypes[requested]
     cfg = dataclasses.replace(cfg, dtype=compute.name)
     tcfg = trainer_config(cfg, compute.dtype)
-    per_epoch = stream.batches_per_epoch() * cfg.batch_size
-    say(
-        f"training on {human_count(cfg.tokens)} tokens: {cfg.tokens / per_epoch:.1f} passes over the cache's "
-        f"{human_count(per_epoch)} training tokens ({cfg.heldout_contexts} contexts held out); "
-        f"lr {cfg.lr:.2e}, compute {compute.name} ({compute.reason})"
-    )
-    if group.distributed:
-        say(
-            f"data-parallel over {group.world} ranks: each computes {human_count(cfg.batch_size // group.world)} "
-            f"of every batch's {human_count(cfg.batch_size)} tokens"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    resumed = resume(checkpoint, folder, cfg, SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k), device, tcfg)
-    if resumed is None:
-        sae, scale = fresh_start(cfg, stream, device, group)
-        optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
-        if group.is_main:
-            log_path(folder).unlink(missing_ok=True)
-    else:
-        sae, optimizer, state, scale = resumed
-        if group.is_main:
-            truncate_log(folder, state.step)
-    resumed_from = state.step
-    if resumed_from:
-        say(f"resuming {cfg.name!r} from its checkpoint at step {resumed_from} of {tcfg.total_steps}")
+    announce(cfg, stream, compute, group, say, *place)
+    shape = SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k)
+    member = start_member(cfg, folder, checkpoint, shape, stream, device, tcfg, group, sample)
+    if member.resumed_from:
+        say(f"resuming {cfg.name!r} from its checkpoint at step {member.resumed_from} of {tcfg.total_steps}")
     if group.is_main:
         update_run_config(run_dir, f"train.{cfg.name}", config_to_mapping(cfg))
-    started = time.perf_counter()
-    state = _train_loop(cfg, folder, sae, optimizer, state, stream, scale, tcfg, group)
-    seconds = time.perf_counter() - started
-    if not group.is_main:  # rank 0 evaluates and writes the artifact; the others wait, then all leave together
-        group.barrier()
-        return TrainSummary(folder, cfg, {}, False, resumed_from, seconds, 0.0)
-    speed = (state.tokens_seen - resumed_from * cfg.batch_size) / max(seconds, 1e-9)
-    metrics = _finish(cfg, run_dir, manifest, folder, sae, state, scale, device, say, speed)
-    group.barrier()
-    epochs = state.tokens_seen / max(1, per_epoch)
-    return TrainSummary(folder, cfg, metrics, False, resumed_from, seconds, epochs)
+    return member
 
 
 def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, state, scale: float, device, say, speed: float) -> dict:
@@ -364,7 +390,9 @@ def register(subparsers) -> None:
 
 
 def command(args) -> int:
-    summary = run_train(config_from_args(TrainJobConfig, args), say=print)
+    started = time.perf_counter()
+    summaries = run_grid(config_from_args(TrainJobConfig, args), say=print)
     if is_main_process():
-        print(format_summary(summary))
+        grid = len(summaries) > 1
+        print(format_grid_summary(summaries, time.perf_counter() - started) if grid else format_summary(summaries[0]))
     return 0

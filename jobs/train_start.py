@@ -2,22 +2,30 @@
 
 A checkpoint is only resumed with the options it was made with (those that change
 the weights); a different request is refused with the options that differ. Used by
-`saescope train`.
+`saescope train` and its grids (a ``Member`` is one SAE ready for their shared loop).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from jobs.options import ConfigError, config_to_mapping
 from pipeline.runtime.distributed import SINGLE, Group
 from pipeline.sae.initialization import init_sae, normalization_factor
 from pipeline.sae.model import Sae, SaeConfig
-from pipeline.sae.training import TrainConfig, make_optimizer, restore_state_tree
+from pipeline.sae.training import TrainConfig, TrainState, make_optimizer, restore_state_tree
 from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incomplete
 from storage.constants import CHECKPOINTS_DIR, EXPLANATIONS, FEATURE_INDEX, SAE_CFG, SAE_METRICS, SAE_WEIGHTS, TRAIN_LOG
+from storage.train_log import log_path, truncate_log
 from storage.training_data import TrainingStream
+
+if TYPE_CHECKING:
+    from jobs.train import TrainJobConfig
 
 INIT_SAMPLE_TOKENS = 16384
 """Activations sampled for the normalization factor and the geometric-median init of b_dec."""
@@ -29,10 +37,16 @@ def weights_config(cfg) -> dict:
     return {k: v for k, v in config_to_mapping(cfg).items() if k not in NOT_AFFECTING_WEIGHTS}
 
 
-def fresh_start(cfg, stream: TrainingStream, device, group: Group) -> tuple[Sae, float]:
+def init_sample(stream: TrainingStream) -> tuple[torch.Tensor, float]:
+    """(sample [N, D], normalization factor): read once, shared by every SAE started fresh on this stream."""
     sample_ND = stream.sample(INIT_SAMPLE_TOKENS)
-    scale = normalization_factor(sample_ND)
-    shape = SaeConfig(d_in=stream.manifest.d_model, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
+    return sample_ND, normalization_factor(sample_ND)
+
+
+def fresh_start(cfg, sample: tuple[torch.Tensor, float], d_in: int, device, group: Group) -> tuple[Sae, float]:
+    """A data-initialized SAE for ``cfg`` from ``init_sample``'s output, and its normalization factor."""
+    sample_ND, scale = sample
+    shape = SaeConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
     sae = init_sae(shape, sample_ND * scale, cfg.seed).to(device)
     group.broadcast_(*sae.state_dict().values())  # the same start on every rank, whatever each computed
     return sae, scale
@@ -60,6 +74,45 @@ def resume(tree: dict | None, folder: Path, cfg, sae_shape: SaeConfig, device, t
     optimizer = make_optimizer(sae, tcfg)
     state = restore_state_tree(tree["trainer"], sae, optimizer)
     return sae, optimizer, state, float(tree["job"]["scale"])
+
+
+@dataclass
+class Member:
+    """One SAE being trained in this job, ready for the shared loop."""
+
+    cfg: TrainJobConfig
+    """Its resolved options (no "auto" left)."""
+    folder: Path
+    sae: Sae
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    scale: float
+    """Normalization factor its inputs are multiplied by."""
+    tcfg: TrainConfig
+    resumed_from: int
+
+
+def start_member(
+    cfg, folder: Path, checkpoint: dict | None, shape: SaeConfig, stream: TrainingStream, device, tcfg, group, sample
+) -> Member:
+    """``cfg``'s SAE from its checkpoint, or fresh from ``init_sample`` (read into ``sample``, a list, once per job).
+
+    Its train log is cut back to the checkpoint (or removed for a fresh start).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    resumed = resume(checkpoint, folder, cfg, shape, device, tcfg)
+    if resumed is None:
+        if not sample:
+            sample.append(init_sample(stream))
+        sae, scale = fresh_start(cfg, sample[0], shape.d_in, device, group)
+        optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
+        if group.is_main:
+            log_path(folder).unlink(missing_ok=True)
+    else:
+        sae, optimizer, state, scale = resumed
+        if group.is_main:
+            truncate_log(folder, state.step)
+    return Member(cfg, folder, sae, optimizer, state, scale, tcfg, state.step)
 
 
 def delete_trained(folder: Path) -> None:

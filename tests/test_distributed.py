@@ -210,6 +210,20 @@ def test_two_rank_training_equals_one_process(no_strays, one_process_cache, arch
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5)
 
 
+def test_two_rank_grid_equals_one_process_grid(no_strays, one_process_cache):
+    run = no_strays / "run"
+    shutil.copytree(one_process_cache, run)
+    grid = ["--k", "4,8"]  # the last --k wins: a grid of two TopK SAEs
+    saescope(train_args(run, "one", 5000) + grid)
+    result = saescope(train_args(run, "two", 5000) + grid, nproc=2)
+    assert "data-parallel over 2 ranks" in result.stdout and "trained a grid of 2 SAEs" in result.stdout
+    for member in ("topk-d128-k4", "topk-d128-k8"):
+        one, two = _weights(run, f"one-{member}"), _weights(run, f"two-{member}")
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5)
+
+
 def test_training_checkpoint_resumes_under_another_world_size(no_strays, one_process_cache, monkeypatch):
     import jobs.train as train_job
     import pipeline.sae.training as training

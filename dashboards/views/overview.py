@@ -57,10 +57,46 @@ def render() -> None:
             st.query_params["sae"] = choice
             st.rerun()
         st.dataframe(pd.DataFrame([metrics_row(settings.run, name) for name in names]), hide_index=True)
+        show_frontier(settings.run, names)
     describe(folder)
     show_metrics(metrics_of(folder))
     show_training(training_log(folder))
     show_features(folder)
+
+
+def show_frontier(run: Path, names: list[str]) -> None:
+    """The L0-FVU frontier: one point per SAE of the run with metrics, each a link to that SAE's overview."""
+    rows = []
+    for name in names:
+        metrics = metrics_of(sae_dir(run, name))
+        if metrics.get("l0") is not None and metrics.get("fvu") is not None:
+            rows.append(
+                {
+                    "SAE": name,
+                    "L0": metrics["l0"],
+                    "FVU": metrics["fvu"],
+                    "PCA FVU": metrics.get("pca_fvu"),
+                    "dead fraction": metrics.get("dead_fraction"),
+                    "url": f"./overview?sae={name}",
+                }
+            )
+    if len(rows) < 2:
+        return
+    frame = pd.DataFrame(rows)
+    x_scale = alt.Scale(type="log") if (frame["L0"] > 0).all() else alt.Scale()
+    chart = (
+        alt.Chart(frame)
+        .mark_circle(size=90)
+        .encode(
+            x=alt.X("L0:Q", scale=x_scale, title="L0 (active latents per token)"),
+            y=alt.Y("FVU:Q", title="FVU (held out)"),
+            href="url:N",
+            tooltip=["SAE", "L0", "FVU", "PCA FVU", "dead fraction"],
+        )
+        .properties(height=280)
+    )
+    st.caption("L0-FVU frontier of this run's SAEs (lower left is better); click a point to open that SAE")
+    st.altair_chart(chart, width="stretch")
 
 
 def describe(folder: Path) -> None:

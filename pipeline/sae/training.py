@@ -1,4 +1,4 @@
-"""Train an SAE on an iterator of activation batches: a pure step, a short loop, two callbacks.
+"""Train SAEs on an iterator of activation batches: a pure step, a short loop, two callbacks.
 
 Shape legend: N tokens, D d_in, F latents, K active latents.
 
@@ -11,10 +11,14 @@ multiplied by the normalization factor. Per architecture the loss is
 MSE is the squared error summed over dimensions, averaged over tokens. Decoder
 rows are kept at unit norm (the gradient's parallel component removed before
 each step, rows renormalized after) for all but relu.
+
+``train_many`` feeds one batch stream to several SAEs (a grid), each taking
+exactly the steps ``train_sae`` would give it alone.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -311,22 +315,79 @@ def train_sae(
     group: Group = SINGLE,
 ) -> TrainResult:
     """Run ``train_step`` until ``cfg.total_steps`` (resuming from ``state``) or the batches run out."""
-    sae.train()
     state = state or TrainState.fresh(sae.cfg.d_sae, sae.W_dec.device)
-    optimizer = optimizer or make_optimizer(sae, cfg)
-    stats = None
-    while state.step < cfg.total_steps:
-        x_ND = next(batches, None)
-        if x_ND is None:
+    trainee = Trainee(sae, optimizer or make_optimizer(sae, cfg), state, cfg, on_log, on_checkpoint)
+    train_many([trainee], batches, first_batch=state.step, group=group)
+    return TrainResult(state=trainee.state, last=trainee.last)
+
+
+@dataclass
+class Trainee:
+    """One SAE fed by ``train_many``: its weights, optimizer, state, settings and callbacks."""
+
+    sae: Sae
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    cfg: TrainConfig
+    on_log: Callable[[StepStats, TrainState], None] | None = None
+    """Called every ``cfg.log_every`` steps and at the last one."""
+    on_checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
+    """Called every ``cfg.checkpoint_every`` steps and at the last one."""
+    last: StepStats | None = None
+    """Statistics of the latest step taken."""
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.cfg.total_steps
+
+
+def advance(trainee: Trainee, x_ND: torch.Tensor, group: Group = SINGLE) -> StepStats:
+    """One ``train_step`` of ``trainee``, then the log and checkpoint callbacks that fall due."""
+    state, cfg = trainee.state, trainee.cfg
+    trainee.last = train_step(trainee.sae, trainee.optimizer, x_ND, state, cfg, group)
+    is_last = state.step == cfg.total_steps
+    if trainee.on_log and (state.step % cfg.log_every == 0 or is_last):
+        trainee.on_log(trainee.last, state)
+    if trainee.on_checkpoint and cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or is_last):
+        trainee.on_checkpoint(state, trainee.optimizer)
+    return trainee.last
+
+
+def train_many(
+    trainees: list[Trainee],
+    batches: Iterator[torch.Tensor],
+    first_batch: int = 0,
+    group: Group = SINGLE,
+    chunk: int = 1,
+) -> None:
+    """Feed one stream of batches to several SAEs, each exactly as ``train_sae`` alone would.
+
+    ``batches`` yields batch number ``first_batch`` first. A trainee at step s takes
+    batch s, so one resumed from a later checkpoint than the others skips the
+    batches it has already trained on. ``chunk`` batches are held at once and each
+    trainee takes its steps on all of them before the next trainee: the same steps
+    in the same order, with one SAE's weights hot in the CPU caches for a while
+    (measured: round-robin after every batch made 6 SAEs' steps 31% slower). Batch
+    tensors are shared: ``train_step`` never writes into its input. Stops when every
+    trainee is done or the batches run out.
+    """
+    behind = [t.state.step for t in trainees if t.state.step < first_batch]
+    if behind:
+        raise ValueError(f"a trainee is at step {behind[0]}, before the first batch {first_batch}")
+    for trainee in trainees:
+        trainee.sae.train()
+    index = first_batch
+    while not all(t.done for t in trainees):
+        block = list(itertools.islice(batches, chunk))
+        if not block:
             break
-        stats = train_step(sae, optimizer, x_ND, state, cfg, group)
-        is_last = state.step == cfg.total_steps
-        if on_log and (state.step % cfg.log_every == 0 or is_last):
-            on_log(stats, state)
-        if on_checkpoint and cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or is_last):
-            on_checkpoint(state, optimizer)
-    sae.eval()
-    return TrainResult(state=state, last=stats)
+        for trainee in trainees:
+            for offset, x_ND in enumerate(block):
+                if trainee.state.step == index + offset and not trainee.done:
+                    advance(trainee, x_ND, group)
+        index += len(block)
+    for trainee in trainees:
+        trainee.sae.eval()
 
 
 def state_tree(sae: Sae, optimizer: torch.optim.Optimizer, state: TrainState) -> dict:
