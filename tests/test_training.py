@@ -83,16 +83,16 @@ def test_auxk_moves_dead_latents_only_when_enabled():
 
 
 def test_dense_and_sparse_auxk_paths_agree(monkeypatch):
-    import pipeline.sae.training as training
+    import pipeline.sae.auxk as auxk
 
     x, _ = planted_data(256)
     grads = []
     for limit in (10**6, 0):  # dense path, then forced sparse path
-        monkeypatch.setattr(training, "DENSE_AUX_MAX_DEAD", limit)
+        monkeypatch.setattr(auxk, "DENSE_AUX_MAX_DEAD", limit)
         sae = Sae(SaeConfig(d_in=16, d_sae=40, k=3)).initialize(torch.Generator().manual_seed(5), encoder_scale=0.5)
         dead = torch.zeros(40, dtype=torch.bool)
         dead[::3] = True  # 14 dead latents, more than k_aux = 8
-        loss = training.auxk_loss(sae, x, sae(x), dead)
+        loss = auxk.auxk_loss(sae, x, sae(x), dead)
         loss.backward()
         grads.append((loss.detach(), sae.W_enc_FD.grad.clone(), sae.W_dec.grad.clone(), sae.b_enc.grad.clone()))
     for dense, sparse in zip(*grads, strict=True):
