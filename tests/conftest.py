@@ -186,28 +186,35 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "saescope-home"))
 
 
+def tiny_train_config(run, **overrides):
+    """The small float32 CPU training run the tiny-model tests share (64 latents, k 4, 24 batches of 256)."""
+    from jobs.train import TrainJobConfig
+
+    values = dict(
+        run=str(run),
+        d_sae=64,
+        k=4,
+        tokens=256 * 24,
+        batch_size=256,
+        lm_eval_contexts=0,
+        device="cpu",
+        dtype="float32",
+        checkpoint_every=5,
+    )
+    return TrainJobConfig(**{**values, **overrides})
+
+
 @pytest.fixture(scope="session")
 def indexed_run(tmp_path_factory, tiny_run):
     """(run folder, index path): the tiny run with a 64-latent TopK SAE and its feature index; copy to change."""
     import shutil
 
     from jobs.index import IndexConfig, run_index
-    from jobs.train import TrainJobConfig, run_train
+    from jobs.train import run_train
 
     run = tmp_path_factory.mktemp("indexed") / "run"
     shutil.copytree(tiny_run, run)
-    run_train(
-        TrainJobConfig(
-            run=str(run),
-            d_sae=64,
-            k=4,
-            tokens=256 * 24,
-            batch_size=256,
-            lm_eval_contexts=0,
-            device="cpu",
-            dtype="float32",
-        )
-    )
+    run_train(tiny_train_config(run, checkpoint_every=None))
     summary = run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4, batch_contexts=7))
     return run, summary.path
 

@@ -10,7 +10,7 @@ from test_train_job import crash_training_at
 
 from jobs.cli import main
 from jobs.options import ConfigError
-from jobs.train import TrainJobConfig, run_grid, run_train
+from jobs.train import run_grid, run_train
 from jobs.train_grid import grid_members
 
 GRID = dict(k=(4, 8), arch=("topk", "jumprelu"))
@@ -18,19 +18,9 @@ NAMES = ["topk-d64-k4", "topk-d64-k8", "jumprelu-d64"]
 
 
 def _cfg(run, **overrides):
-    values = dict(
-        run=str(run),
-        d_sae=64,
-        k=4,
-        tokens=256 * 24,
-        batch_size=256,
-        lm_eval_contexts=0,
-        device="cpu",
-        dtype="float32",
-        checkpoint_every=5,
-    )
-    values.update(overrides)
-    return TrainJobConfig(**values)
+    from conftest import tiny_train_config
+
+    return tiny_train_config(run, **overrides)
 
 
 def _weights(run, name):

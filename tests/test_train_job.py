@@ -11,24 +11,14 @@ import pipeline.sae.training as training
 from jobs.cli import main
 from jobs.options import ConfigError
 from jobs.run import read_sae
-from jobs.train import TrainJobConfig, run_train
+from jobs.train import run_train
 from storage.sae_store import SaeStoreError
 
 
 def _cfg(run, **overrides):
-    values = dict(
-        run=str(run),
-        d_sae=64,
-        k=4,
-        tokens=256 * 24,
-        batch_size=256,
-        lm_eval_contexts=4,
-        device="cpu",
-        dtype="float32",
-        checkpoint_every=5,
-    )
-    values.update(overrides)
-    return TrainJobConfig(**values)
+    from conftest import tiny_train_config
+
+    return tiny_train_config(run, **{"lm_eval_contexts": 4, **overrides})
 
 
 def crash_training_at(monkeypatch, step: int):
