@@ -368,27 +368,16 @@ def test_steering_header_shows_label_density_and_max(explained_run, monkeypatch)
 
 
 def test_retrained_sae_is_used_on_the_next_probe(indexed_copy, monkeypatch):
-    from jobs.train import TrainJobConfig, run_train
+    from conftest import tiny_train_config
+
+    from jobs.train import run_train
     from storage.sae_store import weights_fingerprint
 
     monkeypatch.setenv("SAESCOPE_RUN", str(indexed_copy))
     folder = indexed_copy / "saes" / "default"
     before = probed(indexed_copy, "The cat sat.").session_state["probe_result"][2].feats_TF
     sha = weights_fingerprint(folder)
-    run_train(
-        TrainJobConfig(
-            run=str(indexed_copy),
-            d_sae=64,
-            k=4,
-            tokens=256 * 8,
-            batch_size=256,
-            lm_eval_contexts=0,
-            device="cpu",
-            dtype="float32",
-            seed=7,
-            force=True,
-        )  # fmt: skip
-    )
+    run_train(tiny_train_config(indexed_copy, tokens=256 * 8, seed=7, force=True, checkpoint_every=None))
     assert weights_fingerprint(folder) != sha
     after = probed(indexed_copy, "The cat sat.").session_state["probe_result"][2].feats_TF
     assert after.shape == before.shape and not torch_equal(after, before)
