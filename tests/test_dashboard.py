@@ -214,12 +214,17 @@ def test_search_by_meaning_ranks_and_shows_explanations(explained_run, monkeypat
     assert "closest in meaning to 'words'" in text_of(app)
 
 
-def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run, monkeypatch):
+def first_labelled(run) -> tuple[int, dict]:
+    """(feature, its label row) of the first feature of the tiny run that `explain` labelled."""
     from storage.explanations import ExplanationReader, explanations_path
 
+    with ExplanationReader(explanations_path(run / "saes" / "default")) as reader:
+        return next(iter(reader.labels(list(range(64))).items()))
+
+
+def test_feature_page_shows_explanation_and_scores_beside_controls(explained_run, monkeypatch):
     monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
-    with ExplanationReader(explanations_path(explained_run / "saes" / "default")) as reader:
-        feature, label = next(iter(reader.labels(list(range(64))).items()))
+    feature, label = first_labelled(explained_run)
     app = page("feature", explained_run, id=feature).run()
     assert not app.exception
     assert f"<b>Explanation</b> (tokens): {html.escape(label['text'])}</div>" in html_of(app)
@@ -356,11 +361,8 @@ def test_steering_generations_are_text_not_markup(served, tokenizer, button):
 
 
 def test_steering_header_shows_label_density_and_max(explained_run, monkeypatch):
-    from storage.explanations import ExplanationReader, explanations_path
-
     monkeypatch.setenv("SAESCOPE_RUN", str(explained_run))
-    with ExplanationReader(explanations_path(explained_run / "saes" / "default")) as reader:
-        feature, row = next(iter(reader.labels(list(range(64))).items()))
+    feature, row = first_labelled(explained_run)
     app = page("steer", explained_run, feature=feature).run()
     assert not app.exception
     (header,) = html_blocks(app, "mean when active")
