@@ -1,0 +1,143 @@
+"""Hook points inside a decoder block, and capturing several of them from one forward.
+
+Shape legend: B batch, T positions, D d_model.
+
+Four kinds of hook point per block, named as TransformerLens/SAELens name them:
+
+    resid-post  the block's output (the residual stream after it)  blocks.L.hook_resid_post
+    attn-out    the attention sublayer's output, before it is added blocks.L.hook_attn_out
+    mlp-in      the MLP's input: the residual after attention, normed blocks.L.ln2.hook_normalized
+    mlp-out     the MLP's output, before it is added                blocks.L.hook_mlp_out
+
+``capture`` runs the base model once and stops right after the deepest block
+that holds a requested point, so later blocks and the head never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.lm.hooks import _StopForward, block_output, check_layer, decoder_blocks
+
+KINDS = ("resid-post", "attn-out", "mlp-in", "mlp-out")
+_TL_NAMES = {
+    "resid-post": "blocks.{layer}.hook_resid_post",
+    "attn-out": "blocks.{layer}.hook_attn_out",
+    "mlp-in": "blocks.{layer}.ln2.hook_normalized",
+    "mlp-out": "blocks.{layer}.hook_mlp_out",
+}
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+@dataclass(frozen=True, order=True)
+class HookPoint:
+    """One place in the model: a kind (one of KINDS) at a block."""
+
+    layer: int
+    kind: str = "resid-post"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown hook point {self.kind!r}: use one of {', '.join(KINDS)}")
+
+    @property
+    def name(self) -> str:
+        """TransformerLens/SAELens hook name, e.g. ``blocks.3.hook_mlp_out``."""
+        return _TL_NAMES[self.kind].format(layer=self.layer)
+
+    @classmethod
+    def from_name(cls, name: str) -> HookPoint:
+        """Parse a TransformerLens hook name written by ``name``; ValueError otherwise."""
+        for kind, pattern in _TL_NAMES.items():
+            prefix, suffix = pattern.split("{layer}")
+            middle = name[len(prefix) : len(name) - len(suffix)] if name.startswith(prefix) else ""
+            if name.endswith(suffix) and middle.isdigit():
+                return cls(int(middle), kind)
+        raise ValueError(f"unknown hook name {name!r}: expected e.g. {HookPoint(3, 'mlp-out').name}")
+
+
+def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
+    """``all``, ``5``, ``0-29`` or ``1,3,8-10`` -> sorted layers; ValueError naming the valid range."""
+    if text.strip() == "all":
+        return tuple(range(n_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"cannot read layers {text!r}: use all, 5, 0-29 or 1,3,8-10")
+        lo, hi = int(first), int(last or first)
+        if lo > hi:
+            raise ValueError(f"layer range {part.strip()!r} is backwards")
+        layers.update(check_layer(layer, n_layers) for layer in range(lo, hi + 1))
+    return tuple(sorted(layers))
+
+
+def _child(block: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the {what} of {type(block).__name__} (looked for {', '.join(names)})")
+
+
+def mlp_module(block: nn.Module) -> nn.Module:
+    """The MLP sublayer of a decoder block (its input is normed, its output is added to the residual)."""
+    return _child(block, _MLP_NAMES, "MLP")
+
+
+def attention_module(block: nn.Module) -> nn.Module:
+    """The attention sublayer of a decoder block."""
+    return _child(block, _ATTENTION_NAMES, "attention")
+
+
+def _register(block: nn.Module, kind: str, store) -> torch.utils.hooks.RemovableHandle:
+    if kind == "resid-post":
+        return block.register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+    if kind == "attn-out":
+        return attention_module(block).register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+    if kind == "mlp-in":
+        return mlp_module(block).register_forward_pre_hook(lambda _m, inputs: store(inputs[0]))
+    return mlp_module(block).register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+
+
+@torch.inference_mode()
+def capture(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    points: Iterable[HookPoint],
+    attention_mask_BT: torch.Tensor | None = None,
+) -> dict[HookPoint, torch.Tensor]:
+    """Activations [B, T, D] at every requested point from one forward of the base model.
+
+    The forward stops once the deepest block holding a point has run.
+    """
+    wanted = sorted(set(points))
+    if not wanted:
+        raise ValueError("no hook points requested")
+    n_layers = int(model.config.num_hidden_layers)
+    blocks = decoder_blocks(model)
+    captured: dict[HookPoint, torch.Tensor] = {}
+    deepest = max(check_layer(point.layer, n_layers) for point in wanted)
+
+    def stop_after(_module, _inputs, _output):
+        raise _StopForward
+
+    with ExitStack() as stack:
+        for point in wanted:
+            handle = _register(blocks[point.layer], point.kind, lambda t, p=point: captured.__setitem__(p, t))
+            stack.callback(handle.remove)
+        stack.callback(blocks[deepest].register_forward_hook(stop_after).remove)
+        try:
+            model.base_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+        except _StopForward:
+            pass
+    missing = [point.name for point in wanted if point not in captured]
+    if missing:
+        raise RuntimeError(f"hook points {', '.join(missing)} did not run during the forward pass")
+    return captured
