@@ -17,6 +17,7 @@ import math
 import torch
 
 from pipeline.sae.model import Sae, SaeConfig
+from pipeline.sae.transcoder import Transcoder
 
 ENCODER_INIT_SCALE = 0.5
 RELU_DECODER_NORM = 0.1
@@ -55,3 +56,12 @@ def init_sae(cfg: SaeConfig, sample_ND: torch.Tensor, seed: int) -> Sae:
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample_ND))
     return sae
+
+
+def init_transcoder(cfg: SaeConfig, target_sample_ND: torch.Tensor, seed: int, skip: bool = True) -> Transcoder:
+    """A fresh transcoder: the SAE's random tied init, a zero skip path, b_dec at the target's mean."""
+    tc = Transcoder(cfg, skip=skip)
+    tc.initialize(torch.Generator().manual_seed(seed), encoder_scale=ENCODER_INIT_SCALE)
+    with torch.no_grad():
+        tc.b_dec.copy_(target_sample_ND.float().mean(0))
+    return tc

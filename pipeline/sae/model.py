@@ -197,23 +197,36 @@ class Sae(nn.Module):
             return self.batch_threshold.expand(self.cfg.d_sae)
         raise AttributeError(f"a {self.cfg.architecture} SAE has no threshold")
 
+    @property
+    def input_offset(self) -> torch.Tensor:
+        """What the encoder subtracts from its input: b_dec (a transcoder subtracts nothing)."""
+        return self.b_dec
+
+    def skip(self, x_ND: torch.Tensor) -> torch.Tensor | None:
+        """A linear path from input to output added to the reconstruction (None: there is none)."""
+        return None
+
+    def _with_skip(self, x_hat_ND: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
+        skip_ND = self.skip(x_ND)
+        return x_hat_ND if skip_ND is None else x_hat_ND + skip_ND
+
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """(x - b_dec) @ W_enc + b_enc, with autograd [..., F] (any leading shape)."""
-        return F.linear(x_ND - self.b_dec, self.W_enc_FD, self.b_enc)
+        """(x - input_offset) @ W_enc + b_enc, with autograd [..., F] (any leading shape)."""
+        return F.linear(x_ND - self.input_offset, self.W_enc_FD, self.b_enc)
 
     def _topk_forward(self, x_ND: torch.Tensor) -> SaeOutput:
         with torch.no_grad():
-            pre_NF = torch.addmm(self.b_enc, x_ND - self.b_dec, self.W_enc_FD.t())
+            pre_NF = torch.addmm(self.b_enc, x_ND - self.input_offset, self.W_enc_FD.t())
             if self.training and self.cfg.architecture == "batchtopk":
                 idx_NK, keep_NK, cutoff = batch_topk_select(pre_NF, self.cfg.k)
                 self._update_batch_threshold(cutoff)
             else:
                 idx_NK = pre_NF.topk(self.cfg.k, dim=1, sorted=False).indices
                 keep_NK = None
-        acts_NK = torch.relu(encode_selected(x_ND, self.b_dec, self.W_enc_FD, self.b_enc, idx_NK, pre_NF))
+        acts_NK = torch.relu(encode_selected(x_ND, self.input_offset, self.W_enc_FD, self.b_enc, idx_NK, pre_NF))
         if keep_NK is not None:
             acts_NK = acts_NK * keep_NK
-        x_hat = sparse_decode(acts_NK, idx_NK, self.W_dec) + self.b_dec
+        x_hat = self._with_skip(sparse_decode(acts_NK, idx_NK, self.W_dec) + self.b_dec, x_ND)
         return SaeOutput(x_hat, acts_NK, idx_NK, None, pre_NF)
 
     @torch.no_grad()
@@ -226,7 +239,8 @@ class Sae(nn.Module):
     def _dense_forward(self, x_ND: torch.Tensor) -> SaeOutput:
         pre_NF = self.pre_acts(x_ND)
         feats_NF = self.activation(pre_NF)
-        return SaeOutput(feats_NF @ self.W_dec + self.b_dec, None, None, feats_NF, pre_NF)
+        x_hat = self._with_skip(feats_NF @ self.W_dec + self.b_dec, x_ND)
+        return SaeOutput(x_hat, None, None, feats_NF, pre_NF)
 
     def activation(self, pre_NF: torch.Tensor) -> torch.Tensor:
         """Dense codes from pre-activations, for any architecture (inference semantics)."""
@@ -272,8 +286,8 @@ class Sae(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """x_hat with inference semantics (sparse decode where codes are sparse)."""
-        return self.decode_sparse(*self.encode_sparse(x_ND))
+        """x_hat with inference semantics (sparse decode where codes are sparse; plus any skip path)."""
+        return self._with_skip(self.decode_sparse(*self.encode_sparse(x_ND)), x_ND)
 
 
 def export_sae(sae: Sae, input_scale: float) -> Sae:

@@ -190,8 +190,12 @@ def train_step(
     state: TrainState,
     cfg: TrainConfig,
     group: Group = SINGLE,
+    target_ND: torch.Tensor | None = None,
 ) -> StepStats:
     """One optimizer step on one batch; updates ``state`` (step, tokens, dead counters) in place.
+
+    The SAE reconstructs ``x_ND`` itself, or ``target_ND`` when given (a transcoder
+    reads an MLP's input and reconstructs its output).
 
     Under several ranks ``x_ND`` is this rank's slice of the batch: every loss term
     is a sum over the slice divided by whole-batch quantities, gradients are summed
@@ -205,13 +209,14 @@ def train_step(
     use_autocast = cfg.compute_dtype != torch.float32
     with torch.autocast(device_type, dtype=cfg.compute_dtype, enabled=use_autocast):
         out = sae(x_ND)
-        moments = batch_moments(x_ND, out.x_hat_ND.float(), group)
-        error_ND = (out.x_hat_ND.float() - x_ND).pow(2)
+        y_ND = x_ND if target_ND is None else target_ND
+        moments = batch_moments(y_ND, out.x_hat_ND.float(), group)
+        error_ND = (out.x_hat_ND.float() - y_ND).pow(2)
         mse = error_ND.sum() / moments.n_tokens
         aux = x_ND.new_zeros(())
         if sae.cfg.architecture in SPARSE_ARCHITECTURES:
             dead_F = state.tokens_since_fired_F >= cfg.auxk_dead_tokens
-            aux = auxk_loss(sae, x_ND, out, dead_F, moments.residual_variance)
+            aux = auxk_loss(sae, x_ND, out, dead_F, moments.residual_variance, target_ND)
         loss = mse + cfg.auxk_coef * aux + sparsity_penalty(sae, out, cfg, state.step, moments.n_tokens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -285,6 +290,8 @@ class Trainee:
     """Called every ``cfg.log_every`` steps and at the last one."""
     on_checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
     """Called every ``cfg.checkpoint_every`` steps and at the last one."""
+    pick: Callable[[object], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    """This trainee's (input, target) in a shared batch (None: the batch is its input)."""
     last: StepStats | None = None
     """Statistics of the latest step taken."""
 
@@ -293,10 +300,11 @@ class Trainee:
         return self.state.step >= self.cfg.total_steps
 
 
-def advance(trainee: Trainee, x_ND: torch.Tensor, group: Group = SINGLE) -> StepStats:
+def advance(trainee: Trainee, batch, group: Group = SINGLE) -> StepStats:
     """One ``train_step`` of ``trainee``, then the log and checkpoint callbacks that fall due."""
     state, cfg = trainee.state, trainee.cfg
-    trainee.last = train_step(trainee.sae, trainee.optimizer, x_ND, state, cfg, group)
+    x_ND, target_ND = trainee.pick(batch) if trainee.pick else (batch, None)
+    trainee.last = train_step(trainee.sae, trainee.optimizer, x_ND, state, cfg, group, target_ND)
     is_last = state.step == cfg.total_steps
     if trainee.on_log and (state.step % cfg.log_every == 0 or is_last):
         trainee.on_log(trainee.last, state)
