@@ -46,6 +46,7 @@ from jobs.run import saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
 from jobs.train_grid import announce, architecture, format_grid_summary, grid_members, listed, one_value, train_members
 from jobs.train_start import Member, delete_trained, newest_checkpoint, start_member
+from jobs.train_transcoders import format_transcoder_summary, run_transcoders
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.model import ARCHITECTURES, SaeConfig, export_sae
@@ -128,8 +129,15 @@ class TrainJobConfig:
     window_shards: int = option(8, "shards pooled in one shuffling window", parse=one_value(int))
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     force: bool = option(False, "retrain even if this SAE is finished (deletes it first)")
+    transcoder: bool = option(
+        False,
+        "train a skip transcoder per layer (MLP input -> MLP output) from the live model instead of an SAE; "
+        "--name names the set (runs/R/transcoders/NAME), --tokens defaults to one pass over the cache's tokens",
+    )
+    layers: str | None = option(None, "layers for --transcoder: all, 5, 0-29 or 1,3,8-10 (default: all)")
 
     def __post_init__(self):
+        require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
         if any(isinstance(getattr(self, name), tuple) for name in ("arch", "k", "d_sae", "expansion", "lr")):
             self._check_lists()
             return
@@ -391,7 +399,11 @@ def register(subparsers) -> None:
 
 def command(args) -> int:
     started = time.perf_counter()
-    summaries = run_grid(config_from_args(TrainJobConfig, args), say=print)
+    cfg = config_from_args(TrainJobConfig, args)
+    if cfg.transcoder:
+        print(format_transcoder_summary(run_transcoders(cfg, say=print)))
+        return 0
+    summaries = run_grid(cfg, say=print)
     if is_main_process():
         grid = len(summaries) > 1
         print(format_grid_summary(summaries, time.perf_counter() - started) if grid else format_summary(summaries[0]))

@@ -22,3 +22,7 @@ CACHE_LOCK = ".cache.lock"
 TRAIN_LOCK = ".train.lock"
 INDEX_LOCK = ".index.lock"
 EXPLAIN_LOCK = ".explain.lock"
+
+TRANSCODERS_DIR = "transcoders"
+TRANSCODER_SET = "set.json"
+GRAPHS_DIR = "graphs"

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.sae.initialization import init_transcoder
 from pipeline.sae.model import SaeConfig
-from pipeline.sae.training import TrainConfig, TrainState, Trainee, make_optimizer, train_many
+from pipeline.sae.training import TrainConfig, Trainee, TrainState, make_optimizer, train_many
 from pipeline.sae.transcoder import Transcoder, export_transcoder
 
 

@@ -70,7 +70,7 @@ def _logits(model: nn.Module, ids_BT: torch.Tensor, layer: int | None = None, ho
         return model(input_ids=ids_BT, use_cache=False).logits.float()
 
 
-def _token_ce_and_kl(clean_BTV, other_BTV, targets_BT, scored_BT) -> tuple[torch.Tensor, torch.Tensor]:
+def token_ce_and_kl(clean_BTV, other_BTV, targets_BT, scored_BT) -> tuple[torch.Tensor, torch.Tensor]:
     """Per scored position: CE of the other run on the targets, and KL(clean || other)."""
     logp_clean = F.log_softmax(clean_BTV[scored_BT], dim=-1)
     logp_other = F.log_softmax(other_BTV[scored_BT], dim=-1)
@@ -100,9 +100,9 @@ def splice_metrics(
         clean = _logits(model, ids)[:, :-1]
         spliced = _logits(model, ids, layer, _replacing_hook(reconstruct, ordinary))[:, :-1]
         zero = _logits(model, ids, layer, _replacing_hook(torch.zeros_like, ordinary))[:, :-1]
-        ce_clean, _ = _token_ce_and_kl(clean, clean, targets, scored)
-        ce_spliced, kl_spliced = _token_ce_and_kl(clean, spliced, targets, scored)
-        ce_zero, kl_zero = _token_ce_and_kl(clean, zero, targets, scored)
+        ce_clean, _ = token_ce_and_kl(clean, clean, targets, scored)
+        ce_spliced, kl_spliced = token_ce_and_kl(clean, spliced, targets, scored)
+        ce_zero, kl_zero = token_ce_and_kl(clean, zero, targets, scored)
         for key, values in (
             ("ce_clean", ce_clean),
             ("ce_spliced", ce_spliced),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.lm.hook_points import HookPoint, capture
 from pipeline.lm.hooks import residual_after_block
 
 
@@ -49,3 +50,19 @@ def compute_activations(
         torch.cuda.synchronize(device)
         return pinned
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def mlp_io(
+    model: nn.Module, ids_BT: torch.Tensor, layers: tuple[int, ...], ordinary_BT: torch.Tensor
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (MLP input, MLP output) at the ordinary positions, float32 [N, D] each, from one forward."""
+    points = [HookPoint(layer, kind) for layer in layers for kind in ("mlp-in", "mlp-out")]
+    acts = capture(model, ids_BT, points)
+    return {
+        layer: (
+            acts[HookPoint(layer, "mlp-in")][ordinary_BT].float(),
+            acts[HookPoint(layer, "mlp-out")][ordinary_BT].float(),
+        )
+        for layer in layers
+    }

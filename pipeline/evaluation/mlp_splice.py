@@ -1,0 +1,96 @@
+"""What the language model loses when transcoders replace the outputs of its MLPs.
+
+Shape legend: B contexts, T positions, D d_model, V vocabulary.
+
+For a set of layers S, the full model runs three times on each batch:
+  clean   : untouched;
+  spliced : the MLP output of every layer in S replaced by its transcoder's output,
+            computed from that MLP's actual input in this (already spliced) run;
+  zero    : the MLP output of every layer in S replaced by zeros (the baseline).
+Special-token positions keep their clean MLP outputs. CE-loss recovered, delta LM
+loss and KL are defined as in ``pipeline.evaluation.lm_loss``, over positions whose
+input and target tokens are both ordinary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from pipeline.evaluation.lm_loss import SpliceMetrics, ce_loss_recovered, token_ce_and_kl
+from pipeline.lm.hook_points import mlp_module
+from pipeline.lm.hooks import decoder_blocks
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+"""MLP input [N, D] -> replacement MLP output [N, D]."""
+
+
+def _mlp_hook(replace: Replacement, ordinary_BT: torch.Tensor):
+    def hook(_module, inputs, output):
+        x_BTD = inputs[0]
+        patched = output.clone()
+        patched[ordinary_BT] = replace(x_BTD[ordinary_BT]).to(output.dtype)
+        return patched
+
+    return hook
+
+
+def _logits(
+    model: nn.Module, ids_BT: torch.Tensor, replacements: Mapping[int, Replacement], ordinary_BT
+) -> torch.Tensor:
+    blocks = decoder_blocks(model)
+    with ExitStack() as stack:
+        for layer, replace in replacements.items():
+            handle = mlp_module(blocks[layer]).register_forward_hook(_mlp_hook(replace, ordinary_BT))
+            stack.callback(handle.remove)
+        return model(input_ids=ids_BT, use_cache=False).logits.float()
+
+
+def _zeros(x_ND: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x_ND)
+
+
+@torch.inference_mode()
+def mlp_splice_metrics(
+    model: nn.Module,
+    replacements: Mapping[int, Replacement],
+    tokens_CT: torch.Tensor,
+    ordinary_CT: torch.Tensor,
+    batch_size: int = 8,
+) -> SpliceMetrics:
+    """CE-loss recovered, delta LM loss and KL with every layer of ``replacements`` spliced at once."""
+    if not replacements:
+        raise ValueError("no layers to replace")
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"), 0.0)
+    n_scored = 0
+    zeros = dict.fromkeys(replacements, _zeros)
+    for start in range(0, tokens_CT.shape[0], batch_size):
+        ids = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
+        ordinary = ordinary_CT[start : start + batch_size].to(device)
+        targets, scored = ids[:, 1:], ordinary[:, :-1] & ordinary[:, 1:]
+        clean = _logits(model, ids, {}, ordinary)[:, :-1]
+        spliced = _logits(model, ids, replacements, ordinary)[:, :-1]
+        zero = _logits(model, ids, zeros, ordinary)[:, :-1]
+        ce_clean, _ = token_ce_and_kl(clean, clean, targets, scored)
+        ce_spliced, kl_spliced = token_ce_and_kl(clean, spliced, targets, scored)
+        ce_zero, kl_zero = token_ce_and_kl(clean, zero, targets, scored)
+        for key, values in zip(sums, (ce_clean, ce_spliced, ce_zero, kl_spliced, kl_zero), strict=True):
+            sums[key] += values.double().sum().item()
+        n_scored += int(scored.sum())
+    if n_scored == 0:
+        raise ValueError("no scorable positions: every position is a special token")
+    m = {key: value / n_scored for key, value in sums.items()}
+    return SpliceMetrics(
+        n_tokens=n_scored,
+        ce_clean=m["ce_clean"],
+        ce_spliced=m["ce_spliced"],
+        ce_zero=m["ce_zero"],
+        ce_loss_recovered=ce_loss_recovered(m["ce_clean"], m["ce_spliced"], m["ce_zero"]),
+        delta_lm_loss=m["ce_spliced"] - m["ce_clean"],
+        kl_spliced=m["kl_spliced"],
+        kl_zero=m["kl_zero"],
+    )

@@ -1,0 +1,151 @@
+"""Transcoder files, pure: SAELens-layout tensors and cfg.json fields, and sparsify's layout, <-> ``Transcoder``.
+
+saescope writes each layer's transcoder as an SAELens transcoder folder:
+``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D], ``W_skip`` [D, D]
+(output = f @ W_dec + b_dec + x @ W_skip^T) and ``threshold`` [F] for JumpReLU;
+cfg.json has ``architecture`` ``skip_transcoder`` (``transcoder`` without a skip),
+``d_in``, ``d_sae``, ``d_out``, ``apply_b_dec_to_input: false``, the activation
+(``activation_fn`` ``topk`` with ``k``, or ``jumprelu``) and in ``meta`` the input
+and output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``,
+``hook_name_out`` = ``blocks.L.hook_mlp_out``).
+
+EleutherAI sparsify writes one folder per hook point (``layers.L.mlp``) with
+``cfg.json`` (``d_in``, ``num_latents``, ``k``, ``activation``, ``transcode``,
+``skip_connection``, ...) and ``sae.safetensors`` (``encoder.weight`` [F, D],
+``encoder.bias`` [F], ``W_dec`` [F, D], ``b_dec`` [D], ``W_skip`` [D, D]). Its
+transcoders read the MLP module's input and reconstruct its output, which is
+saescope's mlp-in -> mlp-out. No file I/O here; bad input is a ValueError.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from pipeline.lm.hook_points import HookPoint
+from pipeline.sae.model import SaeConfig
+from pipeline.sae.transcoder import Transcoder
+
+SPARSIFY_HOOK = re.compile(r"(?:.*\.)?layers\.(\d+)\.mlp")
+
+
+def transcoder_tensors(tc: Transcoder) -> dict[str, torch.Tensor]:
+    """Weights under SAELens names (see the module docstring)."""
+    tensors = {name: getattr(tc, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if tc.W_skip is not None:
+        tensors["W_skip"] = tc.W_skip.detach()
+    if tc.cfg.architecture == "jumprelu":
+        tensors["threshold"] = tc.threshold.detach().float()
+    return {name: tensor.float().contiguous() for name, tensor in tensors.items()}
+
+
+def transcoder_cfg_dict(tc: Transcoder, layer: int, meta: dict, record: dict) -> dict:
+    """cfg.json of one layer's exported transcoder (SAELens fields + ``saescope`` record)."""
+    arch = tc.cfg.architecture
+    cfg = {
+        "architecture": "skip_transcoder" if tc.W_skip is not None else "transcoder",
+        "activation_fn": arch,
+        "d_in": tc.cfg.d_in,
+        "d_sae": tc.cfg.d_sae,
+        "d_out": tc.cfg.d_in,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "meta": {
+            **meta,
+            "hook_name": HookPoint(layer, "mlp-in").name,
+            "hook_layer": layer,
+            "hook_name_out": HookPoint(layer, "mlp-out").name,
+            "hook_layer_out": layer,
+        },
+        "saescope": record,
+    }
+    if arch == "topk":
+        cfg["k"] = tc.cfg.k
+    return cfg
+
+
+def _shaped(tensors: dict, expected: dict) -> None:
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"transcoder weights lack {name!r} (have {sorted(tensors)})")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"transcoder weight {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+
+
+def _build(cfg: SaeConfig, W_enc_FD, b_enc, W_dec, b_dec, W_skip, threshold) -> Transcoder:
+    tc = Transcoder(cfg, skip=W_skip is not None)
+    with torch.no_grad():
+        tc.W_enc_FD.copy_(W_enc_FD.float())
+        tc.b_enc.copy_(b_enc.float())
+        tc.W_dec.copy_(W_dec.float())
+        tc.b_dec.copy_(b_dec.float())
+        if W_skip is not None:
+            tc.W_skip.copy_(W_skip.float())
+        if threshold is not None:
+            tc.log_threshold.copy_(torch.log(threshold.float()))
+    return tc.eval()
+
+
+def transcoder_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Transcoder:
+    """An inference transcoder from an SAELens-layout transcoder folder's tensors and cfg.json."""
+    try:
+        d_in, d_sae, d_out = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("d_out", cfg["d_in"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"cfg.json lacks a valid {error} (d_in and d_sae must be integers)") from error
+    if d_out != d_in:
+        raise ValueError(f"transcoders from d_in={d_in} to d_out={d_out} are not supported (MLP in and out match)")
+    arch = cfg.get("activation_fn", "jumprelu" if "threshold" in tensors else "relu")
+    if arch not in ("topk", "jumprelu", "relu"):
+        raise ValueError(f"transcoder activation {arch!r} is not supported (topk, jumprelu, relu)")
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if "W_skip" in tensors:
+        expected["W_skip"] = (d_in, d_in)
+    if arch == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    _shaped(tensors, expected)
+    k = int(cfg.get("k", 32)) if arch == "topk" else min(32, d_sae - 1)
+    shape = SaeConfig(d_in, d_sae, arch, k)
+    return _build(
+        shape,
+        tensors["W_enc"].t(),
+        tensors["b_enc"],
+        tensors["W_dec"],
+        tensors["b_dec"],
+        tensors.get("W_skip"),
+        tensors.get("threshold"),
+    )
+
+
+def sparsify_layer(hookpoint: str) -> int:
+    """The block of a sparsify hook point such as ``layers.15.mlp`` (ValueError for other kinds)."""
+    match = SPARSIFY_HOOK.fullmatch(hookpoint)
+    if not match:
+        raise ValueError(f"sparsify hook point {hookpoint!r} is not an MLP (expected e.g. layers.15.mlp)")
+    return int(match.group(1))
+
+
+def transcoder_from_sparsify(tensors: dict[str, torch.Tensor], cfg: dict) -> Transcoder:
+    """An inference transcoder from a sparsify folder (``transcode: true``, TopK activation)."""
+    if not cfg.get("transcode", False):
+        raise ValueError("this sparsify coder is an SAE, not a transcoder (cfg.json has transcode: false)")
+    if cfg.get("activation", "topk") != "topk":
+        raise ValueError(f"sparsify activation {cfg.get('activation')!r} is not supported (only topk)")
+    try:
+        d_in, k = int(cfg["d_in"]), int(cfg["k"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"sparsify cfg.json lacks a valid {error} (d_in and k must be integers)") from error
+    weight = tensors.get("encoder.weight")
+    if weight is None:
+        raise ValueError(f"sparsify weights lack 'encoder.weight' (have {sorted(tensors)})")
+    d_sae = int(weight.shape[0])
+    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if cfg.get("skip_connection", False):
+        expected["W_skip"] = (d_in, d_in)
+    _shaped(tensors, expected)
+    shape = SaeConfig(d_in, d_sae, "topk", k)
+    return _build(
+        shape, weight, tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"], tensors.get("W_skip"), None
+    )
