@@ -161,3 +161,34 @@ def test_supernode_save_and_reload(graph_run):
     boxes = [r for r in chart_rows(fresh) if "members" in r]
     assert [(b["name"], b["members"]) for b in boxes] == [("pet <path>", 2)]
     assert fresh.selectbox(key="trace_group").options == ["pet <path>"]
+
+
+def test_intervention_panel_shows_original_and_edited_predictions(run_copy, monkeypatch):
+    """Ablate a layer-1 feature node of a graph on the tiny run, with a random transcoder saved in the run."""
+    import torch
+
+    from storage.sae_store import save_sae
+
+    torch.manual_seed(0)
+    tensors = {"W_enc": torch.randn(32, 16), "b_enc": torch.zeros(16), "W_dec": torch.randn(16, 32) * 0.5,
+               "b_dec": torch.zeros(32), "W_skip": torch.zeros(32, 32)}  # fmt: skip
+    save_sae(run_copy / "saes" / "tc-L1", tensors, {"architecture": "relu", "d_in": 32, "d_sae": 16})
+    graph = small_graph()
+    graph["metadata"].update(prompt="cat", prompt_tokens=["<bos>", "c", "a", "t"])
+    graph["nodes"] = [n for n in graph["nodes"] if n["layer"] in ("E", "1", "3")]
+    graph["nodes"].append(
+        {"node_id": "1_4_3", "feature": 4, "layer": "1", "ctx_idx": 3, "feature_type": "cross layer transcoder",
+         "clerp": "t-ish", "activation": 1.0, "influence": 0.5}
+    )  # fmt: skip
+    graph["saescope"] = {"transcoders": "tc", "layers": [1]}
+    (run_copy / "graphs").mkdir()
+    (run_copy / "graphs" / "cat.json").write_text(json.dumps(graph), encoding="utf-8")
+    monkeypatch.setenv("SAESCOPE_RUN", str(run_copy))
+    app = page(graph="cat").run()
+    app.multiselect[1].set_value(["1_4_3"])
+    app.button[1].click().run(timeout=120)
+    assert not app.exception, app.exception
+    assert not app.error, app.error[0].value
+    assert [h.value for h in app.subheader][-2:] == ["original", "intervened"]
+    assert len(app.dataframe[0].value) == 10 and len(app.dataframe[1].value) == 10
+    assert len(app.get("html")) >= 3  # prompt, node details, two continuations

@@ -21,6 +21,7 @@ import streamlit as st
 from dashboards.render import short, token_spans
 from dashboards.resources import app_settings, show_error
 from dashboards.trace_chart import NODE_SELECTION, graph_chart
+from dashboards.trace_intervene import panel
 from dashboards.trace_layout import TraceGraph, TraceNode, feature_url, parse_graph
 from storage.graph_groups import graph_names, graph_path, read_graph_json, read_supernodes, write_supernodes
 
@@ -137,3 +138,6 @@ def render() -> None:
     node_details(graph, clicked_node(event))
     st.subheader("Supernodes")
     supernode_editor(settings.run, name, graph, groups)
+    st.subheader("Intervene")
+    st.caption("ablate or clamp feature nodes at their positions; the original and the edited model side by side")
+    panel(settings.run, graph)
