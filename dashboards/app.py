@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboards.views import compare, feature, features, overview, probe, steer
+from dashboards.views import compare, feature, features, overview, probe, steer, trace
 
 st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
 st.navigation(
@@ -13,5 +13,6 @@ st.navigation(
         st.Page(probe.render, title="Text probe", url_path="probe"),
         st.Page(steer.render, title="Steering", url_path="steer"),
         st.Page(compare.render, title="Compare", url_path="compare"),
+        st.Page(trace.render, title="Trace", url_path="trace"),
     ]
 ).run()

@@ -1,0 +1,115 @@
+"""The attribution graph as one Altair (Vega-Lite) chart: edges, supernode boxes, nodes, token and layer labels.
+
+No Streamlit here. Every text (labels, tokens, supernode names) goes into the
+chart as data: Vega draws text marks as text, and its tooltip handler escapes
+HTML, so a clerp like ``<b>*x*</b>`` shows as exactly those characters.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from dashboards.render import token_label
+from dashboards.trace_layout import TraceGraph, edge_rows, group_boxes, node_rows, place, row_labels
+
+SHAPES = {"embedding": "square", "feature": "circle", "error": "diamond", "logit": "triangle-up"}
+COLOURS = {"embedding": "#7f7f7f", "feature": "#ff8800", "error": "#9ecae1", "logit": "#2ca02c"}
+SIGN_COLOURS = {"positive": "#1f77b4", "negative": "#d62728"}
+NODE_SELECTION = "node"
+"""Name of the click selection on the node layer (Streamlit returns it under this key)."""
+TOOLTIP = [
+    alt.Tooltip("label:N", title="label"),
+    alt.Tooltip("kind:N"),
+    alt.Tooltip("layer:N"),
+    alt.Tooltip("position:Q"),
+    alt.Tooltip("activation:Q", format=".4g"),
+    alt.Tooltip("influence:Q", format=".4g"),
+    alt.Tooltip("node_id:N"),
+]
+
+
+def _axisless(title: str | None = None) -> dict:
+    return {"axis": None, "title": title}
+
+
+def edge_layer(edges: pd.DataFrame) -> alt.Chart:
+    """Links as straight segments: width by |weight|, colour by sign."""
+    return (
+        alt.Chart(edges)
+        .mark_rule(opacity=0.45)
+        .encode(
+            x=alt.X("x:Q", **_axisless()),
+            y=alt.Y("y:Q", **_axisless()),
+            x2="x2:Q",
+            y2="y2:Q",
+            strokeWidth=alt.StrokeWidth("strength:Q", scale=alt.Scale(range=[0.3, 4]), legend=None),
+            color=alt.Color(
+                "sign:N",
+                scale=alt.Scale(domain=list(SIGN_COLOURS), range=list(SIGN_COLOURS.values())),
+                legend=alt.Legend(title="link"),
+            ),
+        )
+    )
+
+
+def node_layer(nodes: pd.DataFrame) -> alt.Chart:
+    """Nodes: shape and fill by kind, hover tooltip, click selects one."""
+    pick = alt.selection_point(name=NODE_SELECTION, fields=["node_id"], on="click")
+    kinds = list(SHAPES)
+    return (
+        alt.Chart(nodes)
+        .mark_point(filled=True, size=90, stroke="#333", strokeWidth=0.5)
+        .encode(
+            x=alt.X("x:Q", **_axisless()),
+            y=alt.Y("y:Q", **_axisless()),
+            shape=alt.Shape("kind:N", scale=alt.Scale(domain=kinds, range=[SHAPES[k] for k in kinds])),
+            fill=alt.Fill(
+                "kind:N",
+                scale=alt.Scale(domain=kinds, range=[COLOURS[k] for k in kinds]),
+                legend=alt.Legend(title="node"),
+            ),
+            tooltip=TOOLTIP,
+        )
+        .add_params(pick)
+    )
+
+
+def box_layers(boxes: pd.DataFrame) -> list[alt.Chart]:
+    """Supernodes: a shaded box around the members and the group's name above it."""
+    if boxes.empty:
+        return []
+    rect = alt.Chart(boxes).mark_rect(opacity=0.12, color="#6a3d9a", stroke="#6a3d9a", strokeWidth=1.5)
+    rect = rect.encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", tooltip=[alt.Tooltip("name:N", title="supernode")])
+    text = alt.Chart(boxes).mark_text(dy=-8, color="#6a3d9a", fontWeight="bold", align="left")
+    return [rect, text.encode(x="x:Q", y="y2:Q", text="name:N")]
+
+
+def label_layers(graph: TraceGraph) -> list[alt.Chart]:
+    """Prompt tokens under their columns and layer names beside their rows, as text marks."""
+    tokens = pd.DataFrame(
+        [{"x": float(i), "y": -0.8, "text": token_label(t)} for i, t in enumerate(graph.prompt_tokens)],
+        columns=["x", "y", "text"],
+    )
+    rows = pd.DataFrame([{"x": -1.0, "y": float(r), "text": name} for r, name in enumerate(row_labels(graph))])
+    token_text = alt.Chart(tokens).mark_text(angle=300, align="right", fontSize=11, font="monospace")
+    row_text = alt.Chart(rows).mark_text(align="right", color="#666", fontSize=11)
+    return [token_text.encode(x="x:Q", y="y:Q", text="text:N"), row_text.encode(x="x:Q", y="y:Q", text="text:N")]
+
+
+def frames(graph: TraceGraph, groups: list[tuple[str, list[str]]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(nodes, edges, supernode boxes) as data frames of plain values."""
+    placed = place(graph)
+    edge_columns = ["x", "y", "x2", "y2", "weight", "strength", "sign"]
+    return (
+        pd.DataFrame(node_rows(graph, placed)),
+        pd.DataFrame(edge_rows(graph, placed), columns=edge_columns),
+        pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members"]),
+    )
+
+
+def graph_chart(graph: TraceGraph, groups: list[tuple[str, list[str]]], height: int = 640) -> alt.LayerChart:
+    """The whole graph as one layered chart, nodes on top of boxes on top of edges."""
+    nodes, edges, boxes = frames(graph, groups)
+    layers = [edge_layer(edges), *box_layers(boxes), node_layer(nodes), *label_layers(graph)]
+    return alt.layer(*layers).properties(height=height).resolve_scale(color="independent")

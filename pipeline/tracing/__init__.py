@@ -1,0 +1,1 @@
+"""Attribution graphs over transcoders, and interventions on their features."""

@@ -1,0 +1,90 @@
+"""Saved attribution graphs of a run and the supernodes a person groups their nodes into.
+
+Graphs are ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON, written by
+the tracing job). Supernodes of a graph live beside it in
+``RUN/graphs/NAME.supernodes.json``, written atomically:
+
+    {"format_version": 1, "graph": NAME, "supernodes": [[name, node_id, ...], ...]}
+
+Each entry is a group's name followed by its members' node ids, the shape of
+``qParams.supernodes`` in Neuronpedia's graph files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from storage.atomic import atomic_write_json
+from storage.constants import FORMAT_VERSION
+
+GRAPHS_DIR = "graphs"
+GRAPH_SUFFIX = ".json"
+SUPERNODES_SUFFIX = ".supernodes.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def graphs_dir(run: Path) -> Path:
+    return Path(run) / GRAPHS_DIR
+
+
+def check_graph_name(name: str) -> str:
+    """The name if it is a plain file stem (letters, digits, ``._-``), else a ValueError."""
+    if not _NAME.match(name or "") or name.endswith(SUPERNODES_SUFFIX.removesuffix(GRAPH_SUFFIX)):
+        raise ValueError(f"bad graph name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def graph_names(run: Path) -> list[str]:
+    """Names of the run's saved graphs (sorted), supernode files excluded."""
+    folder = graphs_dir(run)
+    if not folder.is_dir():
+        return []
+    stems = (p.name.removesuffix(GRAPH_SUFFIX) for p in folder.glob(f"*{GRAPH_SUFFIX}"))
+    return sorted(s for s in stems if not s.startswith(".") and not s.endswith(".supernodes"))
+
+
+def graph_path(run: Path, name: str) -> Path:
+    return graphs_dir(run) / f"{check_graph_name(name)}{GRAPH_SUFFIX}"
+
+
+def read_graph_json(run: Path, name: str) -> dict:
+    """The graph file as a dict; ValueError that names the file when it is missing or not a JSON object."""
+    path = graph_path(run, name)
+    if not path.is_file():
+        raise ValueError(f"no graph {name!r} in {graphs_dir(run)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a graph file: expected a JSON object")
+    return data
+
+
+def supernodes_path(run: Path, name: str) -> Path:
+    return graphs_dir(run) / f"{check_graph_name(name)}{SUPERNODES_SUFFIX}"
+
+
+def read_supernodes(run: Path, name: str) -> list[tuple[str, list[str]]]:
+    """(group name, member node ids) of the graph's saved supernodes; [] when none are saved."""
+    path = supernodes_path(run, name)
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["supernodes"]
+        return [(str(entry[0]), [str(n) for n in entry[1:]]) for entry in entries]
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path} is damaged ({error}): delete it to start the groups again") from error
+
+
+def write_supernodes(run: Path, name: str, groups: list[tuple[str, list[str]]]) -> Path:
+    """Replace the graph's supernodes with ``groups`` (atomically); a group needs a name and a member."""
+    for group, members in groups:
+        if not group.strip() or not members:
+            raise ValueError("a supernode needs a name and at least one node")
+    path = supernodes_path(run, name)
+    payload = {"format_version": FORMAT_VERSION, "graph": name, "supernodes": [[g, *m] for g, m in groups]}
+    atomic_write_json(path, payload)
+    return path
