@@ -2,11 +2,9 @@
 
 The compute is ``pipeline.tracing.intervention`` (its docstring holds the semantics).
 Here: the model from the run's activation manifest, and layer L's transcoder from
-``RUN/saes/<transcoders>-L<L>/`` (SAELens-layout ``sae_weights.safetensors`` +
-``cfg.json``, plus ``W_skip``), or ``RUN/saes/<transcoders>/`` when the graph names
-one layer, where ``<transcoders>`` and the layers come from the graph file's
-``saescope`` block. That folder naming is this page's assumption until the
-tracing job fixes where transcoders live. Tokens are shown as escaped text only.
+the set ``RUN/transcoders/<transcoders>/layer-LL/`` (``storage.transcoder_store``),
+where ``<transcoders>`` and the layers come from the graph file's ``saescope`` block.
+Tokens are shown as escaped text only.
 """
 
 from __future__ import annotations
@@ -15,42 +13,18 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from dashboards.render import token_label, token_spans
 from dashboards.resources import hook_lock, show_error
 from dashboards.trace_layout import TraceGraph, TraceNode
 from pipeline.lm.models import load_model
 from pipeline.lm.packing import encode_prompt
-from pipeline.sae.model import SaeConfig
-from pipeline.sae.saelens import SAELENS_ARCHITECTURES, sae_from_tensors
-from pipeline.sae.transcoder import Transcoder
+from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.intervention import FeatureEdit, InterventionResult, run_intervention
 from storage.home import converted_models_dir
-from storage.sae_store import SaeStoreError, load_sae_files, saes_dir
+from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
-
-
-def transcoder_folder(run: Path, name: str, layer: int, n_layers: int) -> Path:
-    """Where layer ``layer``'s transcoder of set ``name`` lives (see the module docstring)."""
-    per_layer = saes_dir(run) / f"{name}-L{layer}"
-    if per_layer.is_dir() or n_layers > 1:
-        return per_layer
-    return saes_dir(run) / name
-
-
-def transcoder_from_files(tensors: dict[str, torch.Tensor], cfg: dict) -> Transcoder:
-    """A Transcoder from SAELens-layout tensors (taken as they are: its encoder subtracts nothing)."""
-    arch = SAELENS_ARCHITECTURES.get(cfg.get("architecture", "standard"))
-    if arch is None:
-        raise ValueError(f"transcoder architecture {cfg.get('architecture')!r} is not supported")
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    sae_cfg = SaeConfig(d_in, d_sae, arch, int(cfg.get("k", min(32, d_sae - 1))))
-    sae = sae_from_tensors(sae_cfg, {k: v.float() for k, v in tensors.items()})
-    tc = Transcoder(sae_cfg, skip="W_skip" in tensors)
-    state = {**sae.state_dict(), **({"W_skip": tensors["W_skip"].float()} if "W_skip" in tensors else {})}
-    tc.load_state_dict(state, strict=False)
-    return tc.eval()
+from storage.transcoder_store import load_layer_files, set_dir
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model and transcoders (once per server)…")
@@ -60,8 +34,8 @@ def live_tracing(run: str, name: str, layers: tuple[int, ...]):
     loaded = load_model(
         manifest.model_spec, "cpu", convert_dir=converted_models_dir(), expect_revision=manifest.model_revision
     )
-    folders = {layer: transcoder_folder(Path(run), name, layer, len(layers)) for layer in layers}
-    return loaded, {layer: transcoder_from_files(*load_sae_files(folder)) for layer, folder in folders.items()}
+    folder = set_dir(Path(run), name)
+    return loaded, {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in layers}
 
 
 def prompt_ids(tokenizer, graph: TraceGraph) -> list[int]:

@@ -168,11 +168,13 @@ def test_intervention_panel_shows_original_and_edited_predictions(run_copy, monk
     import torch
 
     from storage.sae_store import save_sae
+    from storage.transcoder_store import layer_dir, set_dir
 
     torch.manual_seed(0)
     tensors = {"W_enc": torch.randn(32, 16), "b_enc": torch.zeros(16), "W_dec": torch.randn(16, 32) * 0.5,
                "b_dec": torch.zeros(32), "W_skip": torch.zeros(32, 32)}  # fmt: skip
-    save_sae(run_copy / "saes" / "tc-L1", tensors, {"architecture": "relu", "d_in": 32, "d_sae": 16})
+    cfg = {"architecture": "skip_transcoder", "activation_fn": "relu", "d_in": 32, "d_sae": 16, "d_out": 32}
+    save_sae(layer_dir(set_dir(run_copy, "tc"), 1), tensors, cfg)
     graph = small_graph()
     graph["metadata"].update(prompt="cat", prompt_tokens=["<bos>", "c", "a", "t"])
     graph["nodes"] = [n for n in graph["nodes"] if n["layer"] in ("E", "1", "3")]
