@@ -322,7 +322,12 @@ def _save(cfg, run_dir, manifest, p, exported, members, scales, metrics, seconds
         "architecture": cfg.arch,
         "k": cfg.k,
         "model": manifest.provenance["model"],
-        "training": {**config_to_mapping(cfg), "steps": p.steps, "seconds": round(seconds, 1)},
+        "training": {
+            **config_to_mapping(cfg),
+            "heldout_contexts": p.heldout_contexts,
+            "steps": p.steps,
+            "seconds": round(seconds, 1),
+        },
         "metrics": {"all_layers": metrics["all_layers"], "layers": {str(k): v for k, v in metrics["layers"].items()}},
     }
     write_set(p.folder, record)
