@@ -1,4 +1,11 @@
-"""`saescope import-sae`: bring a SAELens-format SAE folder into a run, to evaluate, index and steer it."""
+"""`saescope import-sae`: bring an SAE (SAELens or sparsify format) or sparsify transcoders into a run.
+
+A SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) or a sparsify SAE
+(``layers.L/`` with ``cfg.json`` + ``sae.safetensors``) becomes an SAE of the run,
+checked against the cache's width and layer. sparsify transcoders (``layers.L.mlp/``
+folders with ``transcode: true``, e.g. EleutherAI's skip transcoders of SmolLM2)
+become a transcoder set of the run (``transcoders/NAME/layer-LL``), for `saescope trace`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
-from jobs.run import check_fits_cache, read_sae, write_sae
-from storage.sae_store import SaeStoreError, is_finished, sae_dir
+from jobs.run import check_fits_cache, read_sae, saelens_meta, write_sae
+from pipeline.sae.sparsify import coder_from_sparsify, hook_point_of
+from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_tensors
+from storage.constants import TRANSCODER_SET
+from storage.sae_store import SaeStoreError, is_finished, sae_dir, save_sae
 from storage.shards import activations_dir, read_manifest
+from storage.sparsify_files import coder_folders, is_sparsify, load_coder
+from storage.transcoder_store import layer_dir, set_dir, write_set
 
 
 @dataclass(frozen=True)
 class ImportConfig:
     """Options of `saescope import-sae`."""
 
-    path: str = option(help="folder with cfg.json and sae_weights.safetensors", flag=POSITIONAL)
+    path: str = option(
+        help="SAELens folder (cfg.json + sae_weights.safetensors), or a sparsify coder folder or folder of them",
+        flag=POSITIONAL,
+    )
     run: str = option(help="run directory whose cache the SAE reads")
     name: str | None = option(None, "name inside the run (default: the folder's name)")
     force: bool = option(False, "replace an SAE of the same name")
@@ -32,9 +47,11 @@ def command(args: ImportConfig) -> int:
     source = Path(args.path)
     run_dir = Path(args.run)
     manifest = read_manifest(activations_dir(run_dir))
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
+    if is_sparsify(source):
+        return import_sparsify(source, run_dir, manifest, name, args.force)
     sae, cfg = read_sae(source)
     check_fits_cache(cfg, manifest, source)
-    name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
     target = sae_dir(run_dir, name)
     if is_finished(target) and not args.force:
         raise SaeStoreError(f"{run_dir} already has an SAE named {name!r}: pass --name or --force")
@@ -51,4 +68,53 @@ def command(args: ImportConfig) -> int:
     write_sae(target, sae, meta, record, None)
     print(f"imported {source} as {target} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae})")
     print(f"next: saescope eval --run {run_dir} --sae {name}   |   saescope index --run {run_dir} --sae {name}")
+    return 0
+
+
+def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: bool) -> int:
+    """sparsify coders: SAEs of the cached layer, or transcoders into a set (all checked before writing)."""
+    coders = {}
+    for hookpoint, folder in coder_folders(source).items():
+        tensors, cfg = load_coder(folder)
+        try:
+            point = hook_point_of(hookpoint, bool(cfg.get("transcode", False)))
+            coders[point] = coder_from_sparsify(tensors, cfg)
+        except ValueError as error:
+            raise SaeStoreError(f"{folder}: {error}") from error
+        if coders[point].cfg.d_in != manifest.d_model:
+            raise SaeStoreError(f"{folder} reads d_in={coders[point].cfg.d_in} but the model has {manifest.d_model}")
+    kinds = {point.kind for point in coders}
+    if kinds == {"mlp-in"}:
+        return _import_transcoders(source, run_dir, manifest, name, force, {p.layer: c for p, c in coders.items()})
+    if len(coders) != 1 or kinds != {"resid-post"}:
+        raise SaeStoreError(f"{source}: import one sparsify SAE at a time, or a folder of transcoders only")
+    ((point, sae),) = coders.items()
+    if point.layer != manifest.layer:
+        raise SaeStoreError(f"{source} was trained on layer {point.layer} but the cache holds layer {manifest.layer}")
+    target = sae_dir(run_dir, name)
+    if is_finished(target) and not force:
+        raise SaeStoreError(f"{run_dir} already has an SAE named {name!r}: pass --name or --force")
+    record = {"format_version": 1, "imported_from": str(source.resolve()), "source_format": "sparsify",
+              "model": manifest.provenance["model"], "hook": manifest.provenance["hook"]}  # fmt: skip
+    write_sae(target, sae, saelens_meta(manifest), record, None)
+    print(f"imported sparsify SAE {source} as {target} (topk, d_sae {sae.cfg.d_sae}, k {sae.cfg.k})")
+    return 0
+
+
+def _import_transcoders(source, run_dir, manifest, name, force, tcs: dict) -> int:
+    n_layers = int(manifest.provenance["model"]["n_layers"])
+    beyond = [layer for layer in tcs if layer >= n_layers]
+    if beyond:
+        raise SaeStoreError(f"{source} has transcoders for layer {beyond[0]} but the model has {n_layers} layers")
+    folder = set_dir(run_dir, name)
+    if (folder / TRANSCODER_SET).is_file() and not force:
+        raise SaeStoreError(f"{run_dir} already has a transcoder set named {name!r}: pass --name or --force")
+    meta = saelens_meta(manifest)
+    record = {"format_version": 1, "imported_from": str(source.resolve()), "source_format": "sparsify"}
+    for layer, tc in sorted(tcs.items()):
+        save_sae(layer_dir(folder, layer), transcoder_tensors(tc), transcoder_cfg_dict(tc, layer, meta, record))
+    layers = sorted(tcs)
+    write_set(folder, {**record, "layers": layers, "d_sae": next(iter(tcs.values())).cfg.d_sae, "metrics": {}})
+    print(f"imported {len(layers)} sparsify transcoders (layers {layers[0]}-{layers[-1]}) as {folder}")
+    print(f"next: saescope trace --run {run_dir} --transcoders {name} --prompt 'The capital of France is'")
     return 0

@@ -8,26 +8,16 @@ cfg.json has ``architecture`` ``skip_transcoder`` (``transcoder`` without a skip
 (``activation_fn`` ``topk`` with ``k``, or ``jumprelu``) and in ``meta`` the input
 and output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``,
 ``hook_name_out`` = ``blocks.L.hook_mlp_out``).
-
-EleutherAI sparsify writes one folder per hook point (``layers.L.mlp``) with
-``cfg.json`` (``d_in``, ``num_latents``, ``k``, ``activation``, ``transcode``,
-``skip_connection``, ...) and ``sae.safetensors`` (``encoder.weight`` [F, D],
-``encoder.bias`` [F], ``W_dec`` [F, D], ``b_dec`` [D], ``W_skip`` [D, D]). Its
-transcoders read the MLP module's input and reconstruct its output, which is
-saescope's mlp-in -> mlp-out. No file I/O here; bad input is a ValueError.
+No file I/O here; bad input is a ValueError.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 
 from pipeline.lm.hook_points import HookPoint
 from pipeline.sae.model import SaeConfig
 from pipeline.sae.transcoder import Transcoder
-
-SPARSIFY_HOOK = re.compile(r"(?:.*\.)?layers\.(\d+)\.mlp")
 
 
 def transcoder_tensors(tc: Transcoder) -> dict[str, torch.Tensor]:
@@ -116,36 +106,4 @@ def transcoder_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Tran
         tensors["b_dec"],
         tensors.get("W_skip"),
         tensors.get("threshold"),
-    )
-
-
-def sparsify_layer(hookpoint: str) -> int:
-    """The block of a sparsify hook point such as ``layers.15.mlp`` (ValueError for other kinds)."""
-    match = SPARSIFY_HOOK.fullmatch(hookpoint)
-    if not match:
-        raise ValueError(f"sparsify hook point {hookpoint!r} is not an MLP (expected e.g. layers.15.mlp)")
-    return int(match.group(1))
-
-
-def transcoder_from_sparsify(tensors: dict[str, torch.Tensor], cfg: dict) -> Transcoder:
-    """An inference transcoder from a sparsify folder (``transcode: true``, TopK activation)."""
-    if not cfg.get("transcode", False):
-        raise ValueError("this sparsify coder is an SAE, not a transcoder (cfg.json has transcode: false)")
-    if cfg.get("activation", "topk") != "topk":
-        raise ValueError(f"sparsify activation {cfg.get('activation')!r} is not supported (only topk)")
-    try:
-        d_in, k = int(cfg["d_in"]), int(cfg["k"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"sparsify cfg.json lacks a valid {error} (d_in and k must be integers)") from error
-    weight = tensors.get("encoder.weight")
-    if weight is None:
-        raise ValueError(f"sparsify weights lack 'encoder.weight' (have {sorted(tensors)})")
-    d_sae = int(weight.shape[0])
-    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if cfg.get("skip_connection", False):
-        expected["W_skip"] = (d_in, d_in)
-    _shaped(tensors, expected)
-    shape = SaeConfig(d_in, d_sae, "topk", k)
-    return _build(
-        shape, weight, tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"], tensors.get("W_skip"), None
     )
