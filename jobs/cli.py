@@ -19,6 +19,7 @@ VERB_MODULES = (
     "jobs.features",
     "jobs.compare",
     "jobs.steer",
+    "jobs.trace",
     "jobs.serve",
 )
 """The verbs' modules in `saescope --help` order; each has ``register(subparsers)`` (features registers two)."""

@@ -4,6 +4,10 @@ Sizes are chosen to finish in about 10-15 minutes on a 2-core laptop CPU:
 200k tokens of SmolLM2-135M-Instruct layer-15 activations, a 4608-latent TopK
 SAE (k=32) trained for 10 passes over them, an index of all cached tokens, and
 token-explainer labels scored offline (no LLM) for every live feature.
+
+With ``--trace`` two more stages follow: a skip transcoder at every layer trained
+from the live model (``saescope train --transcoder``, sizes below), and the
+attribution graphs of two prompts (``saescope trace``), which the /trace page opens.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import cache, explain, features, index, serve, train
+from jobs import cache, explain, features, index, serve, trace, train
 from jobs.features import render_example
 from jobs.options import add_config_arguments, config_from_args, counted, option
+from jobs.train_transcoders import format_transcoder_summary, run_transcoders
 from storage.constants import DEFAULT_SAE_NAME
 from storage.index_builder import INDEX_FORMAT_VERSION, index_path
 from storage.index_queries import open_sae_index
@@ -23,6 +28,11 @@ from storage.sae_store import sae_dir
 DEMO_RUN = "runs/demo"
 DEMO_TOKENS = 200_000
 DEMO_D_SAE = 4608
+DEMO_TRANSCODERS = "transcoders"
+DEMO_TRANSCODER_D_SAE = 2304
+DEMO_TRANSCODER_TOKENS = 400_000
+DEMO_TRANSCODER_BATCH = 1024
+DEMO_PROMPTS = (("The capital of France is", "capital-of-france"), ("36+59=", "36-plus-59"))
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class DemoConfig(serve.ServeConfig):
     tokens: int = option(DEMO_TOKENS, "tokens to cache", parse=counted(1))
     d_sae: int = option(DEMO_D_SAE, "SAE latents", parse=counted(2))
     serve: bool = option(True, "serve the dashboard at the end (--no-serve stops after the last stage)")
+    trace: bool = option(False, "also train transcoders at every layer and trace two prompts (about 30-40 min more)")
 
 
 def register(subparsers) -> None:
@@ -41,27 +52,31 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=lambda args: command(config_from_args(DemoConfig, args)))
 
 
-def _stage(number: int, text: str) -> None:
-    print(f"\n[{number}/4] {text}", flush=True)
+def _stage(number: int, text: str, total: int = 4) -> None:
+    print(f"\n[{number}/{total}] {text}", flush=True)
 
 
 def command(args: DemoConfig) -> int:
     started = time.perf_counter()
-    _stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
+    stages = 6 if args.trace else 4
+    stage = _numbered(stages)
+    stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
     print(cache.format_summary(cache.run_cache(cache.CacheConfig(run=args.run, tokens=args.tokens))))
-    _stage(2, f"training a TopK SAE (d_sae {args.d_sae}, k 32)")
+    stage(2, f"training a TopK SAE (d_sae {args.d_sae}, k 32)")
     train_cfg = train.TrainJobConfig(run=args.run, d_sae=args.d_sae)
     print(train.format_summary(train.run_train(train_cfg, say=print)))
-    _stage(3, "indexing every feature's statistics and examples")
+    stage(3, "indexing every feature's statistics and examples")
     folder = sae_dir(args.run, DEFAULT_SAE_NAME)
     if index_is_current(folder):
         print(f"{index_path(folder)}: index already built; nothing to do (run `saescope index` to rebuild)")
     else:
         print(index.format_summary(index.run_index(index.IndexConfig(run=args.run)), args.run))
-    _stage(4, "labelling every live feature (token explainer) and scoring the labels against a control")
+    stage(4, "labelling every live feature (token explainer) and scoring the labels against a control")
     explained = explain.run_explain(explain.ExplainConfig(run=args.run))
     print(f"explained {explained.n_explained} features in {explained.seconds:.0f}s "
           f"({explained.n_done_before} were already done)\n{explained.report}")  # fmt: skip
+    if args.trace:
+        run_tracing_stages(args.run, stage)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s. A few features worth reading first:")
     print_interesting(args.run)
     print("\nlook further:")
@@ -69,10 +84,29 @@ def command(args: DemoConfig) -> int:
              "show --run {run} --feature N", "serve --run {run}")  # fmt: skip
     for line in lines:
         print("  saescope " + line.format(run=args.run))
+    if args.trace:
+        print(f"  saescope serve --run {args.run}   (then /trace?graph={DEMO_PROMPTS[0][1]})")
     if not args.serve:
         return 0
     print()
     return serve.serve(Path(args.run), args.sae, args.host, args.port)
+
+
+def _numbered(total: int):
+    return lambda number, text: _stage(number, text, total)
+
+
+def run_tracing_stages(run: str, stage) -> None:
+    """Stages 5 and 6: transcoders at every layer, then the demo prompts' graphs (each reused when done)."""
+    stage(5, f"training a skip transcoder at every layer (d_sae {DEMO_TRANSCODER_D_SAE}) from the live model")
+    tc_cfg = train.TrainJobConfig(
+        run=run, name=DEMO_TRANSCODERS, transcoder=True, layers="all", d_sae=DEMO_TRANSCODER_D_SAE,
+        tokens=DEMO_TRANSCODER_TOKENS, batch_size=DEMO_TRANSCODER_BATCH,
+    )  # fmt: skip
+    print(format_transcoder_summary(run_transcoders(tc_cfg, say=print)))
+    stage(6, "tracing the demo prompts through the transcoders")
+    for prompt, name in DEMO_PROMPTS:
+        print(trace.format_trace(trace.run_trace(trace.TraceConfig(run=run, prompt=prompt, name=name))))
 
 
 def index_is_current(sae_folder) -> bool:

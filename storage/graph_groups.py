@@ -16,10 +16,9 @@ import json
 import re
 from pathlib import Path
 
-from storage.atomic import atomic_write_json
-from storage.constants import FORMAT_VERSION
+from storage.atomic import atomic_write_json, atomic_write_text
+from storage.constants import FORMAT_VERSION, GRAPHS_DIR
 
-GRAPHS_DIR = "graphs"
 GRAPH_SUFFIX = ".json"
 SUPERNODES_SUFFIX = ".supernodes.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -61,6 +60,14 @@ def read_graph_json(run: Path, name: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a graph file: expected a JSON object")
     return data
+
+
+def write_graph_json(run: Path, name: str, text: str) -> Path:
+    """Publish a graph file atomically; returns its path."""
+    path = graph_path(run, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
 
 
 def supernodes_path(run: Path, name: str) -> Path:

@@ -1,0 +1,241 @@
+"""`saescope trace`: the attribution graph of one prompt through a run's transcoders, saved for the /trace page.
+
+Options are checked before the model loads (run, transcoder set, thresholds, graph
+name, the target token). The model runs in float32; the graph is pruned
+(pipeline.tracing.pruning) and written to ``runs/R/graphs/NAME.json`` in the JSON
+Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope``.
+Feature labels (the viewer's "clerp") are the tokens each feature's decoder row
+promotes most through the unembedding, as ``→ tok1 · tok2 · tok3``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pipeline.tracing.attribution import Graph
+from pipeline.tracing.graph_json import graph_document, to_json
+from pipeline.tracing.pruning import Pruned, prune
+from pipeline.tracing.trace import trace
+
+from jobs.console import human_count
+from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
+from jobs.run import load_run_model
+from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
+from pipeline.lm.packing import encode_prompt
+from pipeline.lm.token_text import load_tokenizer
+from pipeline.sae.transcoder_format import transcoder_from_saelens
+from pipeline.tracing.paths import strongest_paths
+from storage.graph_groups import check_graph_name, write_graph_json
+from storage.home import converted_models_dir
+from storage.shards import activations_dir, read_manifest
+from storage.transcoder_store import load_layer_files, read_set, resolve_set
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Options of `saescope trace`."""
+
+    run: str = option(help="run directory holding a transcoder set (saescope train --transcoder)")
+    prompt: str = option(help="the text to trace (BOS is prepended, as in every cached context)")
+    target: str | None = option(
+        None, "trace this next token's logit only (one token, e.g. ' Paris' with its space); default: the top logits"
+    )
+    transcoders: str | None = option(None, "transcoder set of the run (default: its only one)")
+    name: str | None = option(None, "graph name in runs/R/graphs (default: from the prompt)")
+    max_feature_nodes: int = option(2000, "at most this many feature nodes, the most influential on the targets")
+    node_threshold: float = option(0.8, "keep the nodes holding this share of the influence on the targets")
+    edge_threshold: float = option(0.98, "keep the edges holding this share of the influence among kept nodes")
+    batch_size: int = option(32, "target rows per backward pass")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template as one user turn")
+    paths: int = option(3, "strongest paths to print per target logit")
+    json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        require(bool(self.prompt.strip()), "--prompt is empty: give the text to trace")
+        require(self.max_feature_nodes >= 1, f"--max-feature-nodes must be at least 1, got {self.max_feature_nodes}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.paths >= 0, f"--paths must be >= 0, got {self.paths}")
+        for flag, value in (("--node-threshold", self.node_threshold), ("--edge-threshold", self.edge_threshold)):
+            require(0 < value <= 1, f"{flag} must be in (0, 1], got {value}")
+        if self.name is not None:
+            try:
+                check_graph_name(self.name)
+            except ValueError as error:
+                raise ConfigError(f"--name: {error}") from error
+
+
+def default_name(prompt: str) -> str:
+    """A file stem from the prompt: lowercase words joined by '-', at most 48 characters."""
+    stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-")
+    return stem or "graph"
+
+
+def target_id(tokenizer, text: str | None) -> int | None:
+    """The one token ``--target`` names (ConfigError otherwise, suggesting the spaced form)."""
+    if text is None:
+        return None
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) == 1:
+        return int(ids[0])
+    spaced = tokenizer(" " + text, add_special_tokens=False).input_ids if not text.startswith(" ") else []
+    hint = f": did you mean ' {text}' (one token, with its leading space)?" if len(spaced) == 1 else ""
+    raise ConfigError(f"--target {text!r} is {len(ids)} tokens, not one{hint}")
+
+
+def feature_labels(model, tcs: dict, graph: Graph, tokenizer, top_n: int = 3) -> dict[tuple[int, int], str]:
+    """(layer, latent) -> '→ a · b · c': the tokens each graph feature's decoder row promotes most."""
+    labels = {}
+    W_U, gamma = unembedding(model).float(), final_norm_weight(model)
+    for layer in sorted({int(row[0]) for row in graph.features.tolist()}):
+        latents = sorted({int(r[2]) for r in graph.features.tolist() if int(r[0]) == layer})
+        rows = tcs[layer].W_dec.detach()[latents].float()
+        _, promoted, _, _ = logit_effects(rows, W_U, None if gamma is None else gamma.float(), top_n)
+        for latent, ids in zip(latents, promoted.tolist(), strict=True):
+            labels[(layer, latent)] = "→ " + " · ".join(repr(tokenizer.decode([t]))[1:-1] for t in ids)
+    return labels
+
+
+def _load(cfg: TraceConfig):
+    run_dir = Path(cfg.run)
+    manifest = read_manifest(activations_dir(run_dir))
+    folder = resolve_set(run_dir, cfg.transcoders)
+    layers = read_set(folder)["layers"]
+    tokenizer = load_tokenizer(manifest.model_spec, converted_models_dir())
+    target = target_id(tokenizer, cfg.target)
+    ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 10**9 and len(ids) > limit:
+        raise ConfigError(f"--prompt is {len(ids)} tokens, beyond the model's {limit} positions")
+    tcs = {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in layers}
+    return run_dir, manifest, folder, tokenizer, target, ids, tcs
+
+
+def run_trace(cfg: TraceConfig) -> dict:
+    """Trace, prune, label and save; returns the graph document plus a ``summary`` for printing."""
+    started = time.perf_counter()
+    run_dir, manifest, folder, tokenizer, target, ids, tcs = _load(cfg)
+    loaded = load_run_model(manifest, cfg.device)
+    model = loaded.model.float()
+    tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
+    ids_T = torch.tensor(ids, device=cfg.device)
+    graph = trace(model, ids_T, tcs, target, cfg.max_feature_nodes, cfg.batch_size)
+    pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
+                   cfg.node_threshold, cfg.edge_threshold)  # fmt: skip
+    name = cfg.name or default_name(cfg.prompt)
+    provenance = {
+        "run": str(run_dir.resolve()),
+        "transcoders": folder.name,
+        "layers": sorted(tcs),
+        "model": manifest.provenance["model"],
+        "prompt_ids": ids,
+    }
+    document = graph_document(
+        graph, pruned, lambda t: tokenizer.decode([t]), name, manifest.provenance["model"]["name"], cfg.prompt,
+        cfg.node_threshold, cfg.edge_threshold, provenance, feature_labels(model, tcs, graph, tokenizer),
+        [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)],
+    )  # fmt: skip
+    document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
+    path = write_graph_json(run_dir, name, to_json(document))
+    summary = summarize(graph, pruned, document, tokenizer, cfg.paths)
+    return {"document": document, "path": path, "name": name, "summary": summary}
+
+
+def _node_text(node: dict) -> str:
+    kind = node["feature_type"]
+    if kind == "embedding":
+        return f'token "{_token(node)}"@{node["ctx_idx"]}'
+    if kind == "logit":
+        return node["clerp"]
+    if kind == "mlp reconstruction error":
+        return f"L{node['layer']} error@{node['ctx_idx']}"
+    latent = node["node_id"].split("_")[1]
+    return f"L{node['layer']} #{latent}@{node['ctx_idx']} ({node['clerp']})"
+
+
+def _token(node: dict) -> str:
+    return node.get("token_text", "")
+
+
+def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: int) -> dict:
+    """Counts, completeness, the error share and the strongest paths of the saved graph."""
+    by_index = _all_nodes(graph, document, tokenizer)
+    inputs = torch.zeros(graph.adjacency.shape[0], dtype=torch.bool)
+    first_token = graph.n_features + graph.n_errors
+    inputs[first_token : first_token + graph.n_pos] = True
+    kept = pruned.node_mask_N
+    n_logit = graph.adjacency.shape[0] - graph.n_logits
+    top_row = graph.adjacency[n_logit].abs()
+    errors = slice(graph.n_features, first_token)
+    paths = []
+    for k in range(graph.n_logits):
+        found = strongest_paths(graph.adjacency, pruned.edge_mask_NN, inputs, n_logit + k, n_paths)
+        paths.append([(strength, [by_index[i] for i in path]) for path, strength in found])
+    return {
+        "n_tokens": graph.n_pos,
+        "n_active_features": graph.n_active_features,
+        "n_feature_nodes": graph.n_features,
+        "kept_features": int(kept[: graph.n_features].sum()),
+        "kept_errors": int(kept[errors].sum()),
+        "kept_edges": int(pruned.edge_mask_NN.sum()),
+        "logit_error": graph.logit_error,
+        "error_share_top_logit": float(top_row[errors].sum() / top_row.sum().clamp_min(1e-30)),
+        "targets": [
+            (tokenizer.decode([t]), p)
+            for t, p in zip(graph.logit_tokens.tolist(), graph.logit_probs.tolist(), strict=True)
+        ],
+        "paths": paths,
+        "timings": document["saescope"]["timings"],
+        "backward_passes": graph.n_backward_passes,
+    }
+
+
+def _all_nodes(graph: Graph, document: dict, tokenizer) -> dict[int, str]:
+    """Adjacency index -> printable node text."""
+    from pipeline.tracing.graph_json import graph_nodes
+
+    nodes = graph_nodes(graph, [0.0] * graph.adjacency.shape[0], lambda t: tokenizer.decode([t]),
+                        {(int(n["layer"]), int(n["node_id"].split("_")[1])): n["clerp"] for n in document["nodes"]
+                         if n["feature_type"] == "cross layer transcoder"})  # fmt: skip
+    for node, token in zip(nodes[graph.n_features + graph.n_errors :], graph.prompt_ids.tolist(), strict=False):
+        node["token_text"] = tokenizer.decode([token])
+    return {i: _node_text(node) for i, node in enumerate(nodes)}
+
+
+def format_trace(result: dict) -> str:
+    s = result["summary"]
+    t = s["timings"]
+    lines = [
+        f"traced {s['n_tokens']} tokens in {t.get('wall_s', 0):.0f}s ({s['backward_passes']} backward passes)",
+        "  targets: " + ", ".join(f"{text!r} p={p:.3f}" for text, p in s["targets"]),
+        f"  completeness: the replacement model's last logits are within {s['logit_error']:.2g} of the model's",
+        f"  features: {human_count(s['n_active_features'])} active, {s['n_feature_nodes']} attributed, "
+        f"{s['kept_features']} kept; {s['kept_errors']} error nodes and {s['kept_edges']} edges kept",
+        f"  error nodes carry {100 * s['error_share_top_logit']:.0f}% of the top logit's direct input",
+    ]
+    for (text, _), paths in zip(s["targets"], s["paths"], strict=True):
+        if paths:
+            lines.append(f"  strongest paths to {text!r}:")
+            lines.extend(f"    {strength:.3f}  " + " -> ".join(nodes) for strength, nodes in paths)
+    lines.append(f"  saved {result['path']}")
+    lines.append(
+        f"next: saescope serve --run {Path(result['path']).parent.parent}  (page /trace?graph={result['name']})"
+    )
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("trace", help="attribution graph of a prompt through the run's transcoders")
+    add_config_arguments(parser, TraceConfig)
+    parser.set_defaults(handler=lambda args: command(config_from_args(TraceConfig, args)))
+
+
+def command(cfg: TraceConfig) -> int:
+    result = run_trace(cfg)
+    print(json.dumps(result["document"], ensure_ascii=False) if cfg.json else format_trace(result))
+    return 0
