@@ -1,4 +1,7 @@
 """Attribution graphs on per-layer transcoders (circuit-tracer style), compute only.
 
 - ``replacement``: one prompt's local replacement model, linear given frozen attention patterns and norm scales.
+- ``attribution``: the nodes (features, errors, tokens, target logits), their direct effects by batched backward passes.
+- ``pruning``: influence on the targets through the matrix series; the nodes and edges that carry most of it.
+- ``trace``: ``trace(model, ids, transcoders)`` -> Graph, tying the three together.
 """

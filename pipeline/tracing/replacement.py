@@ -218,8 +218,8 @@ def record_prompt(model: nn.Module, ids_T: torch.Tensor) -> PromptRecord:
 def build_replacement(record: PromptRecord, transcoders: Mapping[int, nn.Module] | Sequence[nn.Module]) -> Replacement:
     """Attach one transcoder per layer: their codes on the prompt and the frozen errors."""
     n_layers = len(record.layers)
-    per_layer = [transcoders[layer] for layer in range(n_layers)] if isinstance(transcoders, Mapping) else list(
-        transcoders
+    per_layer = (
+        [transcoders[layer] for layer in range(n_layers)] if isinstance(transcoders, Mapping) else list(transcoders)
     )
     if len(per_layer) != n_layers:
         raise ValueError(f"tracing needs one transcoder per layer: the model has {n_layers}, got {len(per_layer)}")
