@@ -3,5 +3,6 @@
 - ``replacement``: one prompt's local replacement model, linear given frozen attention patterns and norm scales.
 - ``attribution``: the nodes (features, errors, tokens, target logits), their direct effects by batched backward passes.
 - ``pruning``: influence on the targets through the matrix series; the nodes and edges that carry most of it.
+- ``graph_json``: a pruned graph as the document Neuronpedia's graph viewer uploads (JSON text), and back.
 - ``trace``: ``trace(model, ids, transcoders)`` -> Graph, tying the three together.
 """
