@@ -6,5 +6,6 @@
 - ``features``: streaming feature statistics, decoder geometry (logit effects, neighbours), text probes.
 - ``steering``: feature edits as an immutable spec and hook; generation with and without them.
 - ``explain``: examples, token and LLM explainers, scorers and their metrics, LLM backends, embeddings.
+- ``tracing``: attribution graphs on per-layer transcoders: replacement model, direct effects, pruning, viewer JSON.
 - ``runtime``: torch.distributed groups, dtype choice by measurement, one-line errors.
 """

@@ -1,1 +1,10 @@
-"""Attribution graphs over transcoders, and interventions on their features."""
+"""Attribution graphs on per-layer transcoders (circuit-tracer style), and interventions on their features.
+
+- ``replacement``: one prompt's local replacement model, linear given frozen attention patterns and norm scales.
+- ``attribution``: the nodes (features, errors, tokens, target logits), their direct effects by batched backward passes.
+- ``pruning``: influence on the targets through the matrix series; the nodes and edges that carry most of it.
+- ``graph_json``: a pruned graph as the document Neuronpedia's graph viewer uploads (JSON text), and back.
+- ``trace``: ``trace(model, ids, transcoders)`` -> Graph, tying the three together.
+- ``paths``: the strongest paths from an input token to a target in a pruned graph.
+- ``intervention``: ablate or clamp transcoder features at prompt positions; logits and generation.
+"""

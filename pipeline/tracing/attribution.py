@@ -1,0 +1,301 @@
+"""Direct effects between the nodes of a replacement model: the adjacency matrix of an attribution graph.
+
+Shape legend: R target rows in a batch, T positions, D d_model, F latents, S source columns.
+
+Nodes, in this order: active transcoder features (activation > 0 at (layer, pos), sorted
+by layer, position, latent), one error node per (layer, pos) (layer-major), one token
+embedding per position, and the target logits of the last position.
+
+A source writes into the residual stream: feature f of layer L writes act * W_dec[f]
+after layer L's MLP, an error node its frozen error vector there, a token its embedding.
+A target reads a direction: logit token v reads ``W_U[v] - mean_u W_U[u]`` on the final
+normed residual at the last position (its value is the logit minus the mean logit, as
+circuit-tracer does); feature f of layer L at pos p reads ``W_enc[f]`` on layer L's MLP
+input at p (its value is the pre-activation, which equals the activation of an active
+feature). In the frozen linear model (``replacement``), feature activations are
+constants, so the gradient of a target with respect to the residual stream where a
+source writes carries only paths that avoid every other node, and
+
+    A[target, source] = gradient(target) . write(source)       (direct effect)
+
+Each target's value = sum over all sources of A[target, source] + ``constants[target]``,
+the part of the replacement model that no node provides: the target in the linear model
+with every source's write set to zero (decoder biases, norm rounding terms), plus the
+encoder bias ``b_enc[f]`` for a feature target.
+
+Gradients come from batched backward passes: R targets at once, the prompt repeated R
+times along the batch, one backward of the sum of the rows' targets.
+
+More than ``max_feature_nodes`` active features: logit rows first; then, batch by batch,
+the rows of the not yet visited features with the highest influence on the targets in the
+graph of the rows computed so far (``pruning.influence_from_rows``); the features visited
+are the graph's feature nodes, the others are dropped (their edges with them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.tracing.pruning import influence_from_rows, normalized
+from pipeline.tracing.replacement import LinearOutputs, Replacement, replacement_forward
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An attribution graph on one prompt; nodes laid out [features, errors, tokens, logits]."""
+
+    prompt_ids: torch.Tensor
+    """Token ids [T]."""
+    n_layers: int
+    features: torch.Tensor
+    """[n_features, 3] (layer, position, latent) of each feature node."""
+    activations: torch.Tensor
+    """[n_features] activation of each feature node."""
+    logit_tokens: torch.Tensor
+    """[n_logits] token ids of the target logits (last position)."""
+    logit_probs: torch.Tensor
+    """[n_logits] their probabilities under the model."""
+    adjacency: torch.Tensor
+    """[N, N] direct effects A[target, source]."""
+    values: torch.Tensor
+    """[N] each target's value (feature pre-activation, logit minus mean logit); 0 for errors and tokens."""
+    constants: torch.Tensor
+    """[N] the part of each target's value no node provides: values = adjacency.sum(1) + constants."""
+    n_active_features: int
+    """Active features on the prompt before ``max_feature_nodes`` selection."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage."""
+    n_backward_passes: int = 0
+    """Batched backward passes the adjacency took."""
+    logit_error: float = float("nan")
+    """max |replacement-model logits - model logits| at the last position (completeness; set by ``trace``)."""
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.prompt_ids.numel())
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.numel())
+
+    def target_weights(self) -> torch.Tensor:
+        """[N] the logit probabilities on the logit nodes, 0 elsewhere (the weights of pruning)."""
+        weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype)
+        weights[-self.n_logits :] = self.logit_probs.to(weights.dtype)
+        return weights
+
+
+def target_logits(logits_V: torch.Tensor, target: int | None = None, cover: float = 0.95, at_most: int = 10):
+    """(tokens, probs): the fewest most likely tokens whose probability reaches ``cover``, at most ``at_most``;
+    or the one ``target`` token."""
+    probs_V = logits_V.double().softmax(-1)
+    if target is not None:
+        if not 0 <= target < probs_V.numel():
+            raise ValueError(f"target token {target} out of range: vocabulary has {probs_V.numel()} tokens")
+        return torch.tensor([target]), probs_V[[target]]
+    probs, tokens = probs_V.sort(descending=True)
+    n = int((torch.cumsum(probs, 0) - probs < cover).sum().clamp(1, at_most))
+    return tokens[:n], probs[:n]
+
+
+@dataclass(frozen=True)
+class Readouts:
+    """Target rows: each reads ``vector`` at (``layer``, ``pos``); layer == n_layers means the final normed residual."""
+
+    layer_R: torch.Tensor
+    pos_R: torch.Tensor
+    vector_RD: torch.Tensor
+
+    def __getitem__(self, rows) -> Readouts:
+        return Readouts(self.layer_R[rows], self.pos_R[rows], self.vector_RD[rows])
+
+    def __len__(self) -> int:
+        return int(self.layer_R.numel())
+
+
+def _read(out: LinearOutputs, readouts: Readouts, batch_R: torch.Tensor) -> torch.Tensor:
+    points = [*out.mlp_in, *([out.final_BTD] if out.final_BTD is not None else [])]
+    stacked_LBTD = torch.stack(points)
+    return (stacked_LBTD[readouts.layer_R, batch_R, readouts.pos_R] * readouts.vector_RD).sum(-1)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Every active feature on the prompt (the feature columns before selection) and what each writes."""
+
+    features_S3: torch.Tensor
+    """(layer, pos, latent), sorted."""
+    acts_S: torch.Tensor
+    writes: tuple[torch.Tensor, ...]
+    """Per layer [n_L, D]: act * W_dec[latent] of that layer's active features, in ``features_S3`` order."""
+
+
+@torch.no_grad()
+def active_features(rep: Replacement) -> Sources:
+    """Every (layer, pos, latent) with a positive activation, its activation and its write."""
+    features, acts, writes = [], [], []
+    for layer, (acts_TF, tc) in enumerate(zip(rep.acts, rep.transcoders, strict=True)):
+        pos_latent = (acts_TF > 0).nonzero()
+        values = acts_TF[pos_latent[:, 0], pos_latent[:, 1]]
+        features.append(torch.cat([torch.full_like(pos_latent[:, :1], layer), pos_latent], 1))
+        acts.append(values)
+        writes.append(values[:, None] * tc.W_dec[pos_latent[:, 1]].to(values.dtype))
+    return Sources(torch.cat(features), torch.cat(acts), tuple(writes))
+
+
+@torch.no_grad()
+def logit_readouts(model: nn.Module, rep: Replacement, tokens: torch.Tensor) -> tuple[Readouts, torch.Tensor]:
+    """Logit targets at the last position: W_U[v] - mean W_U; no bias."""
+    W_U = model.get_output_embeddings().weight.to(rep.record.embed_TD.dtype)
+    n, T = tokens.numel(), rep.record.ids_T.numel()
+    layer_R, pos_R = torch.full((n,), len(rep.acts)), torch.full((n,), T - 1)
+    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype)
+
+
+@torch.no_grad()
+def feature_readouts(rep: Replacement, features_R3: torch.Tensor) -> tuple[Readouts, torch.Tensor]:
+    """Feature targets: W_enc[latent] on the layer's MLP input at pos; bias b_enc[latent]."""
+    dtype, D = rep.record.embed_TD.dtype, rep.record.embed_TD.shape[1]
+    layer_R, pos_R, latent_R = features_R3.unbind(1)
+    vector_RD, bias_R = torch.zeros(len(layer_R), D, dtype=dtype), torch.zeros(len(layer_R), dtype=dtype)
+    for layer in layer_R.unique().tolist():
+        rows = layer_R == layer
+        vector_RD[rows] = rep.transcoders[layer].W_enc_FD[latent_R[rows]].to(dtype)
+        bias_R[rows] = rep.transcoders[layer].b_enc[latent_R[rows]].to(dtype)
+    return Readouts(layer_R, pos_R, vector_RD), bias_R
+
+
+def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: Readouts) -> torch.Tensor:
+    """Direct effects [R, S] of every source column on each target row: one batched backward."""
+    R, (T, D), n_layers = len(readouts), rep.record.embed_TD.shape, len(rep.acts)
+    dtype = rep.record.embed_TD.dtype
+    last = int(readouts.layer_R.max())
+    with torch.enable_grad():
+        leaves = [torch.zeros(R, T, D, dtype=dtype, requires_grad=True) for _ in range(n_layers + 1)]
+        out = replacement_forward(model, rep, leaves[0], leaves[1:], None if last == n_layers else last)
+        total = _read(out, readouts, torch.arange(R)).sum()
+        grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros(R, T, D, dtype=dtype) if g is None else g for g in grads]
+    g_embed, g_writes = grads[0], grads[1:]
+    feature_cols = [
+        (g_writes[layer][:, sources.features_S3[sources.features_S3[:, 0] == layer, 1]] * write_nD).sum(-1)
+        for layer, write_nD in enumerate(sources.writes)
+    ]
+    error_cols = [(g_writes[layer] * rep.errors[layer]).sum(-1) for layer in range(n_layers)]
+    token_cols = (g_embed * rep.record.embed_TD).sum(-1)
+    return torch.cat([*feature_cols, *error_cols, token_cols], 1)
+
+
+def _rows_in_batches(
+    model, rep: Replacement, sources: Sources, readouts: Readouts, batch_size: int
+) -> list[torch.Tensor]:
+    batches = range(0, len(readouts), batch_size)
+    return [_edge_rows(model, rep, sources, readouts[start : start + batch_size]) for start in batches]
+
+
+@torch.no_grad()
+def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: torch.Tensor):
+    """Each target's value in the real model, and its value with every source's write set to zero."""
+    record, T, D = rep.record, *rep.record.embed_TD.shape
+    zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype)
+    empty_out = replacement_forward(model, rep, zero, [zero] * len(rep.acts))
+    final_TD = record.scale_final_T1 * record.resid_final_TD * model.base_model.norm.weight.to(zero.dtype)
+    mlp_ins = tuple(layer.mlp_in_TD[None] for layer in record.layers)
+    true_out = LinearOutputs(mlp_ins, (final_TD + record.fix_final_TD)[None])
+    batch = torch.zeros(len(readouts), dtype=torch.long)
+    return _read(true_out, readouts, batch) + bias_R, _read(empty_out, readouts, batch) + bias_R
+
+
+def _select_features(
+    model: nn.Module,
+    rep: Replacement,
+    sources: Sources,
+    logit_rows: torch.Tensor,
+    probs: torch.Tensor,
+    budget: int,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy: visit the unvisited features of highest influence in the partial graph, a batch at a time."""
+    n_feat, n_cols = sources.features_S3.shape[0], logit_rows.shape[1]
+    pad = lambda rows: torch.cat([rows, rows.new_zeros(rows.shape[0], probs.numel())], 1)  # noqa: E731
+    rows, row_nodes = [pad(logit_rows)], [n_cols + torch.arange(probs.numel())]
+    weights, visited, order = [probs.to(logit_rows.dtype)], torch.zeros(n_feat, dtype=torch.bool), []
+    while len(order) < budget:
+        influence = influence_from_rows(normalized(torch.cat(rows)), torch.cat(row_nodes), torch.cat(weights))
+        score = influence[:n_feat].masked_fill(visited, float("-inf"))
+        take = score.topk(min(batch, budget - len(order))).indices
+        readouts, _ = feature_readouts(rep, sources.features_S3[take])
+        rows.append(pad(_edge_rows(model, rep, sources, readouts)))
+        row_nodes.append(take)
+        weights.append(torch.zeros(take.numel(), dtype=logit_rows.dtype))
+        visited[take] = True
+        order.extend(take.tolist())
+    chosen = torch.tensor(sorted(order), dtype=torch.long)
+    if not order:
+        return chosen, logit_rows[:0]
+    position = {feature: i for i, feature in enumerate(order)}
+    feature_rows = torch.cat(rows[1:])[[position[f] for f in chosen.tolist()], :n_cols]
+    return chosen, feature_rows
+
+
+def attribute(
+    model: nn.Module,
+    rep: Replacement,
+    logit_tokens: torch.Tensor,
+    logit_probs: torch.Tensor,
+    max_feature_nodes: int = 2000,
+    batch_size: int = 32,
+) -> Graph:
+    """The attribution graph of a replacement model for the given target logits (see the module docstring)."""
+    if max_feature_nodes < 0 or batch_size < 1:
+        raise ValueError(f"max_feature_nodes must be >= 0 and batch_size >= 1, got {max_feature_nodes}, {batch_size}")
+    start = time.perf_counter()
+    sources = active_features(rep)
+    n_active, n_layers, T = sources.features_S3.shape[0], len(rep.acts), rep.record.ids_T.numel()
+    logit_read, logit_bias = logit_readouts(model, rep, logit_tokens)
+    logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size))
+    if n_active <= max_feature_nodes:
+        chosen = torch.arange(n_active)
+        readouts, _ = feature_readouts(rep, sources.features_S3)
+        feature_rows = torch.cat([logit_rows[:0], *_rows_in_batches(model, rep, sources, readouts, batch_size)])
+    else:
+        chosen, feature_rows = _select_features(
+            model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size
+        )
+    columns = torch.cat([chosen, n_active + torch.arange(n_layers * T + T)])
+    n_sources = columns.numel()
+    A = logit_rows.new_zeros(n_sources + logit_tokens.numel(), n_sources + logit_tokens.numel())
+    A[: chosen.numel(), :n_sources] = feature_rows[:, columns]
+    A[n_sources:, :n_sources] = logit_rows[:, columns]
+    feature_read, feature_bias = feature_readouts(rep, sources.features_S3[chosen])
+    values, constants = A.new_zeros(A.shape[0]), A.new_zeros(A.shape[0])
+    values[: chosen.numel()], constants[: chosen.numel()] = _values_and_constants(
+        model, rep, feature_read, feature_bias
+    )
+    values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias)
+    return Graph(
+        prompt_ids=rep.record.ids_T,
+        n_layers=n_layers,
+        features=sources.features_S3[chosen],
+        activations=sources.acts_S[chosen],
+        logit_tokens=logit_tokens,
+        logit_probs=logit_probs,
+        adjacency=A,
+        values=values,
+        constants=constants,
+        n_active_features=n_active,
+        timings={"attribute_s": time.perf_counter() - start},
+        n_backward_passes=-(-logit_tokens.numel() // batch_size) + -(-chosen.numel() // batch_size),
+    )

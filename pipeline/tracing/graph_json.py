@@ -1,0 +1,171 @@
+"""A pruned Graph as the JSON document Neuronpedia's attribution-graph viewer uploads, and back.
+
+The schema is the one circuit-tracer's ``create_graph_files`` writes:
+
+    metadata  slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold
+    qParams   pinnedIds, supernodes, linkType, clickedId, sg_pos
+    nodes     node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit,
+              run_idx, reverse_ctx_idx, jsNodeId, clerp, influence, activation
+    links     source, target, weight (source and target are node_ids)
+
+Node ids, per kind (``feature_type``):
+    feature     "cross layer transcoder"    "{layer}_{latent}_{pos}"; feature = latent (+ layer * 10^ceil(log10 F)
+                                            when ``d_transcoder`` is given, as for a published scan)
+    error       "mlp reconstruction error"  "err_{layer}_{pos}"; feature = -1. circuit-tracer writes
+                                            "0_{layer}_{pos}", which can equal a layer-0 feature's id,
+                                            so saescope deviates here
+    token       "embedding"                 "E_{token}_{pos}"; layer "E", feature = pos
+    logit       "logit"                     "{n_layers + 1}_{token}_{pos}"; clerp 'Output "tok" (p=0.123)'
+                                            (the viewer reads p from the clerp); the most likely is the target
+
+``influence`` is the node's cumulative influence share (``pruning.cumulative_share``).
+saescope's own provenance (model, run, transcoders, timings, thresholds) goes under the
+top-level key ``saescope``, which the viewer ignores. Text in, text out: writing the file
+(atomically) is the caller's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from pipeline.tracing.attribution import Graph
+from pipeline.tracing.pruning import Pruned
+
+FORMAT_VERSION = 1
+FEATURE, ERROR, EMBEDDING, LOGIT = "cross layer transcoder", "mlp reconstruction error", "embedding", "logit"
+TOP_LEVEL_KEYS = ("metadata", "qParams", "nodes", "links")
+
+
+class GraphDocument(NamedTuple):
+    """The parsed document."""
+
+    metadata: dict[str, Any]
+    qParams: dict[str, Any]
+    nodes: list[dict[str, Any]]
+    links: list[dict[str, Any]]
+    saescope: dict[str, Any]
+
+
+def display_token(text: str) -> str:
+    """A token as the viewer shows it: newline, tab and carriage return made visible."""
+    return text.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def _node(node_id: str, feature: int, layer: str, pos: int, kind: str, js_id: str, **extra) -> dict[str, Any]:
+    base = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": kind}
+    fields = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js_id}
+    return {**base, **fields, "clerp": "", "influence": None, "activation": None, **extra}
+
+
+def graph_nodes(
+    graph: Graph,
+    cumulative: list[float],
+    decode: Callable[[int], str],
+    labels: Mapping[tuple[int, int], str] | None = None,
+    d_transcoder: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every node of the graph in viewer form, in adjacency order."""
+    offset = 10 ** math.ceil(math.log10(d_transcoder)) if d_transcoder else 0
+    nodes = []
+    for i, ((layer, pos, latent), act) in enumerate(
+        zip(graph.features.tolist(), graph.activations.tolist(), strict=True)
+    ):
+        clerp = (labels or {}).get((layer, latent), "")
+        feature = latent + offset * layer
+        nodes.append(_node(f"{layer}_{latent}_{pos}", feature, str(layer), pos, FEATURE, f"{layer}_{latent}-0"))
+        nodes[-1].update(clerp=clerp, influence=cumulative[i], activation=act)
+    for layer in range(graph.n_layers):
+        for pos in range(graph.n_pos):
+            node = _node(f"err_{layer}_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
+            nodes.append({**node, "influence": cumulative[len(nodes)]})
+    for pos, token in enumerate(graph.prompt_ids.tolist()):
+        node = _node(f"E_{token}_{pos}", pos, "E", pos, EMBEDDING, f"E_{token}-{pos}")
+        nodes.append({**node, "influence": cumulative[len(nodes)]})
+    last, logit_layer = graph.n_pos - 1, str(graph.n_layers + 1)
+    for k, (token, prob) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_probs.tolist(), strict=True)):
+        clerp = f'Output "{display_token(decode(token))}" (p={prob:.3f})'
+        node = _node(f"{logit_layer}_{token}_{last}", token, logit_layer, last, LOGIT, f"L_{token}-{last}")
+        nodes.append({**node, "token_prob": prob, "is_target_logit": k == 0, "clerp": clerp})
+    return nodes
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def graph_document(
+    graph: Graph,
+    pruned: Pruned,
+    decode: Callable[[int], str],
+    slug: str,
+    scan: str,
+    prompt: str,
+    node_threshold: float,
+    edge_threshold: float,
+    provenance: Mapping[str, Any] | None = None,
+    labels: Mapping[tuple[int, int], str] | None = None,
+    transcoder_list: list[str] | None = None,
+    d_transcoder: int | None = None,
+) -> dict[str, Any]:
+    """The viewer's document for the nodes and edges that survived ``pruned``.
+
+    ``decode`` turns one token id into text; ``labels`` maps (layer, latent) to a feature's
+    explanation (the clerp); ``provenance`` (model, run, transcoder names and hashes, ...) is
+    stored under ``saescope`` with the graph's own counts and timings.
+    """
+    all_nodes = graph_nodes(graph, pruned.cumulative_N.tolist(), decode, labels, d_transcoder)
+    kept = pruned.node_mask_N.nonzero().flatten().tolist()
+    targets, sources = pruned.edge_mask_NN.nonzero().unbind(1)
+    weights = graph.adjacency[targets, sources].tolist()
+    links = [
+        {"source": all_nodes[s]["node_id"], "target": all_nodes[t]["node_id"], "weight": w}
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True)
+    ]
+    own = {
+        "format_version": FORMAT_VERSION,
+        "edge_threshold": edge_threshold,
+        "n_active_features": graph.n_active_features,
+        "n_feature_nodes": graph.n_features,
+        "n_backward_passes": graph.n_backward_passes,
+        "logit_error": graph.logit_error,
+        "timings": dict(graph.timings),
+    }
+    metadata = {
+        "slug": slug,
+        "scan": scan,
+        "transcoder_list": list(transcoder_list or []),
+        "prompt_tokens": [display_token(decode(t)) for t in graph.prompt_ids.tolist()],
+        "prompt": prompt,
+        "node_threshold": node_threshold,
+    }
+    q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    nodes = [all_nodes[i] for i in kept]
+    document = {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+    return _finite({**document, "saescope": {**own, **(provenance or {})}})
+
+
+def to_json(document: Mapping[str, Any]) -> str:
+    """The document as JSON text (strict: no NaN or infinity)."""
+    return json.dumps(document, ensure_ascii=False, allow_nan=False, indent=1)
+
+
+def from_json(text: str) -> GraphDocument:
+    """Parse a graph document; ValueError naming a missing top-level key or a link to an unknown node."""
+    data = json.loads(text)
+    missing = [key for key in TOP_LEVEL_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"not an attribution graph document: missing {', '.join(missing)}")
+    ids = {node["node_id"] for node in data["nodes"]}
+    dangling = [link for link in data["links"] if link["source"] not in ids or link["target"] not in ids]
+    if dangling:
+        raise ValueError(f"link {dangling[0]['source']} -> {dangling[0]['target']} names a node not in the graph")
+    return GraphDocument(data["metadata"], data["qParams"], data["nodes"], data["links"], data.get("saescope", {}))

@@ -1,0 +1,82 @@
+"""The Neuronpedia graph document: schema fields, ids unique, links only between kept nodes, JSON round trip."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.tracing.graph_json import EMBEDDING, ERROR, FEATURE, LOGIT, from_json, graph_document, to_json
+from pipeline.tracing.pruning import prune
+from pipeline.tracing.trace import trace
+from tests.conftest import make_tiny_llama
+from tests.test_tracing import N_LAYERS, D, random_transcoder
+
+NODE_FIELDS = {
+    "node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
+    "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def traced(tokenizer):
+    model = make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double()
+    generator = torch.Generator().manual_seed(1)
+    transcoders = [random_transcoder(generator) for _ in range(N_LAYERS)]
+    graph = trace(model, torch.tensor(tokenizer("A cat.\nIt").input_ids), transcoders, batch_size=64)
+    return graph, prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors)
+
+
+@pytest.fixture(scope="module")
+def document(tokenizer, traced):
+    graph, pruned = traced
+    first = tuple(graph.features[0, [0, 2]].tolist())
+    return graph_document(
+        graph, pruned, tokenizer.decode, slug="tiny-cat", scan="tiny-llama-tc", prompt="A cat.\nIt",
+        node_threshold=0.8, edge_threshold=0.98, provenance={"model": "tiny", "run": "runs/x"},
+        labels={first: "a label"}, transcoder_list=[f"tc-{layer}" for layer in range(N_LAYERS)],
+    )  # fmt: skip
+
+
+def test_document_has_the_viewer_schema(traced, document):
+    graph, pruned = traced
+    assert set(document) == {"metadata", "qParams", "nodes", "links", "saescope"}
+    assert document["metadata"]["prompt_tokens"] == list("A cat.") + ["⏎", "I", "t"]
+    assert {"slug", "scan", "prompt", "node_threshold", "transcoder_list"} <= set(document["metadata"])
+    assert set(document["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
+    assert all(set(node) == NODE_FIELDS for node in document["nodes"])
+    ids = [node["node_id"] for node in document["nodes"]]
+    assert len(ids) == len(set(ids)) == int(pruned.node_mask_N.sum())
+    kinds = [node["feature_type"] for node in document["nodes"]]
+    assert kinds.count(EMBEDDING) == graph.n_pos and kinds.count(LOGIT) == graph.n_logits
+    assert {FEATURE, ERROR} <= set(kinds)
+    logits = [node for node in document["nodes"] if node["feature_type"] == LOGIT]
+    assert [node["is_target_logit"] for node in logits] == [True] + [False] * (len(logits) - 1)
+    assert all(node["clerp"].endswith(f"(p={node['token_prob']:.3f})") for node in logits)
+    assert document["saescope"]["model"] == "tiny" and document["saescope"]["logit_error"] < 1e-12
+    assert len(document["links"]) == int(pruned.edge_mask_NN.sum()) > 0
+    ends = {link["source"] for link in document["links"]} | {link["target"] for link in document["links"]}
+    assert ends <= set(ids)
+
+
+def test_link_weights_are_the_adjacency(traced, document):
+    graph, pruned = traced
+    t, s = pruned.edge_mask_NN.nonzero()[0].tolist()
+    by_pair = {(link["target"], link["source"]): link["weight"] for link in document["links"]}
+    assert len(by_pair) == len(document["links"])
+    assert float(graph.adjacency[t, s]) in by_pair.values()
+
+
+def test_round_trip(tmp_path, document):
+    path = tmp_path / "tiny-cat.json"
+    path.write_text(to_json(document), encoding="utf-8")
+    back = from_json(path.read_text(encoding="utf-8"))
+    assert back.nodes == document["nodes"] and back.links == document["links"]
+    assert back.metadata == document["metadata"] and back.saescope == document["saescope"]
+
+
+def test_bad_documents_are_refused(document):
+    with pytest.raises(ValueError, match="missing links"):
+        from_json(json.dumps({k: v for k, v in document.items() if k != "links"}))
+    broken = {**document, "links": [{"source": "nowhere", "target": document["nodes"][0]["node_id"], "weight": 1.0}]}
+    with pytest.raises(ValueError, match="names a node not in the graph"):
+        from_json(json.dumps(broken))
