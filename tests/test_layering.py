@@ -24,6 +24,7 @@ FORBIDDEN = {
     "bench": {"dashboards"},
 }
 VERBS = {
+    "trace",
     "demo",
     "cache",
     "verify",

@@ -1,0 +1,68 @@
+"""`saescope trace` on the tiny run: a saved graph the page can read, completeness, paths, bad input first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import tiny_train_config
+
+from jobs.cli import main
+from jobs.train_transcoders import run_transcoders
+from storage.graph_groups import graph_names, read_graph_json
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory, tiny_run):
+    run = tmp_path_factory.mktemp("traced") / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = tiny_train_config(run, transcoder=True, layers="all", name="tc", tokens=256 * 8, lm_eval_contexts=0)
+    run_transcoders(cfg, say=lambda _: None)
+    return run
+
+
+def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
+    code = main(["trace", "--run", str(traced_run), "--prompt", "The cat sat on the mat", "--name", "cat"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert graph_names(traced_run) == ["cat"]
+    doc = read_graph_json(traced_run, "cat")
+    assert set(doc) >= {"metadata", "qParams", "nodes", "links", "saescope"}
+    kinds = {node["feature_type"] for node in doc["nodes"]}
+    assert {"embedding", "logit"} <= kinds
+    ids = {node["node_id"] for node in doc["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in doc["links"])
+    assert doc["saescope"]["transcoders"] == "tc" and doc["saescope"]["layers"] == [0, 1, 2, 3]
+    assert doc["saescope"]["logit_error"] < 1e-3
+    assert "completeness" in out and "saved" in out and "/trace?graph=cat" in out
+
+
+def test_json_prints_the_document(traced_run, capsys):
+    assert main(["trace", "--run", str(traced_run), "--prompt", "a b", "--name", "ab", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["metadata"]["slug"] == "ab" and doc["metadata"]["prompt"] == "a b"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--prompt", "x", "--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
+        (["--prompt", "x", "--name", "../up"], "--name: bad graph name"),
+        (["--prompt", "x", "--transcoders", "nope"], "has no trained transcoder set 'nope'"),
+        (["--prompt", "x", "--target", "sat on the mat"], "--target 'sat on the mat' is"),
+    ],
+)
+def test_bad_input_is_one_line_before_the_model_loads(traced_run, capsys, monkeypatch, args, message):
+    import jobs.trace as job
+
+    monkeypatch.setattr(job, "load_run_model", lambda *_: pytest.fail("the model loaded before the check"))
+    code = main(["trace", "--run", str(traced_run), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_run_without_transcoders_says_how_to_train_them(run_copy, capsys):
+    assert main(["trace", "--run", str(run_copy), "--prompt", "x"]) == 2
+    assert "saescope train --run" in capsys.readouterr().err
