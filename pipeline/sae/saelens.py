@@ -31,8 +31,8 @@ SAELENS_ARCHITECTURES = {
     "matryoshka_batchtopk": "jumprelu",
 }
 """SAELens architecture name -> the saescope architecture that runs it."""
-SAELENS_NAMES = {"relu": "standard", "matryoshka": "matryoshka_batchtopk"}
-"""saescope architecture -> SAELens' name for it, where they differ."""
+SAELENS_NAMES = {"matryoshka": "matryoshka_batchtopk"}
+"""saescope architecture -> SAELens' name, recorded as ``trained_architecture`` (others keep their own)."""
 WIDTHS_FIELD = "matryoshka_widths"
 HOOK_LAYER = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 
