@@ -92,6 +92,9 @@ def format_metrics(metrics: dict) -> list[str]:
             f"FVU {metrics['fvu_without_outliers']:.4f}, PCA {metrics['pca_fvu_without_outliers']:.4f}"
         )
         lines.append(f"  L0 {metrics['l0']:.1f}")
+    if metrics.get("matryoshka_prefixes"):
+        parts = [f"{p['width']}: FVU {p['fvu']:.4f}, L0 {p['l0']:.1f}" for p in metrics["matryoshka_prefixes"]]
+        lines.append("  matryoshka prefixes (width: held-out FVU, L0 within it): " + "; ".join(parts))
     if "dead_fraction" in metrics:
         lines.append(
             f"  dead {100 * metrics['dead_fraction']:.2f}% (no activation in the last "

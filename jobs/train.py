@@ -7,7 +7,11 @@ is left alone unless --force is given (or another --name is used).
 
 Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
 member is an SAE in its own folder, fed the same batches from one read of the
-cache (jobs.train_grid), and ends exactly where it would trained alone. Each
+cache (jobs.train_grid), and ends exactly where it would trained alone.
+
+``--arch matryoshka`` trains a Matryoshka BatchTopK SAE (SAELens: matryoshka_batchtopk)
+whose nested prefixes are ``--matryoshka-widths`` (default d_sae/16, /8, /4, /2, d_sae);
+its held-out FVU and L0 are also reported per prefix. Each
 member resumes from its own newest checkpoint; a finished one is skipped.
 
 Under `torchrun` every rank walks the same batch stream and trains on its slice
@@ -44,12 +48,23 @@ from jobs.options import (
 )
 from jobs.run import saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
-from jobs.train_grid import announce, architecture, format_grid_summary, grid_members, listed, one_value, train_members
+from jobs.train_grid import (
+    announce,
+    architecture,
+    as_tuple,
+    format_grid_summary,
+    grid_members,
+    listed,
+    one_value,
+    train_members,
+)
 from jobs.train_start import Member, delete_trained, newest_checkpoint, start_member
 from jobs.train_transcoders import format_transcoder_summary, run_transcoders
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
-from pipeline.sae.model import ARCHITECTURES, SaeConfig, export_sae
+from pipeline.sae.matryoshka import check_widths, default_widths
+from pipeline.sae.model import ARCHITECTURES, SPARSE_ARCHITECTURES, SaeConfig, export_sae
+from pipeline.sae.saelens import saelens_name
 from pipeline.sae.schedule import auto_lr, default_warmup_steps
 from pipeline.sae.training import (
     DEAD_WINDOW_CAP,
@@ -79,15 +94,15 @@ class TrainJobConfig:
         "name {name}-{arch}-x{expansion}-k{k} (d{d_sae} with --d-sae, no k for relu/jumprelu, -lr{lr} when "
         "--lr is a list; no prefix when left at 'default')",
     )
-    arch: Literal["topk", "batchtopk", "relu", "jumprelu"] | tuple[str, ...] = option(
+    arch: Literal["topk", "batchtopk", "relu", "jumprelu", "matryoshka"] | tuple[str, ...] = option(
         "topk",
-        "SAE architecture (topk, batchtopk, relu, jumprelu); a comma list (as for --k, --d-sae, --expansion, --lr) "
-        "trains a grid",
+        "SAE architecture (topk, batchtopk, relu, jumprelu, matryoshka: Matryoshka BatchTopK); a comma list "
+        "(as for --k, --d-sae, --expansion, --lr) trains a grid",
         parse=listed(architecture),
     )
     k: int | tuple[int, ...] = option(
         32,
-        "active latents per token (topk; mean per token for batchtopk); a comma list trains a grid",
+        "active latents per token (topk; mean per token for batchtopk, matryoshka); a comma list trains a grid",
         parse=listed(int),
     )
     d_sae: int | tuple[int, ...] | None = option(
@@ -95,6 +110,12 @@ class TrainJobConfig:
     )
     expansion: int | tuple[int, ...] = option(
         8, "latents per residual dimension when --d-sae is not given; a comma list trains a grid", parse=listed(int)
+    )
+    matryoshka_widths: str | None = option(
+        None,
+        "nested prefix sizes of a matryoshka SAE: a strictly increasing comma list ending at d_sae "
+        "(default: auto = d_sae/16,d_sae/8,d_sae/4,d_sae/2,d_sae); shared by a grid's matryoshka members",
+        parse=auto_or(str),
     )
     tokens: int | None = option(
         None, "training tokens (default: 10 passes over the cache's training part)", parse=one_value(auto_or(int))
@@ -111,7 +132,7 @@ class TrainJobConfig:
     decay_fraction: float = option(0.2, "linear decay to zero over this final fraction of steps")
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "autocast dtype of the SAE forward; auto measures")
     seed: int = option(0, "seed of the initialization and the data order", parse=one_value(int))
-    auxk_coef: float = option(1 / 32, "weight of the AuxK loss that revives dead latents (topk, batchtopk)")
+    auxk_coef: float = option(1 / 32, "weight of the AuxK loss that revives dead latents (topk, batchtopk, matryoshka)")
     l1_coef: float = option(5.0, "L1 penalty on f_i * ||W_dec[i]|| (relu)")
     l0_coef: float = option(0.05, "L0 penalty (jumprelu)")
     dead_window: int | None = option(
@@ -138,6 +159,9 @@ class TrainJobConfig:
 
     def __post_init__(self):
         require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
+        if self.matryoshka_widths is not None:
+            require("matryoshka" in as_tuple(self.arch), "--matryoshka-widths is only for --arch matryoshka")
+            check_matryoshka_widths(self.matryoshka_widths, self.d_sae if isinstance(self.d_sae, int) else None)
         if any(isinstance(getattr(self, name), tuple) for name in ("arch", "k", "d_sae", "expansion", "lr")):
             self._check_lists()
             return
@@ -145,7 +169,7 @@ class TrainJobConfig:
         require(self.k >= 1, f"--k must be at least 1, got {self.k}")
         require(self.d_sae is None or self.d_sae > 1, f"--d-sae must be at least 2, got {self.d_sae}")
         require(
-            self.d_sae is None or self.arch not in ("topk", "batchtopk") or self.k < self.d_sae,
+            self.d_sae is None or self.arch not in SPARSE_ARCHITECTURES or self.k < self.d_sae,
             f"--k ({self.k}) must be smaller than --d-sae ({self.d_sae})",
         )
         require(self.expansion >= 1, f"--expansion must be at least 1, got {self.expansion}")
@@ -186,8 +210,11 @@ class TrainSummary:
 def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream | None = None) -> TrainJobConfig:
     """Fill every "auto" from the cache's shape and size; validate the result."""
     d_sae = cfg.d_sae or cfg.expansion * manifest.d_model
-    if cfg.arch in ("topk", "batchtopk") and cfg.k >= d_sae:
+    if cfg.arch in SPARSE_ARCHITECTURES and cfg.k >= d_sae:
         raise ConfigError(f"--k ({cfg.k}) must be smaller than d_sae ({d_sae})")
+    if cfg.arch == "matryoshka":
+        widths = check_matryoshka_widths(cfg.matryoshka_widths, d_sae) or default_widths(d_sae)
+        cfg = dataclasses.replace(cfg, matryoshka_widths=",".join(map(str, widths)))
     heldout = (
         cfg.heldout_contexts if cfg.heldout_contexts is not None else default_heldout_contexts(manifest.n_contexts)
     )
@@ -205,6 +232,30 @@ def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream
         dead_window=cfg.dead_window or min(DEAD_WINDOW_CAP, steps * cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every or max(10, steps // 10),
     )
+
+
+def check_matryoshka_widths(text: str | None, d_sae: int | None) -> tuple[int, ...]:
+    """The widths of ``--matryoshka-widths`` (() when auto); a ConfigError naming the option when they are bad.
+
+    ``d_sae`` None (not known yet): the last width is checked once it is, in ``resolve``.
+    """
+    if text is None:
+        return ()
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--matryoshka-widths {text!r} is not a comma list of integers") from None
+    try:
+        check_widths(widths, d_sae if d_sae is not None else widths[-1])
+    except ValueError as error:
+        raise ConfigError(f"--matryoshka-widths {text}: {error}") from None
+    return widths
+
+
+def sae_shape(cfg: TrainJobConfig, d_in: int) -> SaeConfig:
+    """The SaeConfig of a resolved member (matryoshka widths as resolved)."""
+    widths = check_matryoshka_widths(cfg.matryoshka_widths, cfg.d_sae)
+    return SaeConfig(d_in, cfg.d_sae, cfg.arch, cfg.k, matryoshka_widths=widths)
 
 
 def _stream(cfg: TrainJobConfig, manifest: CacheManifest) -> TrainingStream:
@@ -345,7 +396,7 @@ def _prepare(cfg, run_dir: Path, manifest, stream, group: Group, say, dtypes: di
     cfg = dataclasses.replace(cfg, dtype=compute.name)
     tcfg = trainer_config(cfg, compute.dtype)
     announce(cfg, stream, compute, group, say, *place)
-    shape = SaeConfig(manifest.d_model, cfg.d_sae, cfg.arch, cfg.k)
+    shape = sae_shape(cfg, manifest.d_model)
     member = start_member(cfg, folder, checkpoint, shape, stream, device, tcfg, group, sample)
     if member.resumed_from:
         say(f"resuming {cfg.name!r} from its checkpoint at step {member.resumed_from} of {tcfg.total_steps}")
@@ -365,7 +416,7 @@ def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, state, scale: float
         dead_window_tokens=cfg.dead_window,
         training_tokens_per_second=speed,
     )
-    record = _record(cfg, manifest, scale, state, metrics, cfg.arch)
+    record = _record(cfg, manifest, scale, state, metrics, saelens_name(cfg.arch))
     write_sae(folder, exported, saelens_meta(manifest), record, metrics)
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
     return metrics

@@ -6,7 +6,7 @@ checkpoints, log and artifact. Members of a grid share the data path only: the
 stream is read, decoded, shuffled and normalized once per batch and each member
 takes its own ``train_step`` on it, so a member ends exactly where the same SAE
 trained alone ends. ``k`` is ignored by relu and jumprelu, so those members are
-made once per size and lr.
+made once per size and lr; ``--matryoshka-widths`` applies to the matryoshka members only.
 
 Naming (``member_name``): ``{name}-{arch}-x{expansion}-k{k}`` (``d{d_sae}`` when
 --d-sae is given, no ``-k`` for relu/jumprelu, ``-lr{lr}`` when --lr is a list);
@@ -74,7 +74,12 @@ def one_value(kind):
     return parse
 
 
+ARCHITECTURE_ALIASES = {"matryoshka_batchtopk": "matryoshka"}
+"""SAELens' names accepted by --arch for the saescope architecture that trains them."""
+
+
 def architecture(text: str) -> str:
+    text = ARCHITECTURE_ALIASES.get(text, text)
     if text not in ARCHITECTURES:
         raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(ARCHITECTURES)})")
     return text
@@ -101,7 +106,10 @@ def grid_members(cfg: TrainJobConfig) -> list[TrainJobConfig]:
     members: dict[str, TrainJobConfig] = {}
     for arch, (d_sae, expansion), lr in itertools.product(as_tuple(cfg.arch), sizes, lrs):
         for k in ks if arch in SPARSE_ARCHITECTURES else ks[:1]:
-            member = dataclasses.replace(cfg, arch=arch, k=k, d_sae=d_sae, expansion=expansion, lr=lr)
+            widths = cfg.matryoshka_widths if arch == "matryoshka" else None
+            member = dataclasses.replace(
+                cfg, arch=arch, k=k, d_sae=d_sae, expansion=expansion, lr=lr, matryoshka_widths=widths
+            )
             members.setdefault(member_name(cfg.name, member, len(lrs) > 1), member)
     if len(members) == 1:
         return list(members.values())

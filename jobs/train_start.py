@@ -43,10 +43,9 @@ def init_sample(stream: TrainingStream) -> tuple[torch.Tensor, float]:
     return sample_ND, normalization_factor(sample_ND)
 
 
-def fresh_start(cfg, sample: tuple[torch.Tensor, float], d_in: int, device, group: Group) -> tuple[Sae, float]:
-    """A data-initialized SAE for ``cfg`` from ``init_sample``'s output, and its normalization factor."""
+def fresh_start(cfg, sample: tuple[torch.Tensor, float], shape: SaeConfig, device, group: Group) -> tuple[Sae, float]:
+    """A data-initialized SAE of ``shape`` (seeded by ``cfg``) from ``init_sample``'s output, and its scale."""
     sample_ND, scale = sample
-    shape = SaeConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.arch, k=cfg.k)
     sae = init_sae(shape, sample_ND * scale, cfg.seed).to(device)
     group.broadcast_(*sae.state_dict().values())  # the same start on every rank, whatever each computed
     return sae, scale
@@ -104,7 +103,7 @@ def start_member(
     if resumed is None:
         if not sample:
             sample.append(init_sample(stream))
-        sae, scale = fresh_start(cfg, sample[0], shape.d_in, device, group)
+        sae, scale = fresh_start(cfg, sample[0], shape, device, group)
         optimizer, state = make_optimizer(sae, tcfg), TrainState.fresh(cfg.d_sae, device)
         if group.is_main:
             log_path(folder).unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 Weights are named ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
 ``b_dec`` [d_in] and, for JumpReLU, ``threshold`` [d_sae]. ``cfg.json`` carries the
-SAELens fields at the top level (architecture, d_in, d_sae, k, dtype, ...), the
+SAELens fields at the top level (architecture, d_in, d_sae, k, dtype, ...; a
+Matryoshka SAE, saved as jumprelu, adds ``matryoshka_widths``), the
 SAELens ``meta`` block, and saescope's own record under the key ``saescope``
 (SAELens ignores unknown top-level keys). An SAE counts as finished once both
 files exist; ``cfg.json`` is written last, each file atomically.
@@ -184,5 +185,5 @@ class SaeRecord:
 
     @property
     def trained_architecture(self) -> str:
-        """What was trained (batchtopk is saved as jumprelu), else the saved architecture."""
+        """What was trained (batchtopk and matryoshka_batchtopk are saved as jumprelu), else the saved architecture."""
         return str(self.saescope.get("trained_architecture") or self.cfg.get("architecture", "?"))

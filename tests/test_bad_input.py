@@ -77,6 +77,21 @@ def test_bad_config_file_values_name_the_file_and_key(capsys, tmp_path, indexed_
         (["train", "--heldout-contexts", "0", "--force"], "--heldout-contexts must be at least 1"),
         (["train", "--name", "x", "--auxk-coef", "nan"], "--auxk-coef must be a finite number"),
         (["index", "--memory-limit", "1 potato"], "--memory-limit '1 potato' is not a size"),
+        (
+            ["train", "--arch", "matryoshka", "--d-sae", "64", "--matryoshka-widths", "16,8,64"],
+            "--matryoshka-widths 16,8,64: widths must be strictly increasing",
+        ),
+        (
+            ["train", "--arch", "matryoshka", "--d-sae", "64", "--matryoshka-widths", "8,16,32"],
+            "--matryoshka-widths 8,16,32: the last width must be d_sae = 64",
+        ),
+        (["train", "--arch", "matryoshka", "--matryoshka-widths", "0,64"], "widths must be positive integers"),
+        (["train", "--arch", "matryoshka", "--matryoshka-widths", "8;64"], "is not a comma list of integers"),
+        (["train", "--arch", "topk,relu", "--matryoshka-widths", "8,64"], "only for --arch matryoshka"),
+        (
+            ["train", "--arch", "matryoshka", "--name", "m", "--matryoshka-widths", "8,16"],
+            "--matryoshka-widths 8,16: the last width must be d_sae = 256",
+        ),
         (["cache", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )

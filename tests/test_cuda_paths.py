@@ -87,7 +87,7 @@ def test_topk_sae_forward_and_gradients_on_cuda_equal_the_cpu():
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_one_training_step_on_cuda_equals_the_cpu(arch):
     x = planted_data(1024, seed=2)[0]
     sae = Sae(SaeConfig(d_in=16, d_sae=64, architecture=arch, k=4)).initialize(torch.Generator().manual_seed(1))

@@ -105,7 +105,7 @@ def test_decoder_norm_handling():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(2))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_folding_the_scale_gives_the_same_reconstruction_on_raw_inputs(arch):
     torch.manual_seed(1)
     cfg = SaeConfig(d_in=6, d_sae=20, architecture=arch, k=3, jumprelu_init_threshold=0.3)
@@ -113,7 +113,7 @@ def test_folding_the_scale_gives_the_same_reconstruction_on_raw_inputs(arch):
     with torch.no_grad():
         sae.b_enc.normal_(std=0.1)
         sae.b_dec.normal_()
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.batch_threshold.fill_(0.4)
     sae.eval()
     scale = 2.5
@@ -121,7 +121,7 @@ def test_folding_the_scale_gives_the_same_reconstruction_on_raw_inputs(arch):
     exported = export_sae(sae, scale)
     torch.testing.assert_close(exported.reconstruct(raw), sae.reconstruct(raw * scale) / scale, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(exported.encode(raw), sae.encode(raw * scale) / scale, rtol=1e-5, atol=1e-5)
-    assert exported.cfg.architecture == ("jumprelu" if arch == "batchtopk" else arch)
+    assert exported.cfg.architecture == ("jumprelu" if arch in ("batchtopk", "matryoshka") else arch)
 
 
 def test_tensor_round_trip_and_shape_checks():

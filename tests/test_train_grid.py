@@ -164,3 +164,16 @@ def test_overview_of_a_run_with_one_sae_has_no_frontier(indexed_run, monkeypatch
     app.run()
     assert not app.exception
     assert "L0-FVU frontier" not in "".join(c.value for c in app.caption)
+
+
+def test_a_matryoshka_member_equals_it_alone_with_the_default_widths(run_copy):
+    members = grid_members(_cfg("r", arch=("topk", "matryoshka"), matryoshka_widths="8,64"))
+    assert [(m.name, m.matryoshka_widths) for m in members] == [("topk-d64-k4", None), ("matryoshka-d64-k4", "8,64")]
+    summaries = run_grid(_cfg(run_copy, arch=("batchtopk", "matryoshka")))
+    assert [s.folder.name for s in summaries] == ["batchtopk-d64-k4", "matryoshka-d64-k4"]
+    run_train(_cfg(run_copy, name="alone", arch="matryoshka"))
+    _assert_same_weights(run_copy, "matryoshka-d64-k4", run_copy, "alone")
+    assert _log(run_copy, "matryoshka-d64-k4") == _log(run_copy, "alone")
+    saved = json.loads((run_copy / "saes" / "alone" / "cfg.json").read_text())
+    assert saved["matryoshka_widths"] == [4, 8, 16, 32, 64]
+    assert "matryoshka_widths" not in json.loads((run_copy / "saes" / "batchtopk-d64-k4" / "cfg.json").read_text())

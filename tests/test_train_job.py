@@ -202,3 +202,25 @@ def test_auto_dtype_is_chosen_once_and_reused_on_resume(run_copy, monkeypatch):
     monkeypatch.setattr(pipeline.runtime.precision, "measure_speeds", lambda _d: {"float32": 40.0, "bfloat16": 10.0})
     summary = run_train(_cfg(run_copy, dtype="auto", lm_eval_contexts=0))
     assert summary.resumed_from > 0 and summary.config.dtype == "bfloat16"
+
+
+def test_matryoshka_trains_from_the_cli_saves_its_widths_and_reports_each_prefix(run_copy, capsys):
+    args = ["train", "--run", str(run_copy), "--arch", "matryoshka", "--matryoshka-widths", "8,16,64"]
+    args += ["--d-sae", "64", "--k", "4", "--tokens", str(256 * 24), "--batch-size", "256"]
+    assert main([*args, "--device", "cpu", "--dtype", "float32", "--lm-eval-contexts", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "matryoshka prefixes (width: held-out FVU, L0 within it): 8: FVU " in out
+    folder = run_copy / "saes" / "default"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["matryoshka_widths"]) == ("jumprelu", [8, 16, 64])
+    assert cfg["saescope"]["trained_architecture"] == "matryoshka_batchtopk"
+    assert cfg["saescope"]["training"]["matryoshka_widths"] == "8,16,64"
+    weights = load_file(folder / "sae_weights.safetensors")
+    assert weights["threshold"].shape == (64,) and (weights["threshold"] == weights["threshold"][0]).all()
+    sae, _ = read_sae(folder)
+    assert sae.cfg.prefix_widths == (8, 16, 64)
+    prefixes = cfg["saescope"]["metrics"]["matryoshka_prefixes"]
+    assert [p["width"] for p in prefixes] == [8, 16, 64]
+    assert prefixes[-1]["fvu"] == pytest.approx(cfg["saescope"]["metrics"]["fvu"], rel=1e-6)
+    assert prefixes[-1]["l0"] == pytest.approx(cfg["saescope"]["metrics"]["l0"])
+    assert prefixes[0]["fvu"] > prefixes[-1]["fvu"] and prefixes[0]["l0"] < prefixes[-1]["l0"]

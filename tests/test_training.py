@@ -100,7 +100,7 @@ def test_dense_and_sparse_auxk_paths_agree(monkeypatch):
     assert grads[0][0] > 0
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
 def test_resume_equals_uninterrupted(arch):
     x, _ = planted_data(4096, seed=1)
     batches = [x[i * 256 : (i + 1) * 256] for i in range(16)]

@@ -10,6 +10,8 @@ Shape legend: N tokens, D d_in, F latents.
                          r = round(L0): 1 - (top r eigenvalues) / (all eigenvalues) of the
                          covariance of x
     dead fraction      = fraction of latents with no activation over the stated tokens
+    prefix m (matryoshka SAEs): FVU_m with x_hat_m = b_dec + the codes of latents < widths[m]
+                         (same denominator), L0_m = mean active latents < widths[m]
 
 ``reconstruction_report`` also gives FVU and PCA baseline without outlier tokens
 (norm above 10x the batch median): a residual stream's few massive activations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.sae.matryoshka import prefix_decode, prefix_l0
 from pipeline.sae.model import Sae
 
 
@@ -108,10 +111,38 @@ class ReconstructionStats:
         )
 
 
+class PrefixStats:
+    """Squared error and active latents of each matryoshka prefix, from sparse codes."""
+
+    def __init__(self, widths: tuple[int, ...]):
+        self.widths = widths
+        self.squared_error_M = torch.zeros(len(widths), dtype=torch.float64)
+        self.active_M = torch.zeros(len(widths), dtype=torch.float64)
+
+    def update(self, sae: Sae, x_ND: torch.Tensor, acts_NK: torch.Tensor, idx_NK: torch.Tensor) -> None:
+        x_hat_NMD = prefix_decode(acts_NK, idx_NK, sae.W_dec, self.widths) + sae.b_dec
+        error_NMD = (x_ND[:, None].double() - x_hat_NMD.double()).pow(2)
+        self.squared_error_M += error_NMD.sum((0, 2)).cpu()
+        self.active_M += prefix_l0(acts_NK, idx_NK, self.widths).sum(0).double().cpu()
+
+    def result(self, total_variance: float, n_tokens: int) -> list[dict]:
+        """Per prefix: {"width", "fvu", "l0"}; FVU uses the whole set's variance, as the SAE's own FVU does."""
+        scale = 1 / total_variance if total_variance > 0 else float("nan")
+        return [
+            {"width": width, "fvu": float(error) * scale, "l0": float(active) / n_tokens}
+            for width, error, active in zip(self.widths, self.squared_error_M, self.active_M, strict=True)
+        ]
+
+
 @torch.no_grad()
 def reconstruction_report(sae: Sae, batches_ND: Iterable[torch.Tensor], outlier_ratio: float = 10.0) -> dict:
-    """Metrics of ``sae`` on the given batches, overall and without outlier-norm tokens."""
+    """Metrics of ``sae`` on the given batches, overall and without outlier-norm tokens.
+
+    A matryoshka SAE (its export keeps ``prefix_widths``) adds ``matryoshka_prefixes``:
+    per prefix width its FVU and L0 (``PrefixStats``), over all tokens.
+    """
     overall = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
+    prefixes = PrefixStats(sae.cfg.prefix_widths) if sae.cfg.prefix_widths else None
     typical = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
     n_outliers = 0
     for x_ND in batches_ND:
@@ -122,6 +153,8 @@ def reconstruction_report(sae: Sae, batches_ND: Iterable[torch.Tensor], outlier_
         fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x_ND.device)
         fired_F[idx_NK[acts_NK > 0]] = True
         overall.update(x_ND, x_hat_ND, active_N, fired_F)
+        if prefixes is not None:
+            prefixes.update(sae, x_ND, acts_NK, idx_NK)
         norms_N = x_ND.norm(dim=1)
         ordinary_N = norms_N <= outlier_ratio * norms_N.median()
         n_outliers += int((~ordinary_N).sum())
@@ -135,4 +168,6 @@ def reconstruction_report(sae: Sae, batches_ND: Iterable[torch.Tensor], outlier_
         fvu_without_outliers=typical_result.fvu,
         pca_fvu_without_outliers=typical_result.pca_fvu,
     )
+    if prefixes is not None:
+        report["matryoshka_prefixes"] = prefixes.result(overall.total_variance(), overall.n)
     return report

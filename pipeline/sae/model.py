@@ -1,4 +1,4 @@
-"""The sparse autoencoder: one module, four activation functions, no optimizer or I/O.
+"""The sparse autoencoder: one module, five architectures, no optimizer or I/O.
 
 Shape legend: N tokens, D d_in, F latents (d_sae), K active latents per token.
 
@@ -11,7 +11,11 @@ Shape legend: N tokens, D d_in, F latents (d_sae), K active latents per token.
   * ``batchtopk`` (training only): keep the k*N largest over the whole batch;
     it runs inference as ``jumprelu`` with one learned global threshold;
   * ``relu``: ReLU (trained with an L1 penalty weighted by decoder norms);
-  * ``jumprelu``: ``pre * (pre > threshold)`` with a per-latent threshold.
+  * ``jumprelu``: ``pre * (pre > threshold)`` with a per-latent threshold;
+  * ``matryoshka`` (SAELens: matryoshka_batchtopk): BatchTopK codes over the whole
+    dictionary, trained so that every prefix ``matryoshka_widths[m]`` of the latents
+    reconstructs alone (``pipeline.sae.matryoshka``); runs inference as ``jumprelu``
+    with the global threshold, like batchtopk, and keeps its widths.
 
 TopK-style codes stay sparse end to end (``pipeline.sae.sparse_ops``): the decoder
 never multiplies a dense [N, F] matrix. Weights follow the SAELens layout.
@@ -19,6 +23,7 @@ never multiplies a dense [N, F] matrix. Weights follow the SAELens layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,10 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.sae.matryoshka import check_widths, default_widths, prefix_decode
 from pipeline.sae.sparse_ops import encode_selected, sparse_decode
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-SPARSE_ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
+SPARSE_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+"""Trained on sparse (acts_NK, idx_NK) codes with AuxK."""
+BATCH_ARCHITECTURES = ("batchtopk", "matryoshka")
+"""Select k*N latents over the batch in training, then run with one global threshold."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,9 @@ class SaeConfig:
     """Initial threshold of every JumpReLU latent (training units)."""
     jumprelu_bandwidth: float = 0.001
     """Width of the rectangle kernel of the straight-through estimator."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Nested prefix sizes, strictly increasing, ending at d_sae (matryoshka; kept by its jumprelu export).
+    Empty for matryoshka: ``default_widths(d_sae)``."""
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -59,6 +71,20 @@ class SaeConfig:
             raise ValueError(f"k must be between 1 and d_sae - 1 = {self.d_sae - 1}, got {self.k}")
         if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
             raise ValueError("JumpReLU bandwidth and initial threshold must be positive")
+        if self.matryoshka_widths:
+            if self.architecture not in ("matryoshka", "jumprelu"):
+                raise ValueError(f"matryoshka widths are for matryoshka SAEs, not {self.architecture}")
+            try:
+                check_widths(tuple(self.matryoshka_widths), self.d_sae)
+            except ValueError as error:
+                raise ValueError(f"matryoshka widths: {error}") from None
+
+    @property
+    def prefix_widths(self) -> tuple[int, ...]:
+        """The matryoshka prefixes (defaults filled in); () for an SAE without them."""
+        if self.matryoshka_widths:
+            return tuple(self.matryoshka_widths)
+        return default_widths(self.d_sae) if self.architecture == "matryoshka" else ()
 
     @property
     def uses_unit_norm_decoder(self) -> bool:
@@ -79,6 +105,8 @@ class SaeOutput(NamedTuple):
     """Dense codes (relu, jumprelu); None for the sparse architectures."""
     pre_NF: torch.Tensor
     """Pre-activations; detached for the sparse architectures."""
+    prefix_x_hat_NMD: torch.Tensor | None = None
+    """Reconstruction by each matryoshka prefix (training-mode matryoshka only); the last is ``x_hat_ND``."""
 
     def fired_F(self, n_latents: int) -> torch.Tensor:
         """Boolean [F]: which latents were active on at least one token."""
@@ -169,7 +197,7 @@ class Sae(nn.Module):
         if cfg.architecture == "jumprelu":
             initial = math.log(cfg.jumprelu_init_threshold)
             self.log_threshold = nn.Parameter(torch.full((f,), initial, device=device))
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture in BATCH_ARCHITECTURES:
             self.register_buffer("batch_threshold", torch.zeros((), device=device))
 
     @torch.no_grad()
@@ -193,7 +221,7 @@ class Sae(nn.Module):
         """Per-latent JumpReLU threshold [F] (jumprelu: learned; batchtopk: the global estimate)."""
         if self.cfg.architecture == "jumprelu":
             return self.log_threshold.exp()
-        if self.cfg.architecture == "batchtopk":
+        if self.cfg.architecture in BATCH_ARCHITECTURES:
             return self.batch_threshold.expand(self.cfg.d_sae)
         raise AttributeError(f"a {self.cfg.architecture} SAE has no threshold")
 
@@ -217,7 +245,7 @@ class Sae(nn.Module):
     def _topk_forward(self, x_ND: torch.Tensor) -> SaeOutput:
         with torch.no_grad():
             pre_NF = torch.addmm(self.b_enc, x_ND - self.input_offset, self.W_enc_FD.t())
-            if self.training and self.cfg.architecture == "batchtopk":
+            if self.training and self.cfg.architecture in BATCH_ARCHITECTURES:
                 idx_NK, keep_NK, cutoff = batch_topk_select(pre_NF, self.cfg.k)
                 self._update_batch_threshold(cutoff)
             else:
@@ -226,6 +254,9 @@ class Sae(nn.Module):
         acts_NK = torch.relu(encode_selected(x_ND, self.input_offset, self.W_enc_FD, self.b_enc, idx_NK, pre_NF))
         if keep_NK is not None:
             acts_NK = acts_NK * keep_NK
+        if self.cfg.architecture == "matryoshka":
+            prefix_x_hat = prefix_decode(acts_NK, idx_NK, self.W_dec, self.cfg.prefix_widths) + self.b_dec
+            return SaeOutput(prefix_x_hat[:, -1], acts_NK, idx_NK, None, pre_NF, prefix_x_hat)
         x_hat = self._with_skip(sparse_decode(acts_NK, idx_NK, self.W_dec) + self.b_dec, x_ND)
         return SaeOutput(x_hat, acts_NK, idx_NK, None, pre_NF)
 
@@ -249,14 +280,14 @@ class Sae(nn.Module):
             return torch.relu(pre_NF)
         if arch == "jumprelu":
             return _JumpReLU.apply(pre_NF, self.threshold, self.cfg.jumprelu_bandwidth)
-        if arch == "batchtopk":
+        if arch in BATCH_ARCHITECTURES:
             return pre_NF * (pre_NF > self.threshold)
         vals, idx = pre_NF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_NF).scatter(-1, idx, torch.relu(vals))
 
     def forward(self, x_ND: torch.Tensor) -> SaeOutput:
-        """Encode and decode; training-mode BatchTopK selects over the batch."""
-        if self.cfg.architecture == "topk" or (self.cfg.architecture == "batchtopk" and self.training):
+        """Encode and decode; training-mode BatchTopK (and matryoshka) selects over the batch."""
+        if self.cfg.architecture == "topk" or (self.cfg.architecture in BATCH_ARCHITECTURES and self.training):
             return self._topk_forward(x_ND)
         return self._dense_forward(x_ND)
 
@@ -296,11 +327,13 @@ def export_sae(sae: Sae, input_scale: float) -> Sae:
     Trained on ``s * x``: pre(s x) = s x W - b_dec W + b_enc. The copy keeps W_enc and the
     unit-norm W_dec and divides b_enc, b_dec and thresholds by ``s``, so its codes are
     ``f / s`` (raw activation units) and its reconstruction is ``x_hat / s``. A BatchTopK
-    SAE becomes a JumpReLU SAE with its global threshold on every latent.
+    or Matryoshka SAE becomes a JumpReLU SAE with its global threshold on every latent
+    (a Matryoshka one keeps its prefix widths).
     """
     cfg = sae.cfg
-    arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
-    exported = Sae(SaeConfig(cfg.d_in, cfg.d_sae, arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth))
+    arch = "jumprelu" if cfg.architecture in BATCH_ARCHITECTURES else cfg.architecture
+    shape = SaeConfig(cfg.d_in, cfg.d_sae, arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
+    exported = Sae(dataclasses.replace(shape, matryoshka_widths=cfg.prefix_widths))
     exported = exported.to(sae.W_dec.device)
     with torch.no_grad():
         exported.W_enc_FD.copy_(sae.W_enc_FD)

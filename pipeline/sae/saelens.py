@@ -1,9 +1,13 @@
 """The SAELens layout, pure: tensor names, cfg.json fields and their conventions <-> saescope's ``Sae``.
 
 saescope writes SAELens v6 fields so SAELens can load its SAEs, and reads
-SAELens v5/v6 folders: architectures standard (ReLU), topk, jumprelu and
-batchtopk (as JumpReLU); ``apply_b_dec_to_input=False`` and
+SAELens v5/v6 folders: architectures standard (ReLU), topk, jumprelu, and
+batchtopk and matryoshka_batchtopk (as JumpReLU); ``apply_b_dec_to_input=False`` and
 ``rescale_acts_by_decoder_norm`` are folded into saescope's convention.
+A Matryoshka SAE is saved as SAELens saves one for inference, ``architecture:
+"jumprelu"`` with the global threshold on every latent, plus its prefix sizes in
+SAELens' training field ``matryoshka_widths``; saescope's ``matryoshka`` is SAELens'
+``matryoshka_batchtopk`` (``SAELENS_NAMES``).
 No file I/O here: ``storage.sae_store`` reads and writes the files, and a bad
 artifact is a ``ValueError`` that the caller names the folder in.
 
@@ -24,15 +28,19 @@ SAELENS_ARCHITECTURES = {
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
 }
 """SAELens architecture name -> the saescope architecture that runs it."""
+SAELENS_NAMES = {"matryoshka": "matryoshka_batchtopk"}
+"""saescope architecture -> SAELens' name, recorded as ``trained_architecture`` (others keep their own)."""
+WIDTHS_FIELD = "matryoshka_widths"
 HOOK_LAYER = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 
 
 def sae_tensors(sae: Sae) -> dict[str, torch.Tensor]:
     """Weights under SAELens names: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D] (+ threshold [F])."""
     tensors = {name: getattr(sae, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if sae.cfg.architecture in ("jumprelu", "batchtopk"):
+    if sae.cfg.architecture in ("jumprelu", "batchtopk", "matryoshka"):
         tensors["threshold"] = sae.threshold.detach().float()
     return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
@@ -59,7 +67,7 @@ def sae_from_tensors(cfg: SaeConfig, tensors: dict[str, torch.Tensor]) -> Sae:
             getattr(sae, name).copy_(tensors[name].float())
         if cfg.architecture == "jumprelu":
             sae.log_threshold.copy_(torch.log(tensors["threshold"].float()))
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture in ("batchtopk", "matryoshka"):
             sae.batch_threshold.copy_(tensors["threshold"].float().mean())
     return sae.eval()
 
@@ -108,7 +116,14 @@ def sae_cfg_dict(sae: Sae, meta: dict, record: dict) -> dict:
     if sae.cfg.architecture == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
+    if sae.cfg.matryoshka_widths:
+        cfg[WIDTHS_FIELD] = list(sae.cfg.matryoshka_widths)
     return cfg
+
+
+def saelens_name(architecture: str) -> str:
+    """SAELens' name for a saescope architecture (matryoshka -> matryoshka_batchtopk)."""
+    return SAELENS_NAMES.get(architecture, architecture)
 
 
 def hook_layer_of(cfg: dict) -> int | None:
@@ -127,8 +142,8 @@ def _architecture(cfg: dict, tensors: dict) -> str:
     name = cfg.get("architecture", "standard")
     if name not in SAELENS_ARCHITECTURES:
         raise ValueError(f"SAE architecture {name!r} is not supported (supported: {', '.join(SAELENS_ARCHITECTURES)})")
-    if name == "batchtopk" and "threshold" not in tensors:
-        raise ValueError("a batchtopk SAE needs its learned 'threshold' to run as JumpReLU")
+    if name in ("batchtopk", "matryoshka_batchtopk") and "threshold" not in tensors:
+        raise ValueError(f"a {name} SAE needs its learned 'threshold' to run as JumpReLU")
     return SAELENS_ARCHITECTURES[name]
 
 
@@ -152,4 +167,13 @@ def sae_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Sae:
         k = int(cfg.get("k", 32)) if arch == "topk" else min(32, d_sae - 1)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"cfg.json lacks a valid {error} (d_in, d_sae and k must be integers)") from error
-    return sae_from_tensors(SaeConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k), tensors)
+    shape = SaeConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k, matryoshka_widths=_widths(cfg, arch))
+    return sae_from_tensors(shape, tensors)
+
+
+def _widths(cfg: dict, arch: str) -> tuple[int, ...]:
+    """The saved ``matryoshka_widths`` (a JumpReLU SAE keeps them for per-prefix metrics), else ()."""
+    widths = cfg.get(WIDTHS_FIELD) or []
+    if not isinstance(widths, list) or (widths and arch != "jumprelu"):
+        raise ValueError(f"{WIDTHS_FIELD} = {widths!r} needs a list of ints and a matryoshka (JumpReLU) SAE")
+    return tuple(widths)

@@ -7,7 +7,10 @@ multiplied by the normalization factor. Per architecture the loss is
   * topk / batchtopk: MSE + auxk_coef * AuxK (Gao et al. 2024): the residual is
     reconstructed from the top ``d_in / 2`` pre-activations of dead latents;
   * relu: MSE + l1 * sum_i f_i * ||W_dec[i]|| (coefficient warmed up linearly);
-  * jumprelu: MSE + l0 * sum_i H(pre_i - threshold_i), straight-through gradients.
+  * jumprelu: MSE + l0 * sum_i H(pre_i - threshold_i), straight-through gradients;
+  * matryoshka: sum over prefixes m of MSE(x, x_hat_m) + auxk_coef * AuxK, where x_hat_m
+    decodes only the BatchTopK latents below ``matryoshka_widths[m]`` (the last prefix is
+    the whole SAE, so its term is the plain MSE); a sum, as in Bussmann et al. 2025 and SAELens.
 MSE is the squared error summed over dimensions, averaged over tokens. Decoder
 rows are kept at unit norm (the gradient's parallel component removed before
 each step, rows renormalized after) for all but relu.
@@ -27,7 +30,7 @@ import torch
 
 from pipeline.runtime.distributed import SINGLE, Group
 from pipeline.sae.auxk import auxk_loss
-from pipeline.sae.model import SPARSE_ARCHITECTURES, Sae, SaeOutput, jumprelu_step
+from pipeline.sae.model import BATCH_ARCHITECTURES, SPARSE_ARCHITECTURES, Sae, SaeOutput, jumprelu_step
 from pipeline.sae.schedule import linear_warmup, lr_at
 
 
@@ -130,6 +133,14 @@ def sparsity_penalty(sae: Sae, out: SaeOutput, cfg: TrainConfig, step: int, n_to
     return out.x_hat_ND.new_zeros(())
 
 
+def inner_prefix_mse(out: SaeOutput, x_ND: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Matryoshka: the squared errors of every prefix but the last, summed, / ``n_tokens`` (0 for other SAEs)."""
+    if out.prefix_x_hat_NMD is None:
+        return x_ND.new_zeros(())
+    inner_NMD = out.prefix_x_hat_NMD[:, :-1].float()
+    return (inner_NMD - x_ND[:, None]).pow(2).sum() / n_tokens
+
+
 @torch.no_grad()
 def remove_parallel_decoder_grad(sae: Sae) -> None:
     """Project out the component of each decoder row's gradient along that row (unit-norm rows)."""
@@ -217,7 +228,8 @@ def train_step(
         if sae.cfg.architecture in SPARSE_ARCHITECTURES:
             dead_F = state.tokens_since_fired_F >= cfg.auxk_dead_tokens
             aux = auxk_loss(sae, x_ND, out, dead_F, moments.residual_variance, target_ND)
-        loss = mse + cfg.auxk_coef * aux + sparsity_penalty(sae, out, cfg, state.step, moments.n_tokens)
+        loss = mse + inner_prefix_mse(out, y_ND, moments.n_tokens) + cfg.auxk_coef * aux
+        loss = loss + sparsity_penalty(sae, out, cfg, state.step, moments.n_tokens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     _all_reduce_gradients(sae, group)
@@ -241,7 +253,7 @@ def _after_step(
         packed = torch.cat([fired_F.float(), scalars])
         group.sum_(packed)
         fired_F, scalars = packed[: sae.cfg.d_sae] > 0, packed[sae.cfg.d_sae :]
-        if sae.cfg.architecture == "batchtopk":  # the running threshold: the mean of the ranks' estimates
+        if sae.cfg.architecture in BATCH_ARCHITECTURES:  # the running threshold: the mean of the ranks' estimates
             group.sum_(sae.batch_threshold)
             sae.batch_threshold.div_(group.world)
     state.tokens_since_fired_F += moments.n_tokens
