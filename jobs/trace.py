@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pipeline.tracing.attribution import Graph
-from pipeline.tracing.graph_json import graph_document, to_json
-from pipeline.tracing.pruning import Pruned, prune
-from pipeline.tracing.trace import trace
 
 from jobs.console import human_count
 from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
@@ -29,7 +25,11 @@ from pipeline.features.decoder_geometry import final_norm_weight, logit_effects,
 from pipeline.lm.packing import encode_prompt
 from pipeline.lm.token_text import load_tokenizer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
+from pipeline.tracing.attribution import Graph
+from pipeline.tracing.graph_json import graph_document, to_json
 from pipeline.tracing.paths import strongest_paths
+from pipeline.tracing.pruning import Pruned, prune
+from pipeline.tracing.trace import trace
 from storage.graph_groups import check_graph_name, write_graph_json
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
@@ -106,6 +106,12 @@ def _load(cfg: TraceConfig):
     manifest = read_manifest(activations_dir(run_dir))
     folder = resolve_set(run_dir, cfg.transcoders)
     layers = read_set(folder)["layers"]
+    n_layers = int(manifest.provenance["model"]["n_layers"])
+    if layers != list(range(n_layers)):
+        raise ConfigError(
+            f"transcoder set {folder.name!r} covers layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}): "
+            f"tracing needs every layer; train one with `saescope train --run {run_dir} --transcoder --layers all`"
+        )
     tokenizer = load_tokenizer(manifest.model_spec, converted_models_dir())
     target = target_id(tokenizer, cfg.target)
     ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)

@@ -18,7 +18,6 @@ written after every layer's SAELens-format folder and the held-out evaluation.
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from collections.abc import Iterator
@@ -223,8 +222,8 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) 
     tree = load_checkpoint(newest) if newest else None
     requested = tree["job"]["dtype"] if tree else cfg.dtype
     compute = agreed_dtype(SINGLE, requested, device)
-    loaded = load_run_model(manifest, device)
-    stream_model = copy.deepcopy(loaded.model).to(getattr(torch, manifest.model_dtype))
+    # the model computes in the cache's dtype, for training data and evaluation alike
+    stream_model = load_run_model(manifest, device).model.to(getattr(torch, manifest.model_dtype))
     batches = ContextBatches(
         training_tokens(activations_dir(run_dir), manifest),
         p.train_contexts,
@@ -257,7 +256,7 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) 
     say(f"evaluating {len(exported)} transcoders on held-out contexts")
     first_heldout, _ = heldout_range(manifest, p.heldout_contexts)
     heldout = training_tokens(activations_dir(run_dir), manifest)[first_heldout:]
-    metrics = evaluate_set(loaded.model, exported, heldout, manifest.special_token_ids, cfg.lm_eval_contexts)
+    metrics = evaluate_set(stream_model, exported, heldout, manifest.special_token_ids, cfg.lm_eval_contexts)
     record = _save(cfg, run_dir, manifest, p, exported, members, scales, metrics, seconds)
     shutil.rmtree(p.folder / CHECKPOINTS_DIR, ignore_errors=True)
     return TranscoderSummary(p.folder, p, record, False, first_step, seconds)

@@ -19,7 +19,7 @@ from pipeline.lm.activations import mlp_io
 from pipeline.lm.packing import special_mask
 from pipeline.sae.transcoder import Transcoder
 
-PER_LAYER_LM_CONTEXTS = 16
+PER_LAYER_LM_CONTEXTS = 8
 EVAL_CONTEXTS_PER_FORWARD = 8
 
 
