@@ -289,3 +289,21 @@ def real_indexed(real_run, real_home, model_dtype) -> Path:
     )
     saescope("index", "--run", str(real_run), "--device", "cpu", home=real_home)
     return real_run
+
+
+@pytest.fixture(scope="session")
+def real_traced(real_run, real_home, model_dtype) -> Path:
+    """The real run with small transcoders at all 30 layers and one traced graph, ``capital``."""
+    saescope(
+        "train", "--run", str(real_run), "--transcoder", "--layers", "all", "--name", "tc", "--d-sae", "256",
+        "--k", "8", "--batch-size", "512", "--tokens", "2048", "--lm-eval-contexts", "0", "--device", "cpu",
+        "--dtype", model_dtype, home=real_home,
+    )  # fmt: skip
+    saescope(
+        "trace", "--run", str(real_run), "--prompt", TRACE_PROMPT, "--name", "capital",
+        "--max-feature-nodes", "300", home=real_home,
+    )  # fmt: skip
+    return real_run
+
+
+TRACE_PROMPT = "The `capital` of *France* is"

@@ -206,3 +206,28 @@ def check_generations(page, tokenizer, expected: int) -> None:
         shown = block.inner_text()
         assert_plain_text(shown)
         assert ids and shown == tokenizer.decode(ids), (block.get_attribute("data-role"), shown)
+
+
+@pytest.mark.slow
+def test_real_model_graph_page_draws_the_traced_prompt(browser, real_traced, real_home, tmp_path):
+    """On SmolLM2: /trace draws the saved graph, the prompt reads exactly as traced, a node links its feature."""
+    from conftest import TRACE_PROMPT
+    from pipeline.lm.packing import encode_prompt
+    from pipeline.lm.token_text import load_tokenizer
+    from storage.graph_groups import read_graph_json
+
+    tokenizer = load_tokenizer("default", real_home / "models")
+    doc = read_graph_json(real_traced, "capital")
+    assert doc["metadata"]["prompt_tokens"] == [tokenizer.decode([t]) for t in encode_prompt(tokenizer, TRACE_PROMPT)]
+    with serving(real_traced, real_home) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/trace?graph=capital")
+        page.locator(".vega-embed").first.wait_for(timeout=120_000)
+        shown = page.locator("div.trace-prompt").first.inner_text()
+        assert_plain_text(shown)
+        assert shown.replace("\n", "") == "".join(doc["metadata"]["prompt_tokens"])
+        assert page.locator(".katex").count() == 0
+        details = page.locator("div.trace-node").first
+        details.wait_for(timeout=60_000)
+        assert_plain_text(details.inner_text())
+        page.screenshot(path=str(tmp_path / "trace-real.png"), full_page=True)
