@@ -212,6 +212,7 @@ def check_generations(page, tokenizer, expected: int) -> None:
 def test_real_model_graph_page_draws_the_traced_prompt(browser, real_traced, real_home, tmp_path):
     """On SmolLM2: /trace draws the saved graph, the prompt reads exactly as traced, a node links its feature."""
     from conftest import TRACE_PROMPT
+
     from pipeline.lm.packing import encode_prompt
     from pipeline.lm.token_text import load_tokenizer
     from storage.graph_groups import read_graph_json

@@ -68,3 +68,24 @@ def test_training_fits_a_small_mlp_far_better_than_the_mean():
     train_many([trainee], batches())
     assert trainee.state.step == 300
     assert trainee.last.fvu < 0.15
+
+
+@pytest.mark.parametrize(
+    ("arch", "name"), [("topk", "topk_skip_transcoder"), ("batchtopk", "jumprelu_skip_transcoder")]
+)
+def test_saelens_layout_round_trip(arch, name):
+    from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_from_saelens, transcoder_tensors
+
+    tc = _random_transcoder(arch).eval()
+    if arch == "batchtopk":
+        tc.batch_threshold.fill_(0.2)
+    exported = export_transcoder(tc, 2.0, 0.5)
+    cfg = transcoder_cfg_dict(exported, 3, {"model_name": "m"}, {})
+    assert cfg["architecture"] == name and cfg["meta"]["hook_name_out"] == "blocks.3.hook_mlp_out"
+    tensors = transcoder_tensors(exported)
+    assert tensors["W_enc"].shape == (12, 40) and tensors["W_skip"].shape == (12, 12)
+    loaded = transcoder_from_saelens(tensors, cfg)
+    x = torch.randn(8, 12)
+    torch.testing.assert_close(loaded.reconstruct(x), exported.reconstruct(x))
+    cfg.pop("activation_fn")  # SAELens' own files name the activation by the architecture only
+    torch.testing.assert_close(transcoder_from_saelens(tensors, cfg).reconstruct(x), exported.reconstruct(x))

@@ -43,7 +43,7 @@ def test_a_set_holds_each_layer_with_metrics_and_all_layers_replaced(trained):
     every = record["metrics"]["all_layers"]
     assert every["ce_zero"] != every["ce_clean"] and every["kl_spliced"] >= 0
     tensors, cfg = load_layer_files(set_dir(run, "tc"), 2)
-    assert cfg["architecture"] == "skip_transcoder" and cfg["meta"]["hook_name"] == "blocks.2.ln2.hook_normalized"
+    assert cfg["architecture"] == "topk_skip_transcoder" and cfg["meta"]["hook_name"] == "blocks.2.ln2.hook_normalized"
     assert cfg["meta"]["hook_name_out"] == "blocks.2.hook_mlp_out" and cfg["apply_b_dec_to_input"] is False
     assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}
     assert transcoder_from_saelens(tensors, cfg).cfg.k == 4

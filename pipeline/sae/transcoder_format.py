@@ -3,11 +3,13 @@
 saescope writes each layer's transcoder as an SAELens transcoder folder:
 ``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D], ``W_skip`` [D, D]
 (output = f @ W_dec + b_dec + x @ W_skip^T) and ``threshold`` [F] for JumpReLU;
-cfg.json has ``architecture`` ``skip_transcoder`` (``transcoder`` without a skip),
-``d_in``, ``d_sae``, ``d_out``, ``apply_b_dec_to_input: false``, the activation
-(``activation_fn`` ``topk`` with ``k``, or ``jumprelu``) and in ``meta`` the input
-and output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``,
-``hook_name_out`` = ``blocks.L.hook_mlp_out``).
+cfg.json has ``d_in``, ``d_sae``, ``d_out``, ``apply_b_dec_to_input: false``, the
+activation (``activation_fn``, and ``k`` for topk) and in ``meta`` the input and
+output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``, ``hook_name_out`` =
+``blocks.L.hook_mlp_out``). ``architecture`` is SAELens' name where SAELens has the
+class: ``jumprelu_skip_transcoder`` (a BatchTopK transcoder after export),
+``skip_transcoder`` (ReLU); SAELens has no TopK transcoder, so a TopK one is
+``topk_skip_transcoder``, which SAELens refuses rather than misreads as ReLU.
 No file I/O here; bad input is a ValueError.
 """
 
@@ -33,8 +35,9 @@ def transcoder_tensors(tc: Transcoder) -> dict[str, torch.Tensor]:
 def transcoder_cfg_dict(tc: Transcoder, layer: int, meta: dict, record: dict) -> dict:
     """cfg.json of one layer's exported transcoder (SAELens fields + ``saescope`` record)."""
     arch = tc.cfg.architecture
+    prefix = {"jumprelu": "jumprelu_", "topk": "topk_"}.get(arch, "")
     cfg = {
-        "architecture": "skip_transcoder" if tc.W_skip is not None else "transcoder",
+        "architecture": prefix + ("skip_transcoder" if tc.W_skip is not None else "transcoder"),
         "activation_fn": arch,
         "d_in": tc.cfg.d_in,
         "d_sae": tc.cfg.d_sae,
@@ -79,6 +82,13 @@ def _build(cfg: SaeConfig, W_enc_FD, b_enc, W_dec, b_dec, W_skip, threshold) -> 
     return tc.eval()
 
 
+def _activation_of(architecture: str) -> str:
+    for prefix in ("jumprelu", "topk"):
+        if architecture.startswith(prefix + "_"):
+            return prefix
+    return "relu"
+
+
 def transcoder_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Transcoder:
     """An inference transcoder from an SAELens-layout transcoder folder's tensors and cfg.json."""
     try:
@@ -87,7 +97,7 @@ def transcoder_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Tran
         raise ValueError(f"cfg.json lacks a valid {error} (d_in and d_sae must be integers)") from error
     if d_out != d_in:
         raise ValueError(f"transcoders from d_in={d_in} to d_out={d_out} are not supported (MLP in and out match)")
-    arch = cfg.get("activation_fn", "jumprelu" if "threshold" in tensors else "relu")
+    arch = cfg.get("activation_fn") or _activation_of(str(cfg.get("architecture", "")))
     if arch not in ("topk", "jumprelu", "relu"):
         raise ValueError(f"transcoder activation {arch!r} is not supported (topk, jumprelu, relu)")
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
