@@ -153,7 +153,8 @@ def test_max_feature_nodes_keeps_the_most_influential(model, rep, graph):
     # the first batch is the top 6 by influence through the logit rows alone
     n_src = graph.adjacency.shape[0] - graph.n_logits
     logit_rows = graph.adjacency[n_src:, :n_src]
-    first = influence_from_rows(normalized(logit_rows), torch.arange(graph.n_logits), graph.logit_probs)
+    n = graph.adjacency.shape[0]
+    first = influence_from_rows(normalized(graph.adjacency[n_src:]), torch.arange(n_src, n), graph.logit_probs)
     assert set(first[: graph.n_features].topk(6).indices.tolist()) <= set(kept)
     # edges do not depend on which features were kept
     columns = torch.tensor(kept + list(range(graph.n_features, n_src)))

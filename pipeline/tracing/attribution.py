@@ -228,26 +228,25 @@ def _select_features(
     batch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy: visit the unvisited features of highest influence in the partial graph, a batch at a time."""
-    n_feat, n_cols = sources.features_S3.shape[0], logit_rows.shape[1]
-    pad = lambda rows: torch.cat([rows, rows.new_zeros(rows.shape[0], probs.numel())], 1)  # noqa: E731
-    rows, row_nodes = [pad(logit_rows)], [n_cols + torch.arange(probs.numel())]
-    weights, visited, order = [probs.to(logit_rows.dtype)], torch.zeros(n_feat, dtype=torch.bool), []
-    while len(order) < budget:
-        influence = influence_from_rows(normalized(torch.cat(rows)), torch.cat(row_nodes), torch.cat(weights))
-        score = influence[:n_feat].masked_fill(visited, float("-inf"))
-        take = score.topk(min(batch, budget - len(order))).indices
-        readouts, _ = feature_readouts(rep, sources.features_S3[take])
-        rows.append(pad(_edge_rows(model, rep, sources, readouts)))
-        row_nodes.append(take)
-        weights.append(torch.zeros(take.numel(), dtype=logit_rows.dtype))
-        visited[take] = True
-        order.extend(take.tolist())
-    chosen = torch.tensor(sorted(order), dtype=torch.long)
-    if not order:
-        return chosen, logit_rows[:0]
-    position = {feature: i for i, feature in enumerate(order)}
-    feature_rows = torch.cat(rows[1:])[[position[f] for f in chosen.tolist()], :n_cols]
-    return chosen, feature_rows
+    (n_logits, n_cols), n_feat = logit_rows.shape, sources.features_S3.shape[0]
+    bar_RN = logit_rows.new_zeros(n_logits + budget, n_cols + n_logits)
+    raw_RS = logit_rows.new_zeros(budget, n_cols)
+    bar_RN[:n_logits, :n_cols] = normalized(logit_rows)
+    row_nodes = torch.cat([n_cols + torch.arange(n_logits), torch.zeros(budget, dtype=torch.long)])
+    weights = torch.cat([probs.to(logit_rows.dtype), logit_rows.new_zeros(budget)])
+    visited, done = torch.zeros(n_feat, dtype=torch.bool), 0
+    while done < budget:
+        filled = n_logits + done
+        influence = influence_from_rows(bar_RN[:filled], row_nodes[:filled], weights[:filled])
+        take = influence[:n_feat].masked_fill(visited, float("-inf")).topk(min(batch, budget - done)).indices
+        rows = _edge_rows(model, rep, sources, feature_readouts(rep, sources.features_S3[take])[0])
+        raw_RS[done : done + take.numel()] = rows
+        bar_RN[filled : filled + take.numel(), :n_cols] = normalized(rows)
+        row_nodes[filled : filled + take.numel()] = take
+        visited[take], done = True, done + take.numel()
+    order = row_nodes[n_logits:]
+    chosen, position = order.sort()
+    return chosen, raw_RS[position]
 
 
 def attribute(

@@ -41,14 +41,16 @@ def influence_from_rows(rows_RN: torch.Tensor, row_nodes_R: torch.Tensor, weight
     """Node influence [N] of a graph given only by its non-zero rows (row r is node ``row_nodes_R[r]``'s inputs).
 
     ``weights_R`` weights each row's node as a target; the rows must already be normalized.
+    Paths are followed on the rows' own nodes only (R x R), then read out once onto all N:
+    I = (sum_k w Q^k) Ā with Q = Ā[:, row nodes], the same series as w (Ā + Ā² + ...).
     """
-    current_R, total_N = weights_R, torch.zeros(rows_RN.shape[1], dtype=rows_RN.dtype, device=rows_RN.device)
-    for _ in range(rows_RN.shape[1] + 1):
-        step_N = current_R @ rows_RN
-        if not step_N.any():
-            return total_N
-        total_N = total_N + step_N
-        current_R = step_N[row_nodes_R]
+    Q_RR = rows_RN[:, row_nodes_R]
+    current_R, visits_R = weights_R, weights_R.clone()
+    for _ in range(rows_RN.shape[0] + 1):
+        current_R = current_R @ Q_RR
+        if not current_R.any():
+            return visits_R @ rows_RN
+        visits_R = visits_R + current_R
     raise ValueError("influence does not converge: the graph has a cycle (A must be a DAG)")
 
 
