@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import streamlit as st
+import torch
 
 from dashboards.render import format_density, token_spans
 from dashboards.resources import app_settings, hook_lock, show_error
@@ -121,7 +122,7 @@ class LayerRun:
     """A layer's codes over the held-out contexts, with the tokens they came from."""
 
     codes: LayerCodes
-    tokens_CT: object
+    tokens_CT: torch.Tensor
     seconds: float
 
 
@@ -242,7 +243,8 @@ def render() -> None:
         return
     stats = latent_examples(layer_run.codes, choice.latent, TOP_N, WINDOW)
     cols = st.columns(3)
-    cols[0].metric("density", format_density(stats.density), help=f"{stats.n_active:,} of {stats.n_tokens:,} tokens")
+    density = format_density(stats.density) if stats.n_active else "0"  # not "dead": a sample of held-out text
+    cols[0].metric("density", density, help=f"{stats.n_active:,} of {stats.n_tokens:,} held-out tokens")
     cols[1].metric("max activation", f"{stats.max_act:.4g}")
     cols[2].metric("mean (when active)", f"{stats.mean_act:.4g}")
     st.subheader("Top examples")
