@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 KINDS = {
     "embedding": "embedding",
@@ -150,11 +151,12 @@ def _centre_out(n: int) -> list[int]:
     return slots
 
 
-def feature_url(node: TraceNode) -> str | None:
-    """The feature page of a transcoder feature node (``./feature?id=F&layer=L``), else None."""
+def feature_url(node: TraceNode, transcoders: str | None = None) -> str | None:
+    """The feature page of a transcoder feature node (``./feature?id=F&layer=L[&transcoders=NAME]``), else None."""
     if node.kind != "feature" or node.feature is None:
         return None
-    return f"./feature?id={int(node.feature)}&layer={int(node.layer)}"
+    url = f"./feature?id={int(node.feature)}&layer={int(node.layer)}"
+    return f"{url}&transcoders={quote(str(transcoders), safe='')}" if transcoders else url
 
 
 def node_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list[dict]:
@@ -166,7 +168,7 @@ def node_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list
             "node_id": node.node_id, "x": x, "y": y, "kind": node.kind, "label": node.label,
             "layer": "E" if node.kind == "embedding" else "logits" if node.kind == "logit" else str(node.layer),
             "position": node.position, "activation": node.activation, "influence": node.influence,
-            "feature": node.feature, "url": feature_url(node),
+            "feature": node.feature, "url": feature_url(node, graph.saescope.get("transcoders")),
         })  # fmt: skip
     return rows
 

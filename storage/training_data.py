@@ -74,6 +74,19 @@ def heldout_range(manifest: CacheManifest, heldout_contexts: int) -> tuple[int, 
     return manifest.n_contexts - heldout_contexts, manifest.n_contexts
 
 
+def last_context_tokens(folder: Path, manifest: CacheManifest, n_contexts: int) -> torch.Tensor:
+    """Token ids [n, T] int64 of the cache's last ``n_contexts`` contexts (only their shards' tokens are read)."""
+    first = max(0, manifest.n_contexts - n_contexts)
+    rows = [
+        load_tokens(folder, record)[max(0, first - record.first_context) :]
+        for record in manifest.shards
+        if record.first_context + record.n_ctx > first
+    ]
+    if not rows:
+        return torch.zeros((0, manifest.ctx_len), dtype=torch.long)
+    return torch.cat(rows).long()
+
+
 def _special_mask(tokens_CT: torch.Tensor, special_ids: tuple[int, ...]) -> torch.Tensor:
     return torch.isin(tokens_CT, torch.tensor(special_ids, dtype=tokens_CT.dtype))
 

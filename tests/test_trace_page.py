@@ -140,7 +140,7 @@ def test_choosing_a_feature_node_links_its_feature_page(graph_run):
     app = page(graph="cat").run()
     app.selectbox(key="trace_node").set_value("0_7_1").run()
     markup = "".join(h.proto.body for h in app.get("html"))
-    assert 'href="./feature?id=7&amp;layer=0"' in markup
+    assert 'href="./feature?id=7&amp;layer=0&amp;transcoders=tc"' in markup
     assert html_escaped(TRICKY) in markup
 
 

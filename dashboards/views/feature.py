@@ -1,4 +1,7 @@
-"""One feature: statistics, histogram with bin edges, logit effects, top and interval examples, neighbours."""
+"""One feature: statistics, histogram with bin edges, logit effects, top and interval examples, neighbours.
+
+With ``?layer=L`` the page shows a transcoder latent instead (``dashboards.views.transcoder_feature``).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from dashboards.resources import (
     selected_sae,
     show_error,
 )
+from dashboards.views import transcoder_feature
 
 
 def feature_id(text: str | None, n_features: int) -> int:
@@ -42,6 +46,9 @@ def feature_id(text: str | None, n_features: int) -> int:
 
 
 def render() -> None:
+    if st.query_params.get("layer") is not None:
+        transcoder_feature.render()  # a transcoder latent (?layer=L): no index, computed live
+        return
     try:
         index = feature_index(selected_sae(app_settings()))
         feature = feature_id(st.query_params.get("id"), index.n_features)

@@ -4,7 +4,7 @@ The page reads ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON; which fi
 see ``dashboards.trace_layout``) and draws it as one Altair chart: embeddings at
 the bottom, logits on top, prompt tokens under the columns. Hover a node for its
 label, layer, position, activation and influence; click it (or choose it in the
-box below) for a link to its feature page, ``/feature?id=F&layer=L`` for a
+box below) for a link to its feature page, ``/feature?id=F&layer=L&transcoders=NAME`` for a
 transcoder feature. Nodes grouped into a named supernode are saved beside the
 graph (``NAME.supernodes.json``) and drawn as one box. Labels, tokens and names
 are untrusted text: they reach the page only as chart data, widget options or
@@ -73,16 +73,16 @@ def node_details(graph: TraceGraph, clicked: str | None) -> None:
     by_id = graph.by_id
     index = ids.index(clicked) if clicked in by_id else 0
     chosen = st.selectbox("node", ids, index=index, format_func=lambda i: node_text(by_id[i]), key="trace_node")
-    st.html(details_html(by_id[chosen]))
+    st.html(details_html(by_id[chosen], graph.saescope.get("transcoders")))
 
 
-def details_html(node: TraceNode) -> str:
-    """One node's label, kind, layer, position, activation, influence and feature link, escaped."""
+def details_html(node: TraceNode, transcoders: str | None = None) -> str:
+    """One node's label, kind, layer, position, activation, influence and feature link (to set ``transcoders``)."""
     numbers = " · ".join(
         f"{name} {value:.4g}" for name, value in (("activation", node.activation), ("influence", node.influence))
         if value is not None
     )  # fmt: skip
-    url = feature_url(node)
+    url = feature_url(node, transcoders)
     link = f' · <a href="{html.escape(url)}" target="_self">feature page</a>' if url else ""
     where = f"layer {node.layer}" if node.layer is not None else node.kind
     return (
