@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.models import LoadedModel, load_model
 from pipeline.sae.model import Sae
 from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, sae_tensors
@@ -38,6 +39,11 @@ def read_sae(folder: Path) -> tuple[Sae, dict]:
         return sae_from_saelens(tensors, cfg), cfg
     except ValueError as error:
         raise SaeStoreError(f"{folder}: {error}") from error
+
+
+def cache_hook_point(manifest: CacheManifest) -> HookPoint:
+    """The hook point the cache's activations were read at (resid-post for caches made before kinds)."""
+    return HookPoint(manifest.layer, manifest.hook_kind)
 
 
 def load_run_model(manifest: CacheManifest, device: torch.device | str) -> LoadedModel:
@@ -74,6 +80,11 @@ class Run:
     @property
     def layer(self) -> int:
         return self.manifest.layer
+
+    @property
+    def hook_point(self) -> HookPoint:
+        """Where in the model the cache (and every SAE trained on it) reads."""
+        return cache_hook_point(self.manifest)
 
     def _sae_folder(self) -> Path:
         if self.sae_folder is None:

@@ -62,6 +62,11 @@ class HookPoint:
         raise ValueError(f"unknown hook name {name!r}: expected e.g. {HookPoint(3, 'mlp-out').name}")
 
 
+def as_hook_point(where: int | HookPoint) -> HookPoint:
+    """A hook point as given, or a bare block index read as the residual stream after that block."""
+    return where if isinstance(where, HookPoint) else HookPoint(where, "resid-post")
+
+
 def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
     """``all``, ``5``, ``0-29`` or ``1,3,8-10`` -> sorted layers; ValueError naming the valid range."""
     if text.strip() == "all":
