@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_cache_config, tiny_train_config
 
 from jobs.cache import run_cache
+from jobs.cli import main
 from jobs.heldout import EvalSettings, lm_metrics
 from jobs.run import cache_hook_point, check_fits_cache, load_run_model
 from jobs.train import run_train
@@ -74,13 +75,15 @@ def test_the_same_values_at_another_point_do_not(caches, kind):
     assert result.kl_spliced > 1e-7 and result.ce_spliced != result.ce_clean
 
 
-def test_an_sae_on_mlp_out_records_its_hook_and_evaluates_there(caches, tmp_path):
+def test_an_sae_on_mlp_out_records_its_hook_evaluates_and_steers(caches, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(caches["mlp-out"], run)
     summary = run_train(tiny_train_config(run, tokens=256 * 4, checkpoint_every=None, lm_eval_contexts=4))
     cfg = json.loads((run / "saes" / "default" / "cfg.json").read_text())
     assert cfg["meta"]["hook_name"] == "blocks.1.hook_mlp_out" and cfg["meta"]["hook_layer"] == 1
     assert math.isfinite(summary.metrics["ce_loss_recovered"])
+    args = ["steer", "--run", str(run), "--feature", "3", "--value", "5", "--mode", "add", "--prompt", "The cat"]
+    assert main([*args, "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu", "--json"]) == 0
     resid = read_manifest(caches["resid-post"] / "activations")
     with pytest.raises(SaeStoreError, match="reads blocks.1.hook_mlp_out but the cache holds blocks.1.hook_resid_post"):
         check_fits_cache(cfg, resid, run / "saes" / "default")
