@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from jobs.console import quiet_libraries, tune_allocator
-from jobs.run import load_run_model, read_sae
+from jobs.run import cache_hook_point, load_run_model, read_sae
 from pipeline.steering.edit import FeatureSteer, SteeringSpec, steer
 from pipeline.steering.generation import SamplingConfig, sample
 from storage.sae_store import resolve_sae
@@ -44,7 +44,7 @@ def main() -> None:
     manifest = read_manifest(activations_dir(run))
     loaded = load_run_model(manifest, torch.device("cpu"))
     sae, _ = read_sae(resolve_sae(run, None))
-    layer = manifest.layer
+    point = cache_hook_point(manifest)
     prompt = [loaded.tokenizer.bos_token_id, *loaded.tokenizer(PROMPT, add_special_tokens=False).input_ids]
     cfg = SamplingConfig(max_new_tokens=args.tokens, temperature=0.0)
     spec = SteeringSpec((FeatureSteer(args.feature, "clamp", 10.0),), prompt_len=len(prompt))
@@ -53,7 +53,7 @@ def main() -> None:
         return sample(loaded.model, prompt, cfg, eos_id=None)
 
     def steered():
-        with steer(loaded.model, sae, layer, spec):
+        with steer(loaded.model, sae, point, spec):
             return sample(loaded.model, prompt, cfg, eos_id=None)
 
     plain(), steered()  # warm-up
@@ -66,7 +66,7 @@ def main() -> None:
         steered_s, n_steered = steered_s + seconds, n_steered + len(out)
     plain_rate, steered_rate = n_plain / plain_s, n_steered / steered_s
     print(
-        f"model {manifest.provenance['model']['name']}, SAE d_sae {sae.cfg.d_sae}, layer {layer}, "
+        f"model {manifest.provenance['model']['name']}, SAE d_sae {sae.cfg.d_sae}, hook {point.name}, "
         f"{args.tokens} new tokens x {args.repeats} repeats, greedy, threads {torch.get_num_threads()}"
     )
     print(f"plain generation:   {plain_rate:7.1f} tokens/s")

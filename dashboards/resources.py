@@ -21,6 +21,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.models import load_model
 from pipeline.lm.token_text import REPLACEMENT, load_tokenizer
 from pipeline.lm.token_text import vocab_bytes as token_bytes_of
@@ -129,7 +130,7 @@ def embedder():
 
 
 def live_model(run: str, sae_folder: str):
-    """(loaded model, SAE, layer) on the CPU for the SAE's weights now, shared by every session.
+    """(loaded model, SAE, HookPoint of the cache) on the CPU for the SAE's weights now, shared by every session.
 
     Keyed by the weights' sha256: after `saescope train --force` the next page load gets the new SAE.
     """
@@ -145,7 +146,7 @@ def _live_model(run: str, sae_folder: str, weights_sha256: str):
     sae = sae_from_saelens(*load_sae_files(Path(sae_folder))).eval()
     if weights_fingerprint(Path(sae_folder)) != weights_sha256:
         raise ValueError("the SAE was replaced while it loaded: reload the page")
-    return loaded, sae, manifest.layer
+    return loaded, sae, HookPoint(manifest.layer, manifest.hook_kind)
 
 
 @st.cache_resource(max_entries=4)

@@ -1,10 +1,13 @@
-"""`saescope cache`: run a model over a corpus and store the residual stream after one block.
+"""`saescope cache`: run a model over a corpus and store the activations at one hook point.
+
+The hook point is ``--hook`` (resid-post, attn-out, mlp-in or mlp-out; see
+``pipeline.lm.hook_points``) of block ``--layer``; each forward stops after that block.
 
 Resumable: contexts come in a fixed order, shards are published atomically and
 listed in the manifests only once complete, so re-running the same command
 continues at the first unfinished shard and yields the same cache as an
 uninterrupted run. A different model, layer, ctx-len, corpus or dtype on an
-existing cache is refused rather than mixed in.
+existing cache is refused rather than mixed in (so is a different hook).
 
 Under `torchrun` each rank computes its share of the unfinished shards
 (jobs.cache_shards), writes them under its own prefix (w00, w01, ...) with its own
@@ -28,7 +31,8 @@ from jobs.console import human_bytes, human_count
 from jobs.options import add_config_arguments, config_from_args, config_to_mapping, option, require
 from jobs.torchrun import agreed_dtype, exclusive_on_main
 from pipeline.lm.corpus import CorpusError, CorpusSpec, check_corpus, fingerprint
-from pipeline.lm.hooks import check_layer, hook_name
+from pipeline.lm.hook_points import KINDS, HookPoint
+from pipeline.lm.hooks import check_layer
 from pipeline.lm.models import LoadedModel, load_model
 from pipeline.lm.packing import SpecialTokens
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
@@ -49,7 +53,12 @@ class CacheConfig:
     model: str = option(
         "default", "'default' (SmolLM2-135M-Instruct, offline), a hub id, a model folder or a .gguf file"
     )
-    layer: int | None = option(None, "cache the residual stream after this block (0-based; default: the middle block)")
+    layer: int | None = option(None, "cache a hook point of this block (0-based; default: the middle block)")
+    hook: Literal["resid-post", "attn-out", "mlp-in", "mlp-out"] | None = option(
+        None,
+        "which point of the block: resid-post (its output), attn-out (attention output), mlp-in (MLP input, "
+        "normed), mlp-out (MLP output); default: the existing cache's, else resid-post",
+    )
     dataset: str = option(
         "default", "'default' (Python's own docs, offline), a hub dataset, or .txt/.jsonl/.parquet files"
     )
@@ -77,6 +86,8 @@ class CacheConfig:
         )
         require(self.layer is None or self.layer >= 0, f"layer {self.layer} out of range: layers are numbered from 0")
         require(self.writer.isalnum(), f"--writer must be alphanumeric, got {self.writer!r}")
+        known = ", ".join(KINDS)
+        require(self.hook is None or self.hook in KINDS, f"--hook {self.hook!r} is unknown: use one of {known}")
 
     @property
     def shard_contexts(self) -> int:
@@ -108,6 +119,7 @@ def _recorded_request(manifest: CacheManifest) -> dict:
     return {
         "model": prov["model"]["spec"],
         "layer": prov["hook"]["layer"],
+        "hook": manifest.hook_kind,
         "ctx_len": manifest.ctx_len,
         "corpus": prov["corpus"]["spec"],
         "dtype": manifest.dtype,
@@ -120,6 +132,7 @@ def _requested(cfg: CacheConfig, recorded: dict) -> dict:
     return {
         "model": cfg.model,
         "layer": recorded["layer"] if cfg.layer is None else cfg.layer,
+        "hook": recorded["hook"] if cfg.hook is None else cfg.hook,
         "ctx_len": cfg.ctx_len,
         "corpus": config_to_mapping(cfg.corpus),
         "dtype": cfg.dtype,
@@ -129,7 +142,7 @@ def _requested(cfg: CacheConfig, recorded: dict) -> dict:
 
 
 def check_same_request(manifest: CacheManifest, cfg: CacheConfig) -> None:
-    """Refuse to add to a cache made with a different model, layer, ctx-len, corpus or dtype."""
+    """Refuse to add to a cache made with a different model, layer, hook, ctx-len, corpus or dtype."""
     recorded = _recorded_request(manifest)
     requested = _requested(cfg, recorded)
     differences = [
@@ -154,7 +167,9 @@ def _check_same_content(manifest: CacheManifest, provenance: dict, run: str) -> 
             )
 
 
-def _provenance(cfg: CacheConfig, loaded: LoadedModel, layer: int, choice: DtypeChoice, device: torch.device) -> dict:
+def _provenance(
+    cfg: CacheConfig, loaded: LoadedModel, point: HookPoint, choice: DtypeChoice, device: torch.device
+) -> dict:
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     return {
         "model": loaded.info.as_dict(),
@@ -164,7 +179,7 @@ def _provenance(cfg: CacheConfig, loaded: LoadedModel, layer: int, choice: Dtype
             "bos_token_id": special.bos_id,
             "separator_token_id": special.separator_id,
         },
-        "hook": {"layer": layer, "name": hook_name(layer)},
+        "hook": {"layer": point.layer, "name": point.name, "kind": point.kind},
         "corpus": {
             "spec": config_to_mapping(cfg.corpus),
             "description": cfg.corpus.describe(),
@@ -231,21 +246,22 @@ def _load(cfg: CacheConfig, existing: CacheManifest | None, group: Group):
     loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
     default_layer = loaded.info.default_layer if existing is None else existing.layer
     layer = check_layer(default_layer if cfg.layer is None else cfg.layer, loaded.info.n_layers)
+    point = HookPoint(layer, cfg.hook or (existing.hook_kind if existing else "resid-post"))
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.ctx_len > max_positions:
         raise CacheError(f"--ctx-len {cfg.ctx_len} is beyond the model's {max_positions} positions")
-    provenance = _provenance(cfg, loaded, layer, choice, device)
+    provenance = _provenance(cfg, loaded, point, choice, device)
     if existing is not None:
         _check_same_content(existing, provenance, cfg.run)
         provenance["model_dtype"] = existing.provenance["model_dtype"]
-    return loaded, layer, existing or _new_manifest(cfg, loaded, provenance)
+    return loaded, point, existing or _new_manifest(cfg, loaded, provenance)
 
 
-def _prepare_folder(cfg: CacheConfig, run_dir: Path, header: CacheManifest, layer: int, fresh: bool) -> None:
+def _prepare_folder(cfg: CacheConfig, run_dir: Path, header: CacheManifest, point: HookPoint, fresh: bool) -> None:
     """Rank 0, before any rank writes: run.toml, stale temp files and per-writer lists, a manifest to merge into."""
     folder = activations_dir(run_dir)
-    model_dtype = header.model_dtype
-    update_run_config(run_dir, "cache", config_to_mapping(replace(cfg, layer=layer, model_dtype=model_dtype)))
+    resolved = replace(cfg, layer=point.layer, hook=point.kind, model_dtype=header.model_dtype)
+    update_run_config(run_dir, "cache", config_to_mapping(resolved))
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     if fresh:
@@ -258,9 +274,9 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
     existing, done = _existing_cache(cfg, run_dir)  # again under the lock: another job may have moved it on
     if done is not None:
         return done
-    loaded, layer, header = _load(cfg, existing, group)
+    loaded, point, header = _load(cfg, existing, group)
     if group.is_main:
-        _prepare_folder(cfg, run_dir, header, layer, fresh=existing is None)
+        _prepare_folder(cfg, run_dir, header, point, fresh=existing is None)
     group.barrier()
     _, records, end = read_cache_state(folder)
     before = sum(record.n_ctx for record in records.values())
@@ -268,7 +284,7 @@ def _run_cache_locked(cfg: CacheConfig, run_dir: Path, group: Group, background_
     writer = group.writer if group.distributed else cfg.writer
     sink = ShardSink(folder, header, writer, group, cfg.dtype, background_writes, records)
     start = time.perf_counter()
-    compute_shards(loaded.model, loaded.tokenizer, cfg.corpus, tasks, layer, cfg.batch_size, cfg.ctx_len, sink)
+    compute_shards(loaded.model, loaded.tokenizer, cfg.corpus, tasks, point, cfg.batch_size, cfg.ctx_len, sink)
     group.barrier()  # every rank's shards are published
     seconds = time.perf_counter() - start
     manifest, end = _finish(cfg, folder, group)
@@ -339,7 +355,7 @@ def format_summary(summary: CacheSummary) -> str:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("cache", help="cache a model's residual-stream activations as shards")
+    parser = subparsers.add_parser("cache", help="cache a model's activations at one hook point as shards")
     add_config_arguments(parser, CacheConfig)
     parser.set_defaults(handler=command)
 

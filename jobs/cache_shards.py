@@ -23,6 +23,7 @@ import torch
 from jobs.console import progress
 from pipeline.lm.activations import compute_activations
 from pipeline.lm.corpus import iter_documents
+from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.packing import pack_contexts
 from pipeline.runtime.distributed import Group
 from storage.shards import STORAGE_DTYPES, CacheError, CacheManifest, ShardRecord, write_manifest, write_shard
@@ -146,12 +147,12 @@ def compute_shards(
     tokenizer,
     corpus,
     tasks: list[ShardTask],
-    layer: int,
+    point: HookPoint,
     batch_size: int,
     ctx_len: int,
     sink: ShardSink,
 ) -> None:
-    """Compute and publish ``tasks`` in order; at the corpus's end, record it and stop."""
+    """Compute and publish ``tasks`` (activations at ``point``) in order; at the corpus's end, record it and stop."""
     stream = ContextStream(pack_contexts(iter_documents(corpus), tokenizer, ctx_len))
     out_dtype = STORAGE_DTYPES[sink.dtype]
     total = sum(task.n_ctx for task in tasks) * ctx_len
@@ -162,7 +163,7 @@ def compute_shards(
                 batch, ended = stream.take(task.first_context, task.n_ctx)
                 if batch:
                     tokens_CT = torch.tensor(batch, dtype=torch.int32)
-                    acts_CTD = compute_activations(model, tokens_CT, layer, batch_size, out_dtype, bar.update)
+                    acts_CTD = compute_activations(model, tokens_CT, point, batch_size, out_dtype, bar.update)
                     sink.put(task, acts_CTD, tokens_CT)
                 if ended:
                     sink.note_corpus_end(stream.consumed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.run import load_run_model
+from jobs.run import cache_hook_point, load_run_model
 from pipeline.evaluation.lm_loss import splice_metrics
 from pipeline.evaluation.reconstruction import reconstruction_report
 from pipeline.lm.models import LoadedModel
@@ -38,15 +38,15 @@ def heldout_batches(run_dir: Path, manifest: CacheManifest, settings: EvalSettin
 
 
 def lm_metrics(sae: Sae, run_dir: Path, manifest: CacheManifest, settings: EvalSettings, loaded: LoadedModel) -> dict:
-    """CE-loss recovered, delta LM loss and KL on the first ``lm_contexts`` held-out contexts."""
+    """CE-loss recovered, delta LM loss and KL on the first ``lm_contexts`` held-out contexts, at the cache's hook."""
     first, _ = heldout_range(manifest, settings.heldout_contexts)
     tokens = [t for _, t in iter_heldout(activations_dir(run_dir), manifest, settings.heldout_contexts)]
     tokens_CT = torch.cat(tokens)[: settings.lm_contexts]
     ordinary_CT = ~special_mask(tokens_CT, manifest.special_token_ids)
-    layer = manifest.layer
+    point = cache_hook_point(manifest)
     device = next(loaded.model.parameters()).device
     sae = sae.to(device)
-    result = splice_metrics(loaded.model, layer, lambda h: sae.reconstruct(h.float()), tokens_CT, ordinary_CT)
+    result = splice_metrics(loaded.model, point, lambda h: sae.reconstruct(h.float()), tokens_CT, ordinary_CT)
     out = result.as_dict()
     out["n_tokens_lm"] = out.pop("n_tokens")
     return {**out, "lm_eval_first_context": first, "lm_eval_contexts": int(tokens_CT.shape[0])}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
-from jobs.run import check_fits_cache, read_sae, saelens_meta, write_sae
+from jobs.run import cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
 from pipeline.sae.sparsify import coder_from_sparsify, hook_point_of
 from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_tensors
 from storage.constants import TRANSCODER_SET
@@ -91,6 +91,8 @@ def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: boo
     ((point, sae),) = coders.items()
     if point.layer != manifest.layer:
         raise SaeStoreError(f"{source} was trained on layer {point.layer} but the cache holds layer {manifest.layer}")
+    if point != cache_hook_point(manifest):
+        raise SaeStoreError(f"{source} reads {point.name} but the cache holds {cache_hook_point(manifest).name}")
     target = sae_dir(run_dir, name)
     if is_finished(target) and not force:
         raise SaeStoreError(f"{run_dir} already has an SAE named {name!r}: pass --name or --force")

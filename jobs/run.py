@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.models import LoadedModel, load_model
 from pipeline.sae.model import Sae
-from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, sae_tensors
+from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, sae_hook_point, sae_tensors
 from storage.explanations import ExplanationReader, open_explanations
 from storage.home import converted_models_dir
 from storage.index_queries import FeatureIndex, open_sae_index
@@ -40,6 +41,11 @@ def read_sae(folder: Path) -> tuple[Sae, dict]:
         raise SaeStoreError(f"{folder}: {error}") from error
 
 
+def cache_hook_point(manifest: CacheManifest) -> HookPoint:
+    """The hook point the cache's activations were read at (resid-post for caches made before kinds)."""
+    return HookPoint(manifest.layer, manifest.hook_kind)
+
+
 def load_run_model(manifest: CacheManifest, device: torch.device | str) -> LoadedModel:
     """The model that produced the cache, checked against the cache's recorded revision."""
     return load_model(
@@ -51,9 +57,12 @@ def check_fits_cache(cfg: dict, manifest: CacheManifest, source: Path) -> None:
     """The SAE must read activations of the cache's width and hook."""
     if int(cfg["d_in"]) != manifest.d_model:
         raise SaeStoreError(f"{source} reads d_in={cfg['d_in']} but the cache holds d_model={manifest.d_model}")
-    layer, cached = hook_layer_of(cfg), manifest.layer
-    if layer is not None and layer != cached:
-        raise SaeStoreError(f"{source} was trained on layer {layer} but the cache holds layer {cached}")
+    layer, cached = hook_layer_of(cfg), cache_hook_point(manifest)
+    if layer is not None and layer != cached.layer:
+        raise SaeStoreError(f"{source} was trained on layer {layer} but the cache holds layer {cached.layer}")
+    point = sae_hook_point(cfg)
+    if point is not None and point != cached:
+        raise SaeStoreError(f"{source} reads {point.name} but the cache holds {cached.name}")
 
 
 class Run:
@@ -74,6 +83,11 @@ class Run:
     @property
     def layer(self) -> int:
         return self.manifest.layer
+
+    @property
+    def hook_point(self) -> HookPoint:
+        """Where in the model the cache (and every SAE trained on it) reads."""
+        return cache_hook_point(self.manifest)
 
     def _sae_folder(self) -> Path:
         if self.sae_folder is None:
@@ -105,12 +119,12 @@ def open_run(run: str | Path, sae: str | None = None, with_sae: bool = True) -> 
 
 
 def saelens_meta(manifest: CacheManifest) -> dict:
-    """SAELens' ``meta`` block of cfg.json for an SAE trained on this cache."""
+    """SAELens' ``meta`` block of cfg.json for an SAE trained on this cache (hook_name: its point's TL name)."""
     prov = manifest.provenance
     return {
         "model_name": prov["model"]["name"],
-        "hook_name": prov["hook"]["name"],
-        "hook_layer": prov["hook"]["layer"],
+        "hook_name": cache_hook_point(manifest).name,
+        "hook_layer": manifest.layer,
         "context_size": manifest.ctx_len,
         "prepend_bos": True,
         "exclude_special_tokens": list(manifest.special_token_ids),

@@ -105,21 +105,21 @@ def command(args: SteerConfig) -> int:
     device = resolve_device(args.device)
     loaded = run.model(device)
     sae = sae.to(device)
-    layer = run.layer
+    point = run.hook_point
     prompt = encode_prompt(loaded.tokenizer, args.prompt, args.chat)
     check_length(len(prompt), args.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     eos = loaded.tokenizer.eos_token_id
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if strengths is None:
         spec = build_spec(request.features, request.strengths, args.mode, args.positions, scales)
-        result = compare(loaded.model, sae, layer, spec, prompt, cfg, eos)
+        result = compare(loaded.model, sae, point, spec, prompt, cfg, eos)
         print(_json(spec, [result], decode) if args.json else _side_by_side(args, spec, result, decode))
         return 0
     specs = [
         build_spec(request.features, [strength] * len(request.features), args.mode, args.positions, scales)
         for strength in strengths
     ]
-    results = sweep(loaded.model, sae, layer, specs, prompt, cfg, eos)
+    results = sweep(loaded.model, sae, point, specs, prompt, cfg, eos)
     rows = list(zip(strengths, specs, results, strict=True))
     print(_json_sweep(rows, decode) if args.json else _sweep_table(args, rows, decode))
     return 0

@@ -88,11 +88,17 @@ class CacheManifest:
 
     @property
     def layer(self) -> int:
-        """The block whose output the activations are (the residual stream after it)."""
+        """The block holding the hook point the activations were read at."""
         return int(self.provenance["hook"]["layer"])
 
     @property
+    def hook_kind(self) -> str:
+        """Which point of that block: resid-post, attn-out, mlp-in or mlp-out (caches made before kinds: resid-post)."""
+        return str(self.provenance["hook"].get("kind", "resid-post"))
+
+    @property
     def hook_name(self) -> str:
+        """TransformerLens name of the hook point, e.g. ``blocks.3.hook_mlp_out``."""
         return str(self.provenance["hook"]["name"])
 
     @property

@@ -93,6 +93,7 @@ def test_bad_config_file_values_name_the_file_and_key(capsys, tmp_path, indexed_
             "--matryoshka-widths 8,16: the last width must be d_sae = 256",
         ),
         (["cache", "--device", "tpu"], "unknown device 'tpu'"),
+        (["cache", "--hook", "mlp-mid"], "argument --hook: invalid choice: 'mlp-mid'"),
     ],
 )
 def test_bad_flags_are_one_line(capsys, indexed_copy, args, message):

@@ -7,8 +7,10 @@ import torch
 
 import jobs.cache_shards as cache_fill
 from jobs.cache import CacheConfig, run_cache
+from jobs.run import cache_hook_point
 from pipeline.lm.corpus import CorpusError
-from storage.shards import CacheError, iter_shards, load_shard, read_manifest
+from pipeline.lm.hook_points import HookPoint, capture
+from storage.shards import CacheError, CacheManifest, iter_shards, load_shard, read_manifest, write_manifest
 
 
 def _cfg(run, model_dir, corpus, **overrides):
@@ -36,13 +38,37 @@ def test_cache_matches_a_direct_forward(tmp_path, tiny_model_dir, text_corpus, t
     summary = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1))
     manifest = summary.manifest
     assert manifest.complete and manifest.n_contexts == 63 and len(manifest.shards) == 16
-    assert manifest.provenance["hook"] == {"layer": 1, "name": "blocks.1.hook_resid_post"}
+    assert manifest.provenance["hook"] == {"layer": 1, "name": "blocks.1.hook_resid_post", "kind": "resid-post"}
     shard = next(iter_shards(tmp_path / "run" / "activations", manifest))
     with torch.no_grad():  # oracle independent of the job's hook: the model's own hidden states
         expected = tiny_model(input_ids=shard.tokens_CT.long(), output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(shard.activations_CTD, expected, rtol=1e-5, atol=1e-5)
     assert (shard.tokens_CT[:, 0] == 1).all()
     assert (tmp_path / "run" / "run.toml").read_text().count("layer = 1") == 1
+
+
+def test_cache_of_mlp_out_is_captures_value_bit_for_bit(tmp_path, tiny_model_dir, text_corpus, tiny_model):
+    manifest = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, hook="mlp-out")).manifest
+    assert manifest.provenance["hook"] == {"layer": 1, "name": "blocks.1.hook_mlp_out", "kind": "mlp-out"}
+    assert cache_hook_point(manifest) == HookPoint(1, "mlp-out")
+    assert 'hook = "mlp-out"' in (tmp_path / "run" / "run.toml").read_text()
+    for shard in iter_shards(tmp_path / "run" / "activations", manifest):
+        expected = capture(tiny_model, shard.tokens_CT.long(), [HookPoint(1, "mlp-out")])[HookPoint(1, "mlp-out")]
+        assert shard.activations_CTD.dtype == torch.float32
+        assert torch.equal(shard.activations_CTD, expected)
+
+
+def test_a_manifest_without_a_kind_reads_as_resid_post(tmp_path, tiny_model_dir, text_corpus):
+    folder = tmp_path / "run" / "activations"
+    run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=128))
+    manifest = read_manifest(folder)
+    old = {**manifest.provenance, "hook": {"layer": 1, "name": "blocks.1.hook_resid_post"}}
+    write_manifest(folder, CacheManifest.from_dict({**manifest.to_dict(), "provenance": old}))
+    assert read_manifest(folder).hook_kind == "resid-post"
+    assert cache_hook_point(read_manifest(folder)) == HookPoint(1, "resid-post")
+    assert run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=128)).already_done
+    grown = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=256, hook="resid-post"))
+    assert grown.new_tokens == 128
 
 
 def test_default_layer_is_the_middle_block(tmp_path, tiny_model_dir, text_corpus):
@@ -85,13 +111,23 @@ def test_asking_for_more_tokens_extends_the_cache(tmp_path, tiny_model_dir, text
     assert grown.manifest.n_tokens == 512 and grown.new_tokens == 256
 
 
-@pytest.mark.parametrize("change", [{"layer": 0}, {"ctx_len": 32, "shard_tokens": 128}, {"dtype": "float16"}])
+@pytest.mark.parametrize(
+    "change", [{"layer": 0}, {"hook": "mlp-in"}, {"ctx_len": 32, "shard_tokens": 128}, {"dtype": "float16"}]
+)
 def test_mismatched_rerun_is_refused(tmp_path, tiny_model_dir, text_corpus, change):
     run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=128))
     before = _shard_hashes(tmp_path / "run")
     with pytest.raises(CacheError, match="already holds a different activation cache"):
         run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, **{"layer": 1, "tokens": 256, **change}))
     assert _shard_hashes(tmp_path / "run") == before
+
+
+def test_resuming_a_hook_cache_without_hook_keeps_its_hook(tmp_path, tiny_model_dir, text_corpus):
+    run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, hook="attn-out", tokens=128))
+    grown = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=256))
+    assert grown.new_tokens == 128 and grown.manifest.hook_kind == "attn-out"
+    with pytest.raises(CacheError, match="hook: cache has 'attn-out', requested 'resid-post'"):
+        run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, hook="resid-post", tokens=512))
 
 
 def test_other_corpus_is_refused(tmp_path, tiny_model_dir, text_corpus):

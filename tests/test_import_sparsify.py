@@ -77,3 +77,17 @@ def test_mismatched_sparsify_folders_are_one_line(run_copy, tmp_path, capsys, fo
     assert main(["import-sae", str(tmp_path / folder), "--run", str(run_copy)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_sparsify_residual_sae_is_refused_by_a_cache_of_another_hook(run_copy, tmp_path, capsys):
+    from storage.shards import read_manifest, write_manifest
+
+    folder = run_copy / "activations"
+    manifest = read_manifest(folder)
+    hook = {"layer": 2, "name": "blocks.2.hook_mlp_out", "kind": "mlp-out"}
+    write_manifest(
+        folder, type(manifest).from_dict({**manifest.to_dict(), "provenance": {**manifest.provenance, "hook": hook}})
+    )
+    write_coder(tmp_path / "layers.2", 0, False, False)
+    assert main(["import-sae", str(tmp_path / "layers.2"), "--run", str(run_copy)]) == 2
+    assert "reads blocks.2.hook_resid_post but the cache holds blocks.2.hook_mlp_out" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def render() -> None:
 def run_probe(settings, folder, text: str) -> bool:
     """Probe ``text`` into the session state; False (after a message) when it cannot be probed."""
     try:
-        loaded, sae, layer = live_model(str(settings.run), str(folder))
+        loaded, sae, point = live_model(str(settings.run), str(folder))
     except ValueError as error:
         show_error(error)
         return False
@@ -71,7 +71,7 @@ def run_probe(settings, folder, text: str) -> bool:
         st.warning(problem)
         return False
     with st.spinner("encoding…"), hook_lock():
-        result = probe(loaded.model, sae, layer, ids, SpecialTokens.from_tokenizer(tokenizer).special_ids)
+        result = probe(loaded.model, sae, point, ids, SpecialTokens.from_tokenizer(tokenizer).special_ids)
     tokens = [tokenizer.decode([t]) for t in ids]
     st.session_state["probe_result"] = (tokens, vocab_bytes(tokenizer, ids), result)
     st.session_state["probe_text"] = text

@@ -129,14 +129,14 @@ def run_and_show(settings, folder, form: dict, strengths, specs, scales) -> None
     try:
         sampling = SamplingConfig(int(form["max_new"]), float(form["temperature"]), float(form["top_p"]),
                                   int(form["seed"]))  # fmt: skip
-        loaded, sae, layer = live_model(str(settings.run), str(folder))
+        loaded, sae, point = live_model(str(settings.run), str(folder))
         ids = encode_prompt(loaded.tokenizer, form["prompt"], form["chat"])
         check_length(len(ids), sampling.max_new_tokens, getattr(loaded.model.config, "max_position_embeddings", None))
     except ValueError as error:
         show_error(error)
         return
     with st.spinner(f"generating ({len(specs) + 1} runs)…"), hook_lock():
-        results = sweep(loaded.model, sae, layer, specs, ids, sampling, loaded.tokenizer.eos_token_id)
+        results = sweep(loaded.model, sae, point, specs, ids, sampling, loaded.tokenizer.eos_token_id)
     tokenizer = loaded.tokenizer
     first = specs[0].steers[0].feature
     scale = scales[first].max

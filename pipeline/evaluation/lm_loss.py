@@ -1,11 +1,13 @@
-"""What the language model loses when the SAE's reconstruction replaces its residual stream.
+"""What the language model loses when the SAE's reconstruction replaces the activation at its hook point.
 
 Shape legend: B contexts, T positions, D d_model, V vocabulary.
 
 For each batch of held-out contexts the full model runs three times:
   clean   : untouched;
-  spliced : the output of block ``layer`` replaced by the SAE's reconstruction;
-  zero    : the output of block ``layer`` replaced by zeros (the ablation baseline).
+  spliced : the activation at the hook point replaced by the SAE's reconstruction;
+  zero    : the activation at the hook point replaced by zeros (the ablation baseline).
+The hook point is any of ``pipeline.lm.hook_points``' kinds (``edit_at`` places the
+replacement: the block output, the attention output, the MLP input or the MLP output).
 Only positions holding ordinary tokens are replaced; special-token positions
 (BOS, separators) keep their clean values in both spliced and zero runs, since
 the SAE never saw them in training. Next-token cross-entropy is averaged over
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.lm.hooks import block_hook, block_output, replace_block_output
+from pipeline.lm.hook_points import HookPoint, as_hook_point, edit_at
 
 
 @dataclass(frozen=True)
@@ -52,21 +54,21 @@ def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> flo
     return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
 
 
-def _replacing_hook(replace: Callable[[torch.Tensor], torch.Tensor], ordinary_BT: torch.Tensor):
-    def hook(_module, _inputs, output):
-        hidden_BTD = block_output(output)
-        new = replace(hidden_BTD[ordinary_BT]).to(hidden_BTD.dtype)
+def _replacing(replace: Callable[[torch.Tensor], torch.Tensor], ordinary_BT: torch.Tensor):
+    """hidden [B, T, D] -> a copy with the ordinary positions replaced by ``replace`` of them [N, D]."""
+
+    def patch(hidden_BTD: torch.Tensor) -> torch.Tensor:
         patched = hidden_BTD.clone()
-        patched[ordinary_BT] = new
-        return replace_block_output(output, patched)
+        patched[ordinary_BT] = replace(hidden_BTD[ordinary_BT]).to(hidden_BTD.dtype)
+        return patched
 
-    return hook
+    return patch
 
 
-def _logits(model: nn.Module, ids_BT: torch.Tensor, layer: int | None = None, hook=None) -> torch.Tensor:
-    if hook is None:
+def _logits(model: nn.Module, ids_BT: torch.Tensor, point: HookPoint | None = None, patch=None) -> torch.Tensor:
+    if patch is None:
         return model(input_ids=ids_BT, use_cache=False).logits.float()
-    with block_hook(model, layer, hook):
+    with edit_at(model, point, patch):
         return model(input_ids=ids_BT, use_cache=False).logits.float()
 
 
@@ -82,13 +84,18 @@ def token_ce_and_kl(clean_BTV, other_BTV, targets_BT, scored_BT) -> tuple[torch.
 @torch.inference_mode()
 def splice_metrics(
     model: nn.Module,
-    layer: int,
+    point: HookPoint | int,
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
     tokens_CT: torch.Tensor,
     ordinary_CT: torch.Tensor,
     batch_size: int = 8,
 ) -> SpliceMetrics:
-    """CE-loss recovered, delta LM loss and KL on the given contexts (see module docstring)."""
+    """CE-loss recovered, delta LM loss and KL on the given contexts (see module docstring).
+
+    ``point`` is the SAE's hook point (a block index: the residual stream after it);
+    ``reconstruct`` maps the activations there at ordinary positions [N, D] to [N, D].
+    """
+    point = as_hook_point(point)
     device = next(model.parameters()).device
     sums = {key: 0.0 for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero")}
     n_scored = 0
@@ -98,8 +105,8 @@ def splice_metrics(
         targets = ids[:, 1:]
         scored = ordinary[:, :-1] & ordinary[:, 1:]
         clean = _logits(model, ids)[:, :-1]
-        spliced = _logits(model, ids, layer, _replacing_hook(reconstruct, ordinary))[:, :-1]
-        zero = _logits(model, ids, layer, _replacing_hook(torch.zeros_like, ordinary))[:, :-1]
+        spliced = _logits(model, ids, point, _replacing(reconstruct, ordinary))[:, :-1]
+        zero = _logits(model, ids, point, _replacing(torch.zeros_like, ordinary))[:, :-1]
         ce_clean, _ = token_ce_and_kl(clean, clean, targets, scored)
         ce_spliced, kl_spliced = token_ce_and_kl(clean, spliced, targets, scored)
         ce_zero, kl_zero = token_ce_and_kl(clean, zero, targets, scored)

@@ -1,7 +1,8 @@
 """Probe a text: which SAE features fire on each of its tokens.
 
 Shape legend: T positions, D d_model, F latents, K features kept per token.
-The model runs only up to the SAE's layer (later blocks never run). Special
+The model runs only up to the block of the SAE's hook point (later blocks never
+run) and reads the activation there, as the cache did. Special
 positions (BOS, EOS, padding) are marked: their activations are huge outliers,
 so training and indexing leave them out, and the ranking here does too unless asked.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.lm.hooks import residual_after_block
+from pipeline.lm.hook_points import HookPoint, as_hook_point, capture
 from pipeline.sae.model import Sae
 
 
@@ -53,10 +54,11 @@ class ProbeResult:
 
 
 @torch.inference_mode()
-def probe(model: nn.Module, sae: Sae, layer: int, token_ids: list[int], special_ids=()) -> ProbeResult:
-    """Run ``token_ids`` to block ``layer`` and encode every position with the SAE; mark ``special_ids``."""
+def probe(model: nn.Module, sae: Sae, point: HookPoint | int, token_ids: list[int], special_ids=()) -> ProbeResult:
+    """Read ``token_ids`` at ``point`` (a block index: its output), encode every position; mark ``special_ids``."""
     device = next(model.parameters()).device
-    hidden_TD = residual_after_block(model, torch.tensor([token_ids], device=device), layer)[0]
+    point = as_hook_point(point)
+    hidden_TD = capture(model, torch.tensor([token_ids], device=device), [point])[point][0]
     feats_TF = sae.encode(hidden_TD.float().to(sae.W_dec.device)).float().cpu()
     special = set(special_ids)
     return ProbeResult(list(token_ids), feats_TF, tuple(t in special for t in token_ids))

@@ -1,4 +1,4 @@
-"""Residual-stream activations for a block of contexts, computed batch by batch.
+"""Activations at one hook point for a block of contexts, computed batch by batch.
 
 Shape legend: C contexts, T positions, D d_model.
 """
@@ -10,20 +10,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.lm.hook_points import HookPoint, capture
-from pipeline.lm.hooks import residual_after_block
+from pipeline.lm.hook_points import HookPoint, as_hook_point, capture
 
 
 @torch.inference_mode()
 def compute_activations(
     model: nn.Module,
     tokens_CT: torch.Tensor,
-    layer: int,
+    point: HookPoint | int,
     batch_size: int,
     out_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Residual stream after block ``layer`` for every context, on CPU in ``out_dtype`` [C, T, D].
+    """Activations at ``point`` for every context, on CPU in ``out_dtype`` [C, T, D].
+
+    ``point`` is a HookPoint, or a block index meaning the residual stream after it. Each
+    forward stops after the point's block (``capture``).
 
     Batches are always cut at the same offsets for the same inputs, so the same
     contexts give bit-identical activations on the same machine. ``on_batch`` is
@@ -32,11 +34,12 @@ def compute_activations(
     blocking, so the next batch's forward is queued while the copy runs; the
     single synchronize is at the end.
     """
+    point = as_hook_point(point)
     device = next(model.parameters()).device
     outputs, pinned = [], None
     for start in range(0, tokens_CT.shape[0], batch_size):
         ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
-        acts_BTD = residual_after_block(model, ids_BT, layer).to(out_dtype)
+        acts_BTD = capture(model, ids_BT, [point])[point].to(out_dtype)
         if device.type == "cuda":
             if pinned is None:
                 shape = (tokens_CT.shape[0], *acts_BTD.shape[1:])

@@ -11,18 +11,20 @@ Four kinds of hook point per block, named as TransformerLens/SAELens name them:
 
 ``capture`` runs the base model once and stops right after the deepest block
 that holds a requested point, so later blocks and the head never run.
+``edit_at`` replaces the activation at one point while a context is open
+(splicing a reconstruction in, steering), with the same module hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.lm.hooks import _StopForward, block_output, check_layer, decoder_blocks
+from pipeline.lm.hooks import _StopForward, block_output, check_layer, decoder_blocks, replace_block_output
 
 KINDS = ("resid-post", "attn-out", "mlp-in", "mlp-out")
 _TL_NAMES = {
@@ -60,6 +62,11 @@ class HookPoint:
             if name.endswith(suffix) and middle.isdigit():
                 return cls(int(middle), kind)
         raise ValueError(f"unknown hook name {name!r}: expected e.g. {HookPoint(3, 'mlp-out').name}")
+
+
+def as_hook_point(where: int | HookPoint) -> HookPoint:
+    """A hook point as given, or a bare block index read as the residual stream after that block."""
+    return where if isinstance(where, HookPoint) else HookPoint(where, "resid-post")
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
@@ -104,6 +111,38 @@ def _register(block: nn.Module, kind: str, store) -> torch.utils.hooks.Removable
     if kind == "mlp-in":
         return mlp_module(block).register_forward_pre_hook(lambda _m, inputs: store(inputs[0]))
     return mlp_module(block).register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+
+
+def _register_edit(block: nn.Module, kind: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
+    def replace_output(_module, _inputs, output):
+        return replace_block_output(output, fn(block_output(output)))
+
+    def replace_input(_module, inputs):
+        return (fn(inputs[0]), *inputs[1:])
+
+    if kind == "resid-post":
+        return block.register_forward_hook(replace_output)
+    if kind == "attn-out":
+        return attention_module(block).register_forward_hook(replace_output)
+    if kind == "mlp-in":
+        return mlp_module(block).register_forward_pre_hook(replace_input)
+    return mlp_module(block).register_forward_hook(replace_output)
+
+
+@contextmanager
+def edit_at(model: nn.Module, point: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While open, every forward replaces the activation at ``point`` [B, T, D] with ``fn(it)`` [B, T, D].
+
+    resid-post edits the block's output, attn-out the attention module's output, mlp-in
+    the MLP's input (a pre-hook: the MLP computes from the edited input), mlp-out the
+    MLP's output; later computation sees the edit. The hook is always removed.
+    """
+    block = decoder_blocks(model)[check_layer(point.layer, int(model.config.num_hidden_layers))]
+    handle = _register_edit(block, point.kind, fn)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.inference_mode()

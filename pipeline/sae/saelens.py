@@ -16,10 +16,9 @@ Shape legend: D d_in, F latents.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from pipeline.lm.hook_points import HookPoint
 from pipeline.sae.model import Sae, SaeConfig
 
 SAELENS_ARCHITECTURES = {
@@ -34,7 +33,6 @@ SAELENS_ARCHITECTURES = {
 SAELENS_NAMES = {"matryoshka": "matryoshka_batchtopk"}
 """saescope architecture -> SAELens' name, recorded as ``trained_architecture`` (others keep their own)."""
 WIDTHS_FIELD = "matryoshka_widths"
-HOOK_LAYER = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 
 
 def sae_tensors(sae: Sae) -> dict[str, torch.Tensor]:
@@ -126,15 +124,34 @@ def saelens_name(architecture: str) -> str:
     return SAELENS_NAMES.get(architecture, architecture)
 
 
+def _hook_sources(cfg: dict) -> tuple[dict, dict]:
+    return (cfg.get("meta") or {}), cfg
+
+
+def _named_point(source: dict) -> HookPoint | None:
+    try:
+        return HookPoint.from_name(str(source.get("hook_name", "")))
+    except ValueError:
+        return None
+
+
+def sae_hook_point(cfg: dict) -> HookPoint | None:
+    """The hook point the SAE reads, from ``hook_name`` in meta (v6) or the top level (v5); None if unknown."""
+    for source in _hook_sources(cfg):
+        point = _named_point(source)
+        if point is not None:
+            return point
+    return None
+
+
 def hook_layer_of(cfg: dict) -> int | None:
-    """The block whose residual output the SAE reads, from meta (v6) or the top level (v5)."""
-    meta = cfg.get("meta") or {}
-    for source in (meta, cfg):
+    """The block whose hook point the SAE reads, from meta (v6) or the top level (v5)."""
+    for source in _hook_sources(cfg):
         if isinstance(source.get("hook_layer"), int):
             return source["hook_layer"]
-        match = HOOK_LAYER.fullmatch(str(source.get("hook_name", "")))
-        if match:
-            return int(match.group(1))
+        point = _named_point(source)
+        if point is not None:
+            return point.layer
     return None
 
 

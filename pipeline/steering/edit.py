@@ -1,8 +1,9 @@
-"""Steer a model by editing SAE features at one layer: an immutable spec and a context manager.
+"""Steer a model by editing SAE features at one hook point: an immutable spec and a context manager.
 
 Shape legend: B batch, T positions, D d_model, F latents.
 
-For each steered feature i with value v, at the SAE's hook (output of block ``layer``):
+For each steered feature i with value v, at the SAE's hook point (``edit_at``: the block
+output for resid-post, the attention output, the MLP input or the MLP output):
   clamp : h' = h + (v - f_i(h)) * W_dec[i]      set the feature to v
   add   : h' = h + v * W_dec[i]                 push along the feature's direction
   scale : h' = h + (v - 1) * f_i(h) * W_dec[i]  multiply the feature by v
@@ -30,7 +31,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from pipeline.lm.hooks import block_output, decoder_blocks, replace_block_output
+from pipeline.lm.hook_points import HookPoint, as_hook_point, edit_at
+from pipeline.lm.hooks import decoder_blocks
 from pipeline.sae.model import Sae
 
 MODES = ("clamp", "add", "scale")
@@ -177,24 +179,24 @@ class SteeringHandle:
 def steer(
     model: nn.Module,
     sae: Sae,
-    layer: int,
+    point: HookPoint | int,
     spec: SteeringSpec,
     on_edit: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Iterator[SteeringHandle]:
-    """Attach the edit at block ``layer`` for the duration of the block; hooks are always removed.
+    """Attach the edit at ``point`` (a block index: its output) for the duration of the block; hooks always removed.
 
     ``on_edit(positions_BT, delta_BTD)`` is called after every edited forward (for tests and probes).
     """
     spec.check(sae.cfg.d_sae)
-    block = decoder_blocks(model)[layer]
+    point = as_hook_point(point)
+    block = decoder_blocks(model)[point.layer]
     handle = SteeringHandle()
     current: dict[str, torch.Tensor | None] = {"positions": None}
 
     def read_positions(_module, args, kwargs):
         current["positions"] = kwargs.get("position_ids")
 
-    def edit(_module, _inputs, output):
-        hidden = block_output(output)
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
         batch, length = hidden.shape[:2]
         positions = current["positions"]
         if positions is None:
@@ -205,11 +207,11 @@ def steer(
         delta = steering_delta(sae, hidden, positions, spec)
         if on_edit is not None:
             on_edit(positions, delta)
-        return replace_block_output(output, hidden + delta)
+        return hidden + delta
 
-    handles = [block.register_forward_pre_hook(read_positions, with_kwargs=True), block.register_forward_hook(edit)]
+    reader = block.register_forward_pre_hook(read_positions, with_kwargs=True)
     try:
-        yield handle
+        with edit_at(model, point, edit):
+            yield handle
     finally:
-        for h in handles:
-            h.remove()
+        reader.remove()

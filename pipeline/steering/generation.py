@@ -7,8 +7,9 @@ generator, stop at EOS), so the default and the steered run draw the same random
 numbers. ``compare`` then teacher-forces both texts through the model with and
 without the edit to report, per generated token, the log-probability of the
 chosen token under the other condition, the steered features' activations
-(re-encoded without steering), and the mean KL between the two next-token
-distributions.
+(re-encoded without steering, read at the SAE's hook point), and the mean KL
+between the two next-token distributions. Where a function takes ``layer`` it
+takes a HookPoint too (a bare block index is the residual stream after it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.lm.hooks import residual_after_block
+from pipeline.lm.hook_points import as_hook_point, capture
 from pipeline.sae.model import Sae
 from pipeline.steering.edit import SteeringSpec, steer
 
@@ -121,8 +122,9 @@ def _scores(model, sae, layer, spec, prompt_ids, new_ids, steered_first: bool) -
     pick = lambda lp: lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()  # noqa: E731
     kl = (lp_default.exp() * (lp_default - lp_steered)).sum(-1).mean().item()
     device = next(model.parameters()).device
+    point = as_hook_point(layer)
     with torch.inference_mode():
-        hidden = residual_after_block(model, torch.tensor([ids], device=device), layer)[0, len(prompt_ids) :]
+        hidden = capture(model, torch.tensor([ids], device=device), [point])[point][0, len(prompt_ids) :]
         feats = sae.encode(hidden.float()).cpu()
     acts = {s.feature: feats[:, s.feature].tolist() for s in spec.steers}
     return RunReport(new_ids, pick(own), pick(other), acts, kl)
