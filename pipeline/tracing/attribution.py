@@ -190,12 +190,18 @@ def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: R
     grads = [torch.zeros(R, T, D, dtype=dtype) if g is None else g for g in grads]
     g_embed, g_writes = grads[0], grads[1:]
     feature_cols = [
-        (g_writes[layer][:, sources.features_S3[sources.features_S3[:, 0] == layer, 1]] * write_nD).sum(-1)
+        _write_effects(g_writes[layer], sources.features_S3[sources.features_S3[:, 0] == layer, 1], write_nD)
         for layer, write_nD in enumerate(sources.writes)
     ]
-    error_cols = [(g_writes[layer] * rep.errors[layer]).sum(-1) for layer in range(n_layers)]
-    token_cols = (g_embed * rep.record.embed_TD).sum(-1)
+    error_cols = [torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer]) for layer in range(n_layers)]
+    token_cols = torch.einsum("rtd,td->rt", g_embed, rep.record.embed_TD)
     return torch.cat([*feature_cols, *error_cols, token_cols], 1)
+
+
+def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Tensor) -> torch.Tensor:
+    """[R, n]: g[r, pos_n[i]] . write_nD[i], as one matrix product then a gather (no [R, n, D] copy)."""
+    every_RTn = g_RTD @ write_nD.T
+    return every_RTn[:, pos_n, torch.arange(pos_n.numel())]
 
 
 def _rows_in_batches(
