@@ -64,10 +64,12 @@ from pipeline.runtime.distributed import Group, from_environment, is_main_proces
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.matryoshka import check_widths, default_widths
 from pipeline.sae.model import ARCHITECTURES, SPARSE_ARCHITECTURES, SaeConfig, export_sae
+from pipeline.sae.optimizers import eval_weights
 from pipeline.sae.saelens import saelens_name
-from pipeline.sae.schedule import auto_lr, default_warmup_steps
+from pipeline.sae.schedule import auto_lr_for, default_warmup_steps
 from pipeline.sae.training import (
     DEAD_WINDOW_CAP,
+    OPTIMIZERS,
     TrainConfig,
     TrainState,
     default_auxk_dead_tokens,
@@ -123,13 +125,19 @@ class TrainJobConfig:
     batch_size: int = option(4096, "tokens per optimizer step", parse=one_value(int))
     lr: float | tuple[float | None, ...] | None = option(
         None,
-        "peak Adam learning rate (default: auto, see README); a comma list trains a grid",
+        "peak learning rate (default: auto, see README; signum-sf 2.5e-3/sqrt(d_sae/2^14)); a comma list trains a grid",
         parse=listed(auto_or(float)),
+    )
+    optimizer: str = option(
+        "signum-sf",
+        "signum-sf: schedule-free signum (Defazio et al. 2024), no learning-rate decay, the SAE saved at its "
+        "averaged weights; adam: Adam with --decay-fraction linear decay (the default before)",
+        choices=OPTIMIZERS,
     )
     warmup_steps: int | None = option(
         None, "learning-rate warm-up steps (default: 5%% of steps, at most 1000)", parse=auto_or(int)
     )
-    decay_fraction: float = option(0.2, "linear decay to zero over this final fraction of steps")
+    decay_fraction: float = option(0.2, "linear decay to zero over this final fraction of steps (adam only)")
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "autocast dtype of the SAE forward; auto measures")
     seed: int = option(0, "seed of the initialization and the data order", parse=one_value(int))
     auxk_coef: float = option(1 / 32, "weight of the AuxK loss that revives dead latents (topk, batchtopk, matryoshka)")
@@ -227,7 +235,7 @@ def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream
     return dataclasses.replace(
         resolved,
         tokens=steps * cfg.batch_size,
-        lr=cfg.lr or auto_lr(d_sae, steps),
+        lr=cfg.lr or auto_lr_for(cfg.optimizer, d_sae, steps),
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(steps),
         dead_window=cfg.dead_window or min(DEAD_WINDOW_CAP, steps * cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every or max(10, steps // 10),
@@ -273,6 +281,7 @@ def trainer_config(cfg: TrainJobConfig, compute_dtype: torch.dtype) -> TrainConf
     return TrainConfig(
         total_steps=steps,
         lr=cfg.lr,
+        optimizer=cfg.optimizer,
         warmup_steps=cfg.warmup_steps,
         decay_fraction=cfg.decay_fraction,
         auxk_coef=cfg.auxk_coef,
@@ -371,9 +380,7 @@ def _train_locked(
         if group.is_main:  # rank 0 evaluates and writes the artifacts; the others wait, then all leave together
             speed = (m.state.tokens_seen - m.resumed_from * m.cfg.batch_size) / max(seconds, 1e-9)
             told = _prefixed(say, m.cfg.name) if grid else say
-            metrics = _finish(
-                m.cfg, run_dir, manifest, m.folder, m.sae, m.state, m.scale, m.sae.W_dec.device, told, speed
-            )
+            metrics = _finish(m.cfg, run_dir, manifest, m.folder, m.sae, m.optimizer, m.state, m.scale, told, speed)
         epochs = m.state.tokens_seen / max(1, per_epoch) if group.is_main else 0.0
         summaries.append(TrainSummary(m.folder, m.cfg, metrics, False, m.resumed_from, seconds, epochs))
     group.barrier()
@@ -405,9 +412,11 @@ def _prepare(cfg, run_dir: Path, manifest, stream, group: Group, say, dtypes: di
     return member
 
 
-def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, state, scale: float, device, say, speed: float) -> dict:
-    """Rank 0: evaluate the exported SAE on held-out data, write the artifact, drop the checkpoints."""
-    exported = export_sae(sae, scale)
+def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, optimizer, state, scale: float, say, speed) -> dict:
+    """Rank 0: evaluate the exported SAE (its evaluation weights) on held-out data, write it, drop the checkpoints."""
+    device = sae.W_dec.device
+    with eval_weights(sae, optimizer):
+        exported = export_sae(sae, scale)
     settings = EvalSettings(heldout_contexts=cfg.heldout_contexts, lm_contexts=cfg.lm_eval_contexts)
     say(f"evaluating on {cfg.heldout_contexts} held-out contexts")
     metrics = evaluate(exported, run_dir, manifest, settings, device)

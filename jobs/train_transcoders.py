@@ -38,7 +38,8 @@ from pipeline.runtime.distributed import SINGLE
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.initialization import init_transcoder, normalization_factor
 from pipeline.sae.model import SaeConfig
-from pipeline.sae.schedule import auto_lr, default_warmup_steps
+from pipeline.sae.optimizers import eval_weights
+from pipeline.sae.schedule import auto_lr_for, default_warmup_steps
 from pipeline.sae.training import (
     TrainConfig,
     Trainee,
@@ -121,7 +122,8 @@ def plan(cfg, manifest: CacheManifest) -> TranscoderPlan:
 def trainer_config(cfg, p: TranscoderPlan, compute_dtype: torch.dtype, tokens_per_step: int) -> TrainConfig:
     return TrainConfig(
         total_steps=p.steps,
-        lr=cfg.lr or auto_lr(p.d_sae, p.steps),
+        lr=cfg.lr or auto_lr_for(cfg.optimizer, p.d_sae, p.steps),
+        optimizer=cfg.optimizer,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(p.steps),
         decay_fraction=cfg.decay_fraction,
         auxk_coef=cfg.auxk_coef,
@@ -252,7 +254,7 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) 
     started = time.perf_counter()
     _train_loop(cfg, p, members, scales, tcfg, batches, stream_model, first_step, compute.name, device)
     seconds = time.perf_counter() - started
-    exported = {layer: export_transcoder(tc, *scales[layer]) for layer, (tc, _, _) in members.items()}
+    exported = {layer: _exported(tc, opt, scales[layer]) for layer, (tc, opt, _) in members.items()}
     say(f"evaluating {len(exported)} transcoders on held-out contexts")
     first_heldout, _ = heldout_range(manifest, p.heldout_contexts)
     heldout = training_tokens(activations_dir(run_dir), manifest)[first_heldout:]
@@ -294,6 +296,12 @@ def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype
     ]
     with bar:
         train_many(trainees, _stream(model, batches, p.layers, first_step, device), first_step)
+
+
+def _exported(tc: Transcoder, optimizer, scale: tuple[float, float]) -> Transcoder:
+    """The inference copy at the optimizer's evaluation weights (schedule-free: the averaged sequence)."""
+    with eval_weights(tc, optimizer):
+        return export_transcoder(tc, *scale)
 
 
 def _picker(layer: int, scale: tuple[float, float]):

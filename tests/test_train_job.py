@@ -1,5 +1,6 @@
 """`saescope train`, `eval` and `import-sae` on a tiny model's cache."""
 
+import dataclasses
 import json
 import math
 
@@ -132,6 +133,27 @@ def test_lr_must_be_auto_or_a_number(run_copy, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--run", str(run_copy), "--lr", "fast"])
     assert "expected 'auto' or a float, got 'fast'" in capsys.readouterr().err
+
+
+def test_optimizer_option_round_trips_through_the_cli_and_config(run_copy, capsys):
+    import argparse
+
+    from jobs.options import config_from_args, config_from_mapping, config_to_mapping
+    from jobs.train import TrainJobConfig, register, trainer_config
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--run", str(run_copy), "--optimizer", "adam"])
+    cfg = config_from_args(TrainJobConfig, args)
+    assert cfg.optimizer == "adam"
+    saved = {key: value for key, value in config_to_mapping(cfg).items() if value is not None}  # as run.toml holds it
+    assert config_from_mapping(TrainJobConfig, saved, "run.toml").optimizer == "adam"
+    assert TrainJobConfig(run=str(run_copy)).optimizer == "signum-sf"
+    resolved = dataclasses.replace(cfg, tokens=4096, lr=1e-3, warmup_steps=0, checkpoint_every=10)
+    assert trainer_config(resolved, torch.float32).optimizer == "adam"
+    with pytest.raises(SystemExit):
+        main(["train", "--run", str(run_copy), "--optimizer", "sgd"])
+    assert "invalid choice: 'sgd'" in capsys.readouterr().err
 
 
 def test_unknown_architecture_on_the_cli(run_copy, capsys):

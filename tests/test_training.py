@@ -5,6 +5,7 @@ import torch
 
 from pipeline.sae.initialization import geometric_median, normalization_factor
 from pipeline.sae.model import Sae, SaeConfig
+from pipeline.sae.optimizers import eval_weights
 from pipeline.sae.schedule import default_lr, lr_at
 from pipeline.sae.training import (
     TrainConfig,
@@ -100,17 +101,21 @@ def test_dense_and_sparse_auxk_paths_agree(monkeypatch):
     assert grads[0][0] > 0
 
 
+@pytest.mark.parametrize("optimizer", ["signum-sf", "adam"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka"])
-def test_resume_equals_uninterrupted(arch):
+def test_resume_equals_uninterrupted(arch, optimizer):
     x, _ = planted_data(4096, seed=1)
     batches = [x[i * 256 : (i + 1) * 256] for i in range(16)]
-    cfg = TrainConfig(total_steps=16, lr=5e-3, warmup_steps=2, auxk_dead_tokens=512, l1_warmup_steps=3)
+    cfg = TrainConfig(
+        total_steps=16, lr=5e-3, optimizer=optimizer, warmup_steps=2, auxk_dead_tokens=512, l1_warmup_steps=3
+    )
 
     def fresh():
         return Sae(SaeConfig(d_in=16, d_sae=32, architecture=arch, k=3)).initialize(torch.Generator().manual_seed(7))
 
     whole = fresh()
-    train_sae(whole, iter(batches), cfg)
+    whole_optimizer = make_optimizer(whole, cfg)
+    train_sae(whole, iter(batches), cfg, optimizer=whole_optimizer)
 
     first = fresh()
     optimizer = make_optimizer(first, cfg)
@@ -122,6 +127,9 @@ def test_resume_equals_uninterrupted(arch):
     train_sae(resumed, iter(batches[9:]), cfg, resumed_state, resumed_optimizer)
     for name, param in whole.state_dict().items():
         assert torch.equal(param, resumed.state_dict()[name]), name
+    with eval_weights(whole, whole_optimizer), eval_weights(resumed, resumed_optimizer):  # what is exported
+        for name, param in whole.state_dict().items():
+            assert torch.equal(param, resumed.state_dict()[name]), f"eval {name}"
 
 
 def test_bad_train_config_is_a_clear_error():

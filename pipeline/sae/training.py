@@ -31,7 +31,11 @@ import torch
 from pipeline.runtime.distributed import SINGLE, Group
 from pipeline.sae.auxk import auxk_loss
 from pipeline.sae.model import BATCH_ARCHITECTURES, SPARSE_ARCHITECTURES, Sae, SaeOutput, jumprelu_step
+from pipeline.sae.optimizers import ScheduleFreeSignum
 from pipeline.sae.schedule import linear_warmup, lr_at
+
+OPTIMIZERS = ("adam", "signum-sf")
+"""Choices of ``TrainConfig.optimizer``."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,11 @@ class TrainConfig:
     total_steps: int
     """Optimizer steps to take."""
     lr: float
-    """Peak Adam learning rate."""
+    """Peak learning rate (of Adam, or of the schedule-free signum's z step)."""
+    optimizer: str = "signum-sf"
+    """One of ``OPTIMIZERS``: "signum-sf" (schedule-free signum, pipeline.sae.optimizers: warm-up, then
+    constant, no decay; evaluate and export through ``eval_weights``) or "adam" (warm-up, constant,
+    linear decay)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up."""
     decay_fraction: float = 0.2
@@ -50,6 +58,10 @@ class TrainConfig:
     """Adam betas."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
+    sf_momentum: float = 0.9
+    """Schedule-free interpolation beta (signum-sf): y = (1 - beta) z + beta x."""
+    sf_average_power: float = 2.0
+    """Schedule-free averaging weight t^r lr_t^2 of iterate t (signum-sf); r > 0 favours later iterates."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss (topk, batchtopk)."""
     auxk_dead_tokens: int = 10_000_000
@@ -72,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
 
@@ -107,9 +121,24 @@ class StepStats(NamedTuple):
     lr: float
 
 
-def make_optimizer(sae: Sae, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam over float32 master weights; the fused kernel (about 4x faster on CPU) where available."""
+def make_optimizer(sae: Sae, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over float32 master weights.
+
+    adam: the fused kernel (about 4x faster on CPU). signum-sf: schedule-free signum
+    with the decoder's z rows kept at unit norm where the SAE's decoder is.
+    """
+    if cfg.optimizer == "signum-sf":
+        decoder = [sae.W_dec]
+        rest = [p for p in sae.parameters() if p is not sae.W_dec]
+        groups = [{"params": rest}, {"params": decoder, "unit_rows": sae.cfg.uses_unit_norm_decoder}]
+        return ScheduleFreeSignum(groups, lr=cfg.lr, momentum=cfg.sf_momentum, average_power=cfg.sf_average_power)
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
+
+
+def step_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of ``step``: schedule-free signum takes no decay (its average plays that part)."""
+    decay = 0.0 if cfg.optimizer == "signum-sf" else cfg.decay_fraction
+    return lr_at(step, cfg.total_steps, cfg.lr, cfg.warmup_steps, decay)
 
 
 DEAD_WINDOW_CAP = 10_000_000
@@ -213,7 +242,7 @@ def train_step(
     over ranks, and the dead counters and statistics are reduced, so every rank
     takes the same step that one process would take on the whole batch.
     """
-    lr = lr_at(state.step, cfg.total_steps, cfg.lr, cfg.warmup_steps, cfg.decay_fraction)
+    lr = step_lr(cfg, state.step)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     device_type = x_ND.device.type
