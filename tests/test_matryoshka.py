@@ -199,7 +199,11 @@ def test_matryoshka_first_prefix_holds_each_parent_unabsorbed_on_planted_hierarc
     cfg = SaeConfig(D_IN, 32, "matryoshka", k=2, matryoshka_widths=(6, 32))
     torch.manual_seed(seed)
     sae = init_sae(cfg, torch.cat(batches[:8]), seed)
-    train_sae(sae, iter(batches), TrainConfig(total_steps=steps, lr=5e-3, warmup_steps=20, auxk_dead_tokens=25_600))
+    train_sae(
+        sae,
+        iter(batches),
+        TrainConfig(total_steps=steps, lr=5e-3, warmup_steps=20, auxk_dead_tokens=25_600, optimizer="adam"),
+    )
     x_ND, parent_NP, child_NP = _planted(8192, dirs_PD, dirs_PCD, torch.Generator().manual_seed(seed + 999))
     with torch.no_grad():
         fires_NF = sae.eval().encode(x_ND) > 0
