@@ -148,12 +148,20 @@ def test_optimizer_option_round_trips_through_the_cli_and_config(run_copy, capsy
     assert cfg.optimizer == "adam"
     saved = {key: value for key, value in config_to_mapping(cfg).items() if value is not None}  # as run.toml holds it
     assert config_from_mapping(TrainJobConfig, saved, "run.toml").optimizer == "adam"
-    assert TrainJobConfig(run=str(run_copy)).optimizer == "signum-sf"
+    assert TrainJobConfig(run=str(run_copy)).optimizer == "auto"
     resolved = dataclasses.replace(cfg, tokens=4096, lr=1e-3, warmup_steps=0, checkpoint_every=10)
     assert trainer_config(resolved, torch.float32).optimizer == "adam"
     with pytest.raises(SystemExit):
         main(["train", "--run", str(run_copy), "--optimizer", "sgd"])
     assert "invalid choice: 'sgd'" in capsys.readouterr().err
+
+
+def test_auto_optimizer_is_signum_sf_for_short_runs_and_adam_for_long_ones():
+    from jobs.train import auto_optimizer
+
+    assert auto_optimizer("auto", 1.0) == "signum-sf"
+    assert auto_optimizer("auto", 10.0) == "adam"
+    assert auto_optimizer("signum-sf", 10.0) == "signum-sf" and auto_optimizer("adam", 0.5) == "adam"
 
 
 def test_unknown_architecture_on_the_cli(run_copy, capsys):
