@@ -179,9 +179,14 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
     top_row = graph.adjacency[n_logit].abs()
     errors = slice(graph.n_features, first_token)
     paths = []
+    features = torch.zeros_like(inputs)
+    features[: graph.n_features] = True
+    direct = []
     for k in range(graph.n_logits):
-        found = strongest_paths(graph.adjacency, pruned.edge_mask_NN, inputs, n_logit + k, n_paths)
+        found = strongest_paths(graph.adjacency, pruned.edge_mask_NN, inputs, n_logit + k, n_paths, features)
         paths.append([(strength, [by_index[i] for i in path]) for path, strength in found])
+        (edge, share), *_ = strongest_paths(graph.adjacency, pruned.edge_mask_NN, inputs, n_logit + k, 1) or [([], 0)]
+        direct.append((share, [by_index[i] for i in edge]))
     return {
         "n_tokens": graph.n_pos,
         "n_active_features": graph.n_active_features,
@@ -196,6 +201,7 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
             for t, p in zip(graph.logit_tokens.tolist(), graph.logit_probs.tolist(), strict=True)
         ],
         "paths": paths,
+        "direct": direct,
         "timings": document["saescope"]["timings"],
         "backward_passes": graph.n_backward_passes,
     }
@@ -224,9 +230,10 @@ def format_trace(result: dict) -> str:
         f"{s['kept_features']} kept; {s['kept_errors']} error nodes and {s['kept_edges']} edges kept",
         f"  error nodes carry {100 * s['error_share_top_logit']:.0f}% of the top logit's direct input",
     ]
-    for (text, _), paths in zip(s["targets"], s["paths"], strict=True):
-        if paths:
-            lines.append(f"  strongest paths to {text!r}:")
+    for (text, _), paths, (share, edge) in zip(s["targets"], s["paths"], s["direct"], strict=True):
+        if paths or edge:
+            lines.append(f"  strongest paths to {text!r} through features (strongest direct: {share:.3f} from "
+                         f"{edge[0] if edge else '-'}):")  # fmt: skip
             lines.extend(f"    {strength:.3f}  " + " -> ".join(nodes) for strength, nodes in paths)
     lines.append(f"  saved {result['path']}")
     lines.append(

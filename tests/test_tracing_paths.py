@@ -25,3 +25,13 @@ def test_masked_edges_are_not_walked():
     A = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]])
     mask = torch.tensor([[False] * 3, [True, False, False], [False] * 3])
     assert strongest_paths(A, mask, torch.tensor([True, False, False]), target=2) == []
+
+
+def test_the_last_hop_can_be_limited_to_features():
+    A = torch.zeros(4, 4)
+    A[2, 0] = 1.0  # feature 2 <- input 0
+    A[3, 0], A[3, 2] = 3.0, 1.0  # target 3 <- input 0 (direct, 0.75), feature 2 (0.25)
+    inputs = torch.tensor([True, False, False, False])
+    features = torch.tensor([False, False, True, False])
+    assert strongest_paths(A, A != 0, inputs, 3, k=1) == [([0, 3], 0.75)]
+    assert strongest_paths(A, A != 0, inputs, 3, k=2, last_hop_from=features) == [([0, 2, 3], 0.25)]

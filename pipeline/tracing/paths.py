@@ -39,12 +39,23 @@ def best_from_inputs(W_NN: torch.Tensor, inputs_N: torch.Tensor) -> tuple[torch.
 
 
 def strongest_paths(
-    A_NN: torch.Tensor, edge_mask_NN: torch.Tensor, inputs_N: torch.Tensor, target: int, k: int = 3
+    A_NN: torch.Tensor,
+    edge_mask_NN: torch.Tensor,
+    inputs_N: torch.Tensor,
+    target: int,
+    k: int = 3,
+    last_hop_from: torch.Tensor | None = None,
 ) -> list[tuple[list[int], float]]:
-    """Up to k paths [input, ..., target] with their strengths, strongest first (see the module docstring)."""
+    """Up to k paths [input, ..., target] with their strengths, strongest first (see the module docstring).
+
+    ``last_hop_from`` [N] (bool) limits the node the path reaches the target from, e.g. to
+    features, so paths through the model are not hidden by the direct token-to-logit edges.
+    """
     W = edge_shares(A_NN, edge_mask_NN)
     best, before = best_from_inputs(W, inputs_N)
     first_hops = W[target] * best
+    if last_hop_from is not None:
+        first_hops = first_hops * last_hop_from
     paths = []
     for source in first_hops.argsort(descending=True)[:k].tolist():
         if first_hops[source] <= 0:
