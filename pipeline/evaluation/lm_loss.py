@@ -96,39 +96,48 @@ def splice_metrics(
     ``reconstruct`` maps the activations there at ordinary positions [N, D] to [N, D].
     """
     point = as_hook_point(point)
-    device = next(model.parameters()).device
-    sums = {key: 0.0 for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero")}
+
+    def run(ids, ordinary, kind):
+        if kind == "clean":
+            return _logits(model, ids)
+        replace = reconstruct if kind == "spliced" else torch.zeros_like
+        return _logits(model, ids, point, _replacing(replace, ordinary))
+
+    return three_run_metrics(run, tokens_CT, ordinary_CT, batch_size, next(model.parameters()).device)
+
+
+RunLogits = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+"""(ids [B, T], ordinary mask [B, T], "clean" | "spliced" | "zero") -> logits [B, T, V]."""
+
+
+def three_run_metrics(
+    run: RunLogits, tokens_CT: torch.Tensor, ordinary_CT: torch.Tensor, batch_size: int, device
+) -> SpliceMetrics:
+    """CE of the clean, spliced and zero runs and KL to the clean one, averaged over scored positions."""
+    names = ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero")
+    sums = dict.fromkeys(names, 0.0)
     n_scored = 0
     for start in range(0, tokens_CT.shape[0], batch_size):
         ids = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
         ordinary = ordinary_CT[start : start + batch_size].to(device)
-        targets = ids[:, 1:]
-        scored = ordinary[:, :-1] & ordinary[:, 1:]
-        clean = _logits(model, ids)[:, :-1]
-        spliced = _logits(model, ids, point, _replacing(reconstruct, ordinary))[:, :-1]
-        zero = _logits(model, ids, point, _replacing(torch.zeros_like, ordinary))[:, :-1]
+        targets, scored = ids[:, 1:], ordinary[:, :-1] & ordinary[:, 1:]
+        clean, spliced, zero = (run(ids, ordinary, kind)[:, :-1] for kind in ("clean", "spliced", "zero"))
         ce_clean, _ = token_ce_and_kl(clean, clean, targets, scored)
         ce_spliced, kl_spliced = token_ce_and_kl(clean, spliced, targets, scored)
         ce_zero, kl_zero = token_ce_and_kl(clean, zero, targets, scored)
-        for key, values in (
-            ("ce_clean", ce_clean),
-            ("ce_spliced", ce_spliced),
-            ("ce_zero", ce_zero),
-            ("kl_spliced", kl_spliced),
-            ("kl_zero", kl_zero),
-        ):
+        for key, values in zip(names, (ce_clean, ce_spliced, ce_zero, kl_spliced, kl_zero), strict=True):
             sums[key] += values.double().sum().item()
         n_scored += int(scored.sum())
     if n_scored == 0:
         raise ValueError("no scorable positions: every position is a special token")
-    means = {key: value / n_scored for key, value in sums.items()}
+    m = {key: value / n_scored for key, value in sums.items()}
     return SpliceMetrics(
         n_tokens=n_scored,
-        ce_clean=means["ce_clean"],
-        ce_spliced=means["ce_spliced"],
-        ce_zero=means["ce_zero"],
-        ce_loss_recovered=ce_loss_recovered(means["ce_clean"], means["ce_spliced"], means["ce_zero"]),
-        delta_lm_loss=means["ce_spliced"] - means["ce_clean"],
-        kl_spliced=means["kl_spliced"],
-        kl_zero=means["kl_zero"],
+        ce_clean=m["ce_clean"],
+        ce_spliced=m["ce_spliced"],
+        ce_zero=m["ce_zero"],
+        ce_loss_recovered=ce_loss_recovered(m["ce_clean"], m["ce_spliced"], m["ce_zero"]),
+        delta_lm_loss=m["ce_spliced"] - m["ce_clean"],
+        kl_spliced=m["kl_spliced"],
+        kl_zero=m["kl_zero"],
     )

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from pipeline.evaluation.lm_loss import SpliceMetrics, ce_loss_recovered, token_ce_and_kl
+from pipeline.evaluation.lm_loss import SpliceMetrics, three_run_metrics
 from pipeline.lm.hook_points import mlp_module
 from pipeline.lm.hooks import decoder_blocks
 
@@ -64,33 +64,9 @@ def mlp_splice_metrics(
     """CE-loss recovered, delta LM loss and KL with every layer of ``replacements`` spliced at once."""
     if not replacements:
         raise ValueError("no layers to replace")
-    device = next(model.parameters()).device
-    sums = dict.fromkeys(("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"), 0.0)
-    n_scored = 0
-    zeros = dict.fromkeys(replacements, _zeros)
-    for start in range(0, tokens_CT.shape[0], batch_size):
-        ids = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
-        ordinary = ordinary_CT[start : start + batch_size].to(device)
-        targets, scored = ids[:, 1:], ordinary[:, :-1] & ordinary[:, 1:]
-        clean = _logits(model, ids, {}, ordinary)[:, :-1]
-        spliced = _logits(model, ids, replacements, ordinary)[:, :-1]
-        zero = _logits(model, ids, zeros, ordinary)[:, :-1]
-        ce_clean, _ = token_ce_and_kl(clean, clean, targets, scored)
-        ce_spliced, kl_spliced = token_ce_and_kl(clean, spliced, targets, scored)
-        ce_zero, kl_zero = token_ce_and_kl(clean, zero, targets, scored)
-        for key, values in zip(sums, (ce_clean, ce_spliced, ce_zero, kl_spliced, kl_zero), strict=True):
-            sums[key] += values.double().sum().item()
-        n_scored += int(scored.sum())
-    if n_scored == 0:
-        raise ValueError("no scorable positions: every position is a special token")
-    m = {key: value / n_scored for key, value in sums.items()}
-    return SpliceMetrics(
-        n_tokens=n_scored,
-        ce_clean=m["ce_clean"],
-        ce_spliced=m["ce_spliced"],
-        ce_zero=m["ce_zero"],
-        ce_loss_recovered=ce_loss_recovered(m["ce_clean"], m["ce_spliced"], m["ce_zero"]),
-        delta_lm_loss=m["ce_spliced"] - m["ce_clean"],
-        kl_spliced=m["kl_spliced"],
-        kl_zero=m["kl_zero"],
-    )
+    chosen = {"clean": {}, "spliced": replacements, "zero": dict.fromkeys(replacements, _zeros)}
+
+    def run(ids, ordinary, kind):
+        return _logits(model, ids, chosen[kind], ordinary)
+
+    return three_run_metrics(run, tokens_CT, ordinary_CT, batch_size, next(model.parameters()).device)
