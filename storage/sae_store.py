@@ -34,10 +34,15 @@ def saes_dir(run_dir: Path) -> Path:
     return Path(run_dir) / SAES_DIR
 
 
-def sae_dir(run_dir: Path, name: str) -> Path:
+def check_name(name: str, what: str = "SAE") -> str:
+    """A name usable as one folder inside the run, or a SaeStoreError saying what is allowed."""
     if not name or "/" in name or name.startswith("."):
-        raise SaeStoreError(f"invalid SAE name {name!r}: use letters, digits, '-' or '_'")
-    return saes_dir(run_dir) / name
+        raise SaeStoreError(f"invalid {what} name {name!r}: use letters, digits, '-' or '_'")
+    return name
+
+
+def sae_dir(run_dir: Path, name: str) -> Path:
+    return saes_dir(run_dir) / check_name(name)
 
 
 def is_finished(folder: Path) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from storage.atomic import atomic_write_json
 from storage.constants import SAE_CFG, TRANSCODER_SET, TRANSCODERS_DIR
-from storage.sae_store import SaeStoreError, load_sae_files
+from storage.sae_store import SaeStoreError, check_name, load_sae_files
 
 
 def transcoders_dir(run_dir: Path) -> Path:
@@ -22,9 +22,7 @@ def transcoders_dir(run_dir: Path) -> Path:
 
 
 def set_dir(run_dir: Path, name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise SaeStoreError(f"invalid transcoder set name {name!r}: use letters, digits, '-' or '_'")
-    return transcoders_dir(run_dir) / name
+    return transcoders_dir(run_dir) / check_name(name, "transcoder set")
 
 
 def layer_dir(folder: Path, layer: int) -> Path:

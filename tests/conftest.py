@@ -205,6 +205,20 @@ def tiny_train_config(run, **overrides):
 
 
 @pytest.fixture(scope="session")
+def transcoder_run(tmp_path_factory, tiny_run) -> Path:
+    """The tiny run with a transcoder set ``tc`` at every layer; copy before writing into it."""
+    import shutil
+
+    from jobs.train_transcoders import run_transcoders
+
+    run = tmp_path_factory.mktemp("transcoders") / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = tiny_train_config(run, transcoder=True, layers="all", name="tc", tokens=256 * 8, lm_eval_contexts=0)
+    run_transcoders(cfg, say=lambda _: None)
+    return run
+
+
+@pytest.fixture(scope="session")
 def indexed_run(tmp_path_factory, tiny_run):
     """(run folder, index path): the tiny run with a 64-latent TopK SAE and its feature index; copy to change."""
     import shutil

@@ -6,19 +6,15 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_train_config
 
 from jobs.cli import main
-from jobs.train_transcoders import run_transcoders
 from storage.graph_groups import graph_names, read_graph_json
 
 
 @pytest.fixture(scope="module")
-def traced_run(tmp_path_factory, tiny_run):
+def traced_run(tmp_path_factory, transcoder_run):
     run = tmp_path_factory.mktemp("traced") / "run"
-    shutil.copytree(tiny_run, run)
-    cfg = tiny_train_config(run, transcoder=True, layers="all", name="tc", tokens=256 * 8, lm_eval_contexts=0)
-    run_transcoders(cfg, say=lambda _: None)
+    shutil.copytree(transcoder_run, run)
     return run
 
 

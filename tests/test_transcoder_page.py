@@ -8,10 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from conftest import tiny_train_config
 from streamlit.testing.v1 import AppTest
 
-from jobs.train_transcoders import run_transcoders
 from pipeline.features.transcoder_examples import latent_examples, layer_codes
 from pipeline.lm.packing import special_mask
 from pipeline.sae.transcoder_format import transcoder_from_saelens
@@ -23,11 +21,9 @@ LAYER = 2
 
 
 @pytest.fixture(scope="module")
-def tc_run(tmp_path_factory, tiny_run):
+def tc_run(tmp_path_factory, transcoder_run):
     run = tmp_path_factory.mktemp("tc-page") / "run"
-    shutil.copytree(tiny_run, run)
-    cfg = tiny_train_config(run, transcoder=True, layers="all", name="tc", tokens=256 * 8, lm_eval_contexts=0)
-    run_transcoders(cfg, say=lambda _: None)
+    shutil.copytree(transcoder_run, run)
     return run
 
 
