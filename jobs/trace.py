@@ -26,7 +26,7 @@ from pipeline.lm.packing import encode_prompt
 from pipeline.lm.token_text import load_tokenizer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
-from pipeline.tracing.graph_json import graph_document, to_json
+from pipeline.tracing.graph_json import graph_document, graph_nodes, to_json
 from pipeline.tracing.paths import strongest_paths
 from pipeline.tracing.pruning import Pruned, prune
 from pipeline.tracing.trace import trace
@@ -155,17 +155,13 @@ def run_trace(cfg: TraceConfig) -> dict:
 def _node_text(node: dict) -> str:
     kind = node["feature_type"]
     if kind == "embedding":
-        return f'token "{_token(node)}"@{node["ctx_idx"]}'
+        return f'token "{node.get("token_text", "")}"@{node["ctx_idx"]}'
     if kind == "logit":
         return node["clerp"]
     if kind == "mlp reconstruction error":
         return f"L{node['layer']} error@{node['ctx_idx']}"
     latent = node["node_id"].split("_")[1]
     return f"L{node['layer']} #{latent}@{node['ctx_idx']} ({node['clerp']})"
-
-
-def _token(node: dict) -> str:
-    return node.get("token_text", "")
 
 
 def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: int) -> dict:
@@ -209,8 +205,6 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
 
 def _all_nodes(graph: Graph, document: dict, tokenizer) -> dict[int, str]:
     """Adjacency index -> printable node text."""
-    from pipeline.tracing.graph_json import graph_nodes
-
     nodes = graph_nodes(graph, [0.0] * graph.adjacency.shape[0], lambda t: tokenizer.decode([t]),
                         {(int(n["layer"]), int(n["node_id"].split("_")[1])): n["clerp"] for n in document["nodes"]
                          if n["feature_type"] == "cross layer transcoder"})  # fmt: skip

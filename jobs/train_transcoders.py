@@ -273,7 +273,6 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) 
 def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype_name, device) -> None:
     tokens_per_step = p.contexts_per_step * batches.tokens_CT.shape[1]
     bar = progress(p.steps * tokens_per_step, f"train {len(members)} transcoders", initial=first_step * tokens_per_step)
-    done = {"steps": first_step}
 
     def on_log(layer):
         def log(stats, state):
@@ -285,7 +284,6 @@ def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype
 
     def on_checkpoint(layer):
         def save(state, _opt):
-            done[layer] = state.step
             if layer == p.layers[-1]:
                 tree = {
                     "job": {"weights_config": _weights_config(cfg), "dtype": dtype_name},
