@@ -30,6 +30,7 @@ from jobs.console import human_count, progress
 from jobs.options import ConfigError, config_to_mapping
 from jobs.run import load_run_model, saelens_meta
 from jobs.torchrun import agreed_dtype
+from jobs.train_start import weights_config
 from jobs.transcoder_eval import evaluate_set
 from pipeline.lm.activations import mlp_io
 from pipeline.lm.hook_points import parse_layers
@@ -185,13 +186,8 @@ def _fresh(cfg, p: TranscoderPlan, first: dict, d_model: int, device) -> tuple[d
     return tcs, scales
 
 
-def _weights_config(cfg) -> dict:
-    skip = ("force", "checkpoint_every", "lm_eval_contexts", "device")
-    return {k: v for k, v in config_to_mapping(cfg).items() if k not in skip}
-
-
 def _resume(tree: dict, cfg, p: TranscoderPlan, d_model: int, tcfg: TrainConfig, device):
-    if tree["job"]["weights_config"] != _weights_config(cfg):
+    if tree["job"]["weights_config"] != weights_config(cfg):
         raise ConfigError(
             f"{p.folder} holds an interrupted set trained with other options: use the same options, "
             "or --force to start again"
@@ -286,7 +282,7 @@ def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype
         def save(state, _opt):
             if layer == p.layers[-1]:
                 tree = {
-                    "job": {"weights_config": _weights_config(cfg), "dtype": dtype_name},
+                    "job": {"weights_config": weights_config(cfg), "dtype": dtype_name},
                     "layers": {str(L): state_tree(*members[L]) for L in p.layers},
                     "scales": {str(L): list(scales[L]) for L in p.layers},
                 }
