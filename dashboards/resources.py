@@ -26,12 +26,19 @@ from pipeline.lm.models import load_model
 from pipeline.lm.token_text import REPLACEMENT, load_tokenizer
 from pipeline.lm.token_text import vocab_bytes as token_bytes_of
 from pipeline.runtime.errors import first_line
-from pipeline.sae.saelens import sae_from_saelens
+from pipeline.sae.saelens import sae_from_saelens, sae_hook_point
 from storage.constants import DEFAULT_SAE_NAME, FEATURE_INDEX
 from storage.explanations import ExplanationReader, explanations_path, open_explanations
 from storage.home import converted_models_dir
 from storage.index_queries import FeatureIndex, open_sae_index
-from storage.sae_store import finished_sae_names, load_sae_files, resolve_sae, sae_dir, weights_fingerprint
+from storage.sae_store import (
+    finished_sae_names,
+    load_sae_files,
+    read_sae_cfg,
+    resolve_sae,
+    sae_dir,
+    weights_fingerprint,
+)
 from storage.shards import activations_dir, read_manifest
 
 
@@ -130,7 +137,7 @@ def embedder():
 
 
 def live_model(run: str, sae_folder: str):
-    """(loaded model, SAE, HookPoint of the cache) on the CPU for the SAE's weights now, shared by every session.
+    """(loaded model, SAE, the hook point it reads) on the CPU for the SAE's weights now, shared by every session.
 
     Keyed by the weights' sha256: after `saescope train --force` the next page load gets the new SAE.
     """
@@ -146,7 +153,8 @@ def _live_model(run: str, sae_folder: str, weights_sha256: str):
     sae = sae_from_saelens(*load_sae_files(Path(sae_folder))).eval()
     if weights_fingerprint(Path(sae_folder)) != weights_sha256:
         raise ValueError("the SAE was replaced while it loaded: reload the page")
-    return loaded, sae, HookPoint(manifest.layer, manifest.hook_kind)
+    point = sae_hook_point(read_sae_cfg(Path(sae_folder))) or HookPoint(manifest.layer, manifest.hook_kind)
+    return loaded, sae, point
 
 
 @st.cache_resource(max_entries=4)

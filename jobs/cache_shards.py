@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from jobs.console import progress
-from pipeline.lm.activations import compute_activations
+from pipeline.lm.activations import compute_point_activations
 from pipeline.lm.corpus import iter_documents
 from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.packing import pack_contexts
@@ -92,13 +92,13 @@ class ShardSink:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
         self._pending: Future | None = None
 
-    def put(self, task: ShardTask, acts_CTD: torch.Tensor, tokens_CT: torch.Tensor) -> None:
+    def put(self, task: ShardTask, acts: torch.Tensor | dict[str, torch.Tensor], tokens_CT: torch.Tensor) -> None:
         """Publish one shard (on the background thread when there is one; waits for the previous shard first)."""
         self.wait()
         if self._pool is None:
-            self._publish(task, acts_CTD, tokens_CT)
+            self._publish(task, acts, tokens_CT)
         else:
-            self._pending = self._pool.submit(self._publish, task, acts_CTD, tokens_CT)
+            self._pending = self._pool.submit(self._publish, task, acts, tokens_CT)
 
     def note_corpus_end(self, n_contexts: int) -> None:
         self.wait()
@@ -118,11 +118,9 @@ class ShardSink:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
-    def _publish(self, task: ShardTask, acts_CTD: torch.Tensor, tokens_CT: torch.Tensor) -> None:
+    def _publish(self, task: ShardTask, acts: torch.Tensor | dict[str, torch.Tensor], tokens_CT: torch.Tensor) -> None:
         try:
-            record = write_shard(
-                self.folder, self.writer, task.index, task.first_context, acts_CTD, tokens_CT, self.dtype
-            )
+            record = write_shard(self.folder, self.writer, task.index, task.first_context, acts, tokens_CT, self.dtype)
             self.mine = replace(self.mine, shards=(*self.mine.shards, record))
             write_writer_manifest(self.folder, self.writer, self.mine)
         except OSError as error:
@@ -147,12 +145,16 @@ def compute_shards(
     tokenizer,
     corpus,
     tasks: list[ShardTask],
-    point: HookPoint,
+    points: tuple[HookPoint, ...],
     batch_size: int,
     ctx_len: int,
     sink: ShardSink,
 ) -> None:
-    """Compute and publish ``tasks`` (activations at ``point``) in order; at the corpus's end, record it and stop."""
+    """Compute and publish ``tasks`` (activations at ``points``, one forward each batch) in order.
+
+    At the corpus's end, record it and stop. One point is stored as ``activations``,
+    several by their hook names (``storage.shards``).
+    """
     stream = ContextStream(pack_contexts(iter_documents(corpus), tokenizer, ctx_len))
     out_dtype = STORAGE_DTYPES[sink.dtype]
     total = sum(task.n_ctx for task in tasks) * ctx_len
@@ -163,8 +165,9 @@ def compute_shards(
                 batch, ended = stream.take(task.first_context, task.n_ctx)
                 if batch:
                     tokens_CT = torch.tensor(batch, dtype=torch.int32)
-                    acts_CTD = compute_activations(model, tokens_CT, point, batch_size, out_dtype, bar.update)
-                    sink.put(task, acts_CTD, tokens_CT)
+                    acts = compute_point_activations(model, tokens_CT, points, batch_size, out_dtype, bar.update)
+                    stored = acts[points[0]] if len(points) == 1 else {p.name: acts[p] for p in points}
+                    sink.put(task, stored, tokens_CT)
                 if ended:
                     sink.note_corpus_end(stream.consumed)
                     return

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
-from jobs.run import cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
+from jobs.run import as_read_by, cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
 from pipeline.sae.sparsify import coder_from_sparsify, hook_point_of
 from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_tensors
 from storage.constants import TRANSCODER_SET
@@ -51,6 +51,7 @@ def command(args: ImportConfig) -> int:
     if is_sparsify(source):
         return import_sparsify(source, run_dir, manifest, name, args.force)
     sae, cfg = read_sae(source)
+    manifest = as_read_by(manifest, cfg)
     check_fits_cache(cfg, manifest, source)
     target = sae_dir(run_dir, name)
     if is_finished(target) and not args.force:
@@ -89,6 +90,8 @@ def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: boo
     if len(coders) != 1 or kinds != {"resid-post"}:
         raise SaeStoreError(f"{source}: import one sparsify SAE at a time, or a folder of transcoders only")
     ((point, sae),) = coders.items()
+    if len(manifest.hook_points) > 1:
+        manifest = manifest.select(point.layer, point.kind)
     if point.layer != manifest.layer:
         raise SaeStoreError(f"{source} was trained on layer {point.layer} but the cache holds layer {manifest.layer}")
     if point != cache_hook_point(manifest):

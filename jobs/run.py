@@ -21,7 +21,14 @@ from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, 
 from storage.explanations import ExplanationReader, open_explanations
 from storage.home import converted_models_dir
 from storage.index_queries import FeatureIndex, open_sae_index
-from storage.sae_store import SaeStoreError, load_sae_files, resolve_sae, save_sae, weights_fingerprint
+from storage.sae_store import (
+    SaeStoreError,
+    load_sae_files,
+    read_sae_cfg,
+    resolve_sae,
+    save_sae,
+    weights_fingerprint,
+)
 from storage.shards import CacheManifest, activations_dir, read_manifest
 
 
@@ -44,6 +51,24 @@ def read_sae(folder: Path) -> tuple[Sae, dict]:
 def cache_hook_point(manifest: CacheManifest) -> HookPoint:
     """The hook point the cache's activations were read at (resid-post for caches made before kinds)."""
     return HookPoint(manifest.layer, manifest.hook_kind)
+
+
+def as_read_by(manifest: CacheManifest, sae_cfg: dict) -> CacheManifest:
+    """The cache as the SAE with this cfg.json reads it: in a cache of several points, the SAE's own is selected."""
+    point = sae_hook_point(sae_cfg)
+    if point is None or len(manifest.hook_points) == 1:
+        return manifest  # check_fits_cache names any mismatch
+    return manifest.select(point.layer, point.kind)
+
+
+def check_reads_point(folder: Path, manifest: CacheManifest) -> None:
+    """A finished SAE that a train job would skip must read the point the job was asked for."""
+    point = sae_hook_point(read_sae_cfg(folder))
+    if point is not None and point != cache_hook_point(manifest):
+        raise SaeStoreError(
+            f"SAE {folder.name!r} in {folder.parent.parent} reads {point.name}, not {manifest.hook_name}: "
+            "pass --name to train another SAE on this point (or --force to replace it)"
+        )
 
 
 def load_run_model(manifest: CacheManifest, device: torch.device | str) -> LoadedModel:
@@ -73,7 +98,9 @@ class Run:
 
     @cached_property
     def manifest(self) -> CacheManifest:
-        return read_manifest(activations_dir(self.folder))
+        """The cache, at the opened SAE's hook point when it holds several."""
+        manifest = read_manifest(activations_dir(self.folder))
+        return manifest if self.sae_folder is None else as_read_by(manifest, read_sae_cfg(self.sae_folder))
 
     def checked(self) -> Run:
         """This run once its manifest has been read (a missing or damaged cache is one clear error now)."""

@@ -46,7 +46,7 @@ from jobs.options import (
     option,
     require,
 )
-from jobs.run import saelens_meta, write_sae
+from jobs.run import check_reads_point, saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
 from jobs.train_grid import (
     announce,
@@ -170,9 +170,19 @@ class TrainJobConfig:
         "--name names the set (runs/R/transcoders/NAME), --tokens defaults to one pass over the cache's tokens",
     )
     layers: str | None = option(None, "layers for --transcoder: all, 5, 0-29 or 1,3,8-10 (default: all)")
+    hook: Literal["resid-post", "attn-out", "mlp-in", "mlp-out"] | None = option(
+        None, "in a cache of several hook points, the kind to train on (default: the cache's primary point's)"
+    )
+    layer: int | None = option(
+        None, "in a cache of several hook points, the block to train on (default: the cache's primary point's)"
+    )
 
     def __post_init__(self):
         require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
+        require(
+            not self.transcoder or (self.hook is None and self.layer is None),
+            "--transcoder reads mlp-in and mlp-out of the live model: pick blocks with --layers, not --hook/--layer",
+        )
         if self.matryoshka_widths is not None:
             require("matryoshka" in as_tuple(self.arch), "--matryoshka-widths is only for --arch matryoshka")
             check_matryoshka_widths(self.matryoshka_widths, self.d_sae if isinstance(self.d_sae, int) else None)
@@ -232,7 +242,9 @@ def resolve(cfg: TrainJobConfig, manifest: CacheManifest, stream: TrainingStream
     heldout = (
         cfg.heldout_contexts if cfg.heldout_contexts is not None else default_heldout_contexts(manifest.n_contexts)
     )
-    resolved = dataclasses.replace(cfg, d_sae=d_sae, heldout_contexts=heldout)
+    resolved = dataclasses.replace(
+        cfg, d_sae=d_sae, heldout_contexts=heldout, hook=manifest.hook_kind, layer=manifest.layer
+    )
     if stream is None:
         return resolved
     per_epoch = stream.batches_per_epoch() * cfg.batch_size
@@ -335,9 +347,12 @@ def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) 
 def run_grid(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> list[TrainSummary]:
     """Train every SAE of ``cfg``'s grid (one SAE without lists) from one read of the cache; skip finished ones."""
     run_dir = Path(cfg.run)
-    manifest = read_manifest(activations_dir(run_dir))
+    manifest = read_manifest(activations_dir(run_dir)).select(cfg.layer, cfg.hook)
     members = grid_members(cfg)
-    done = {m.name: _already_done(m, sae_dir(run_dir, m.name)) for m in members if _is_done(m, run_dir)}
+    finished = [m for m in members if _is_done(m, run_dir)]
+    for member in finished:
+        check_reads_point(sae_dir(run_dir, member.name), manifest)
+    done = {m.name: _already_done(m, sae_dir(run_dir, m.name)) for m in finished}
     todo = [m for m in members if m.name not in done]
     for member in todo:
         resolve(member, manifest)  # validate shapes before touching anything

@@ -64,8 +64,9 @@ def resume(tree: dict | None, folder: Path, cfg, sae_shape: SaeConfig, device, t
     """(sae, optimizer, state, scale) from a checkpoint tree, or None when there is none."""
     if tree is None:
         return None
-    saved = {"optimizer": "adam", **tree["job"]["weights_config"]}  # checkpoints from before --optimizer were Adam
     wanted = weights_config(cfg)
+    # checkpoints from before --optimizer were Adam; from before --hook/--layer, on the cache's one point
+    saved = {"optimizer": "adam", "hook": wanted["hook"], "layer": wanted["layer"], **tree["job"]["weights_config"]}
     if saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {wanted.get(k)!r}" for k in changed)

@@ -1,7 +1,12 @@
 """Activation shards and the manifest that lists them.
 
 A shard is one safetensors file holding ``activations`` [n_ctx, ctx_len, d_model]
-(float16, bfloat16 or float32) and ``tokens`` [n_ctx, ctx_len] int32. Its name
+(float16, bfloat16 or float32) and ``tokens`` [n_ctx, ctx_len] int32. A cache of
+several hook points (``saescope cache --hooks ... --layers ...``) stores one tensor
+per point instead, keyed by its TransformerLens name, with each tensor's sha256 in
+the file's metadata (``POINTS_METADATA``): a reader of one point reads (and checks) only that tensor.
+``provenance["hooks"]`` lists the points; ``provenance["hook"]`` is the one a
+reader picked (``CacheManifest.select``; the cache's primary point until then). Its name
 carries a writer prefix (``w00-000003.safetensors``) so several processes can
 share one folder. ``manifest.json`` records provenance, shapes, dtype, and per
 shard the file name, context range and sha256; it is rewritten atomically after
@@ -27,6 +32,8 @@ from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.constants import ACTIVATIONS_DIR, FORMAT_VERSION, MANIFEST, SHARD_SUFFIX
 from storage.errors import first_line
 
+POINTS_METADATA = "saescope.points"
+"""Metadata key of a shard of several points: JSON {first_context, sha256: {hook name: hex}}."""
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -97,6 +104,28 @@ class CacheManifest:
         return str(self.provenance["hook"].get("kind", "resid-post"))
 
     @property
+    def hook_points(self) -> tuple[dict, ...]:
+        """Every point the shards hold, as {layer, name, kind} (one for caches of one point)."""
+        return tuple(self.provenance.get("hooks", [self.provenance["hook"]]))
+
+    @property
+    def tensor_key(self) -> str:
+        """The safetensors key of the selected point: ``activations`` in a one-point cache, else its hook name."""
+        return "activations" if "hooks" not in self.provenance else self.hook_name
+
+    def select(self, layer: int | None = None, kind: str | None = None) -> CacheManifest:
+        """This manifest reading the point at ``layer`` and ``kind`` (None: the selected one's); CacheError if none."""
+        layer = self.layer if layer is None else layer
+        kind = self.hook_kind if kind is None else kind
+        for point in self.hook_points:
+            if point["layer"] == layer and point.get("kind", "resid-post") == kind:
+                return replace(self, provenance={**self.provenance, "hook": dict(point)})
+        raise CacheError(
+            f"the activation cache holds no {kind} at layer {layer}: it holds {describe_points(self.hook_points)}; "
+            "pick one with --hook and --layer, or cache that point"
+        )
+
+    @property
     def hook_name(self) -> str:
         """TransformerLens name of the hook point, e.g. ``blocks.3.hook_mlp_out``."""
         return str(self.provenance["hook"]["name"])
@@ -147,6 +176,25 @@ class CacheManifest:
         return cls(**payload)
 
 
+def describe_points(points: tuple[dict, ...]) -> str:
+    """``mlp-in, mlp-out at layers 0-2`` style summary of a cache's points."""
+    by_kind: dict[str, list[int]] = {}
+    for point in points:
+        by_kind.setdefault(point.get("kind", "resid-post"), []).append(int(point["layer"]))
+    return "; ".join(f"{kind} at {_layer_ranges(layers)}" for kind, layers in by_kind.items())
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return ("layer " if len(layers) == 1 else "layers ") + text
+
+
 @dataclass(frozen=True)
 class Shard:
     """The tensors of one shard."""
@@ -192,25 +240,38 @@ def write_manifest(folder: Path, manifest: CacheManifest) -> None:
     atomic_write_json(Path(folder) / MANIFEST, manifest.to_dict())
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a CPU tensor's bytes as safetensors stores them (little-endian, row-major)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 def write_shard(
     folder: Path,
     writer: str,
     index: int,
     first_context: int,
-    activations_CTD: torch.Tensor,
+    activations: torch.Tensor | dict[str, torch.Tensor],
     tokens_CT: torch.Tensor,
     dtype: str,
 ) -> ShardRecord:
-    """Serialize, hash and atomically publish one shard; return its manifest record."""
+    """Serialize, hash and atomically publish one shard; return its manifest record.
+
+    ``activations`` is one tensor [C, T, D] (stored as ``activations``) or, for a cache
+    of several points, {hook name: tensor [C, T, D]} (each tensor's sha256 goes in the metadata).
+    """
     if dtype not in STORAGE_DTYPES:
         raise CacheError(f"unknown storage dtype {dtype!r}: use one of {sorted(STORAGE_DTYPES)}")
-    if activations_CTD.shape[:2] != tokens_CT.shape:
-        raise CacheError(f"activations {tuple(activations_CTD.shape)} and tokens {tuple(tokens_CT.shape)} disagree")
-    tensors = {
-        "activations": activations_CTD.detach().to(device="cpu", dtype=STORAGE_DTYPES[dtype]).contiguous(),
-        "tokens": tokens_CT.detach().to(device="cpu", dtype=torch.int32).contiguous(),
-    }
-    data = save_safetensors_bytes(tensors, metadata={"first_context": str(first_context)})
+    named = activations if isinstance(activations, dict) else {"activations": activations}
+    tensors = {"tokens": tokens_CT.detach().to(device="cpu", dtype=torch.int32).contiguous()}
+    for key, acts_CTD in named.items():
+        if acts_CTD.shape[:2] != tokens_CT.shape:
+            raise CacheError(f"activations {tuple(acts_CTD.shape)} and tokens {tuple(tokens_CT.shape)} disagree")
+        tensors[key] = acts_CTD.detach().to(device="cpu", dtype=STORAGE_DTYPES[dtype]).contiguous()
+    metadata = {"first_context": str(first_context)}  # one key: safetensors writes several in no fixed order
+    if isinstance(activations, dict):
+        hashes = {key: tensor_sha256(tensors[key]) for key in sorted(named)}
+        metadata = {POINTS_METADATA: json.dumps({"first_context": first_context, "sha256": hashes}, sort_keys=True)}
+    data = save_safetensors_bytes(tensors, metadata=metadata)
     name = shard_name(writer, index)
     atomic_write_bytes(Path(folder) / name, data)
     return ShardRecord(
@@ -242,28 +303,46 @@ def _read_checked(path: Path, record: ShardRecord) -> bytes:
 
 
 def load_shard(folder: Path, manifest: CacheManifest, record: ShardRecord, verify: bool = True) -> Shard:
-    """Load one shard, checking its size, sha256 and shapes against the manifest."""
+    """Load one shard's tokens and the selected point's activations, checking size, sha256 and shapes.
+
+    A one-point shard is checked against the manifest's sha256 of the whole file; in a
+    shard of several points only the selected tensor is read and checked (its sha256 in
+    the file's metadata; the file's size against the manifest).
+    """
     path = Path(folder) / record.file
+    key = manifest.tensor_key
     try:
-        if verify:
+        if verify and key == "activations":
             tensors = load_safetensors_bytes(_read_checked(path, record))
         else:
-            with safe_open(path, framework="pt") as handle:
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = _read_tensors(path, record, ("tokens", key), verify)
     except CorruptShardError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise CorruptShardError(f"shard {path} is unreadable ({first_line(error)}){REPAIR}") from error
     expected = (record.n_ctx, manifest.ctx_len, manifest.d_model)
-    acts, tokens = tensors.get("activations"), tensors.get("tokens")
+    acts, tokens = tensors.get(key), tensors.get("tokens")
     if acts is None or tokens is None or tuple(acts.shape) != expected or tuple(tokens.shape) != expected[:2]:
-        raise CorruptShardError(f"shard {path} does not hold activations {expected} and tokens {expected[:2]}")
+        raise CorruptShardError(f"shard {path} does not hold {key} {expected} and tokens {expected[:2]}")
     return Shard(activations_CTD=acts, tokens_CT=tokens, record=record)
 
 
-def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
-    """Only the ``tokens`` tensor of a shard (no checksum; cheap random access)."""
-    path = Path(folder) / record.file
+def _read_tensors(path: Path, record: ShardRecord, keys: tuple[str, ...], verify: bool) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of a shard; with ``verify``, the file's size and each tensor's recorded sha256 are checked."""
+    if verify:
+        _check_size(path, record)
+    with safe_open(path, framework="pt") as handle:
+        present, metadata = set(handle.keys()), handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in keys if key in present}
+    hashes = json.loads(metadata[POINTS_METADATA])["sha256"] if POINTS_METADATA in metadata else {}
+    for key, tensor in tensors.items():
+        expected = hashes.get(key)
+        if verify and expected is not None and tensor_sha256(tensor) != expected:
+            raise CorruptShardError(f"shard {path} is corrupt: its {key} tensor does not match its sha256{REPAIR}")
+    return tensors
+
+
+def _check_size(path: Path, record: ShardRecord) -> None:
     if not path.is_file():
         raise CorruptShardError(f"shard {path} is listed in the manifest but missing{REPAIR}")
     size = path.stat().st_size
@@ -271,6 +350,12 @@ def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
         raise CorruptShardError(
             f"shard {path} is truncated or altered: {size} bytes, expected {record.n_bytes}{REPAIR}"
         )
+
+
+def load_tokens(folder: Path, record: ShardRecord) -> torch.Tensor:
+    """Only the ``tokens`` tensor of a shard (no checksum; cheap random access)."""
+    path = Path(folder) / record.file
+    _check_size(path, record)
     try:
         with safe_open(path, framework="pt") as handle:
             return handle.get_tensor("tokens")
@@ -289,6 +374,23 @@ def iter_shards(
         yield load_shard(folder, manifest, record, verify=verify)
 
 
+def _check_whole_shard(folder: Path, manifest: CacheManifest, record: ShardRecord) -> None:
+    path = folder / record.file
+    try:
+        tensors = load_safetensors_bytes(_read_checked(path, record))
+    except CorruptShardError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise CorruptShardError(f"shard {path} is unreadable ({first_line(error)}){REPAIR}") from error
+    expected = (record.n_ctx, manifest.ctx_len, manifest.d_model)
+    hooks = manifest.provenance.get("hooks")
+    keys = ["activations"] if hooks is None else [str(point["name"]) for point in hooks]
+    for key in ("tokens", *keys):
+        shape = expected[:2] if key == "tokens" else expected
+        if key not in tensors or tuple(tensors[key].shape) != shape:
+            raise CorruptShardError(f"shard {path} does not hold {key} {shape}")
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     """Outcome of checking a whole cache."""
@@ -301,12 +403,12 @@ class VerifyReport:
 
 
 def verify_cache(folder: Path) -> VerifyReport:
-    """Check every listed shard's size, sha256 and shapes."""
+    """Check every listed shard's size, sha256 and shapes (every point's, in a cache of several)."""
     manifest = read_manifest(folder)
     problems = []
     for record in manifest.shards:
         try:
-            load_shard(folder, manifest, record, verify=True)
+            _check_whole_shard(Path(folder), manifest, record)
         except CacheError as error:
             problems.append(str(error))
     listed = {record.file for record in manifest.shards}

@@ -126,7 +126,8 @@ def test_resuming_a_hook_cache_without_hook_keeps_its_hook(tmp_path, tiny_model_
     run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, hook="attn-out", tokens=128))
     grown = run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, layer=1, tokens=256))
     assert grown.new_tokens == 128 and grown.manifest.hook_kind == "attn-out"
-    with pytest.raises(CacheError, match="hook: cache has 'attn-out', requested 'resid-post'"):
+    refused = "hook points: cache has blocks.1.hook_attn_out, requested blocks.1.hook_resid_post"
+    with pytest.raises(CacheError, match=refused):
         run_cache(_cfg(tmp_path / "run", tiny_model_dir, text_corpus, hook="resid-post", tokens=512))
 
 

@@ -113,7 +113,7 @@ def test_training_on_cuda_recovers_planted_features(compute_dtype):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_activations_copied_through_pinned_memory_equal_the_cpu(tiny_model, out_dtype):
     tokens = torch.randint(4, tiny_model.config.vocab_size, (37, 24), generator=torch.Generator().manual_seed(0))
-    on_cpu = compute_activations(tiny_model, tokens, layer=2, batch_size=8, out_dtype=out_dtype)
+    on_cpu = compute_activations(tiny_model, tokens, point=2, batch_size=8, out_dtype=out_dtype)
     counted = []
     on_cuda = compute_activations(
         copy.deepcopy(tiny_model).to(DEVICE), tokens, 2, 8, out_dtype=out_dtype, on_batch=counted.append

@@ -1,11 +1,11 @@
-"""Activations at one hook point for a block of contexts, computed batch by batch.
+"""Activations at one or several hook points for a block of contexts, computed batch by batch.
 
 Shape legend: C contexts, T positions, D d_model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,35 +24,53 @@ def compute_activations(
 ) -> torch.Tensor:
     """Activations at ``point`` for every context, on CPU in ``out_dtype`` [C, T, D].
 
-    ``point`` is a HookPoint, or a block index meaning the residual stream after it. Each
-    forward stops after the point's block (``capture``).
-
-    Batches are always cut at the same offsets for the same inputs, so the same
-    contexts give bit-identical activations on the same machine. ``on_batch`` is
-    called with the number of tokens after each batch (for progress bars). On a
-    GPU each batch is cast there and copied into one pinned host buffer without
-    blocking, so the next batch's forward is queued while the copy runs; the
-    single synchronize is at the end.
+    ``point`` is a HookPoint, or a block index meaning the residual stream after it.
+    ``compute_point_activations`` with one point; see there.
     """
     point = as_hook_point(point)
+    return compute_point_activations(model, tokens_CT, [point], batch_size, out_dtype, on_batch)[point]
+
+
+@torch.inference_mode()
+def compute_point_activations(
+    model: nn.Module,
+    tokens_CT: torch.Tensor,
+    points: Sequence[HookPoint],
+    batch_size: int,
+    out_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[HookPoint, torch.Tensor]:
+    """Activations at every point of ``points`` for every context, on CPU in ``out_dtype`` {point: [C, T, D]}.
+
+    One forward per batch serves every point and stops after the deepest point's
+    block (``capture``). Batches are always cut at the same offsets for the same
+    inputs, so the same contexts give bit-identical activations on the same machine,
+    whichever other points are captured alongside. ``on_batch`` is called with the
+    number of tokens after each batch (for progress bars). On a GPU each batch is
+    cast there and copied into pinned host buffers without blocking, so the next
+    batch's forward is queued while the copy runs; the single synchronize is at the end.
+    """
     device = next(model.parameters()).device
-    outputs, pinned = [], None
+    outputs: dict[HookPoint, list[torch.Tensor]] = {point: [] for point in points}
+    pinned: dict[HookPoint, torch.Tensor] = {}
     for start in range(0, tokens_CT.shape[0], batch_size):
         ids_BT = tokens_CT[start : start + batch_size].to(device=device, dtype=torch.long)
-        acts_BTD = capture(model, ids_BT, [point])[point].to(out_dtype)
-        if device.type == "cuda":
-            if pinned is None:
-                shape = (tokens_CT.shape[0], *acts_BTD.shape[1:])
-                pinned = torch.empty(shape, dtype=out_dtype, pin_memory=True)
-            pinned[start : start + ids_BT.shape[0]].copy_(acts_BTD, non_blocking=True)
-        else:
-            outputs.append(acts_BTD)
+        captured = capture(model, ids_BT, points)
+        for point in points:
+            acts_BTD = captured[point].to(out_dtype)
+            if device.type == "cuda":
+                if point not in pinned:
+                    shape = (tokens_CT.shape[0], *acts_BTD.shape[1:])
+                    pinned[point] = torch.empty(shape, dtype=out_dtype, pin_memory=True)
+                pinned[point][start : start + ids_BT.shape[0]].copy_(acts_BTD, non_blocking=True)
+            else:
+                outputs[point].append(acts_BTD)
         if on_batch is not None:
             on_batch(ids_BT.numel())
-    if pinned is not None:
+    if pinned:
         torch.cuda.synchronize(device)
         return pinned
-    return torch.cat(outputs)
+    return {point: torch.cat(chunks) for point, chunks in outputs.items()}
 
 
 @torch.inference_mode()
