@@ -23,7 +23,7 @@ from jobs.options import ConfigError, add_config_arguments, config_from_args, op
 from jobs.run import load_run_model
 from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
 from pipeline.lm.packing import encode_prompt
-from pipeline.lm.token_text import load_tokenizer
+from pipeline.lm.token_text import load_tokenizer, token_text
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.graph_json import graph_document, graph_nodes, to_json
@@ -97,7 +97,7 @@ def feature_labels(model, tcs: dict, graph: Graph, tokenizer, top_n: int = 3) ->
         rows = tcs[layer].W_dec.detach()[latents].float()
         _, promoted, _, _ = logit_effects(rows, W_U, None if gamma is None else gamma.float(), top_n)
         for latent, ids in zip(latents, promoted.tolist(), strict=True):
-            labels[(layer, latent)] = "→ " + " · ".join(repr(tokenizer.decode([t]))[1:-1] for t in ids)
+            labels[(layer, latent)] = "→ " + " · ".join(repr(token_text(tokenizer, t))[1:-1] for t in ids)
     return labels
 
 
@@ -142,7 +142,7 @@ def run_trace(cfg: TraceConfig) -> dict:
         "prompt_ids": ids,
     }
     document = graph_document(
-        graph, pruned, lambda t: tokenizer.decode([t]), name, manifest.provenance["model"]["name"], cfg.prompt,
+        graph, pruned, lambda t: token_text(tokenizer, t), name, manifest.provenance["model"]["name"], cfg.prompt,
         cfg.node_threshold, cfg.edge_threshold, provenance, feature_labels(model, tcs, graph, tokenizer),
         [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)],
     )  # fmt: skip

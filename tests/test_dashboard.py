@@ -441,6 +441,15 @@ def test_byte_tokens_show_their_bytes_and_merge_on_hover():
     assert vocab_bytes(tok, [tok.bos_token_id]) == [None]
 
 
+def test_a_graph_names_byte_tokens_by_their_bytes():
+    from pipeline.lm.token_text import token_text
+
+    tok = byte_level_tokenizer()
+    ids = tok("a—b", add_special_tokens=False).input_ids
+    assert [token_text(tok, i) for i in ids] == ["a", "\\xe2", "\\x80", "\\x94", "b"]
+    assert token_text(tok, tok.bos_token_id) == "<s>"
+
+
 def test_whitespace_tokens_stay_visible():
     from dashboards.render import token_label, token_spans
 

@@ -71,6 +71,15 @@ def display_text(text: str, raw: bytes | None = None) -> str:
     return text
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    r"""One token decoded alone, or its bytes (``\xe2\x80``) when it holds only part of a character."""
+    text = tokenizer.decode([token_id])
+    if REPLACEMENT not in text:
+        return text
+    raw = vocab_bytes(tokenizer, [token_id])[0]
+    return display_text(text, raw) if raw is not None else text
+
+
 def merged_texts(texts: list[str], raw: list[bytes | None] | None) -> list[str]:
     """Per token, the text it completes: a run of byte tokens puts its merged character on its last token.
 
