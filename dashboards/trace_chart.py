@@ -97,19 +97,26 @@ def label_layers(graph: TraceGraph) -> list[alt.Chart]:
     return [token_text.encode(x="x:Q", y="y:Q", text="text:N"), row_text.encode(x="x:Q", y="y:Q", text="text:N")]
 
 
-def frames(graph: TraceGraph, groups: list[tuple[str, list[str]]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(nodes, edges, supernode boxes) as data frames of plain values."""
+def frames(
+    graph: TraceGraph, groups: list[tuple[str, list[str]]], max_links: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(nodes, edges, supernode boxes) as data frames of plain values; edges: the ``max_links`` largest |weight|."""
     placed = place(graph)
     edge_columns = ["x", "y", "x2", "y2", "weight", "strength", "sign"]
+    edges = pd.DataFrame(edge_rows(graph, placed), columns=edge_columns)
+    if max_links is not None and len(edges) > max_links:
+        edges = edges.nlargest(max_links, "strength", keep="first").sort_index()
     return (
         pd.DataFrame(node_rows(graph, placed)),
-        pd.DataFrame(edge_rows(graph, placed), columns=edge_columns),
+        edges,
         pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members"]),
     )
 
 
-def graph_chart(graph: TraceGraph, groups: list[tuple[str, list[str]]], height: int = 640) -> alt.LayerChart:
-    """The whole graph as one layered chart, nodes on top of boxes on top of edges."""
-    nodes, edges, boxes = frames(graph, groups)
+def graph_chart(
+    graph: TraceGraph, groups: list[tuple[str, list[str]]], height: int = 640, max_links: int | None = None
+) -> alt.LayerChart:
+    """The whole graph as one layered chart, nodes on top of boxes on top of edges (the ``max_links`` strongest)."""
+    nodes, edges, boxes = frames(graph, groups, max_links)
     layers = [edge_layer(edges), *box_layers(boxes), node_layer(nodes), *label_layers(graph)]
     return alt.layer(*layers).properties(height=height).resolve_scale(color="independent")

@@ -125,6 +125,21 @@ def test_page_lists_graphs_and_draws_the_chosen_one(graph_run):
     assert len(node_rows) == 7
 
 
+def test_the_chart_draws_the_strongest_links_and_the_page_offers_more(graph_run, monkeypatch):
+    from dashboards.trace_chart import frames
+    from dashboards.views import trace
+
+    graph = parse_graph(small_graph(), "cat")
+    _, edges, _ = frames(graph, [], max_links=2)
+    assert sorted(edges["weight"].tolist()) == [0.9, 1.1]  # the two largest |weight| of five
+    assert len(frames(graph, [])[1]) == 5
+    monkeypatch.setattr(trace, "DEFAULT_LINKS", 3)
+    app = page(graph="cat").run()
+    assert not app.exception, app.exception
+    assert len([r for r in chart_rows(app) if "strength" in r]) == 3
+    assert "the 3 strongest of 5 links" in " ".join(c.value for c in app.caption)
+
+
 def test_hover_label_is_literal_text_and_prompt_tokens_are_escaped(graph_run):
     app = page(graph="cat").run()
     labels = {r["node_id"]: r["label"] for r in chart_rows(app) if "node_id" in r}

@@ -25,6 +25,9 @@ from dashboards.trace_intervene import panel
 from dashboards.trace_layout import TraceGraph, TraceNode, feature_url, parse_graph
 from storage.graph_groups import graph_names, graph_path, read_graph_json, read_supernodes, write_supernodes
 
+DEFAULT_LINKS = 3000
+"""Links drawn until the reader asks for more: a pruned graph keeps tens of thousands, most of them faint."""
+
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _parsed(run: str, name: str, version: tuple[int, int]) -> TraceGraph:
@@ -56,6 +59,13 @@ def prompt_html(graph: TraceGraph) -> str:
     tokens = graph.prompt_tokens
     spans = token_spans(tokens, [0.0] * len(tokens), 1.0, titles=[f"position {i}" for i in range(len(tokens))])
     return f'<div class="trace-prompt">{spans}</div>'
+
+
+def links_to_draw(n_links: int) -> int:
+    """How many of the strongest links the chart draws (a slider when there are more than the default)."""
+    if n_links <= DEFAULT_LINKS:
+        return n_links
+    return st.slider("links drawn (strongest first)", 1, n_links, DEFAULT_LINKS, key="trace_links")
 
 
 def clicked_node(event) -> str | None:
@@ -133,8 +143,11 @@ def render() -> None:
         show_error(error)
         return
     st.html(prompt_html(graph))
-    st.caption(f"{len(graph.nodes):,} nodes · {len(graph.links):,} links · {len(groups)} supernodes")
-    event = st.altair_chart(graph_chart(graph, groups), on_select="rerun", key="trace_chart", width="stretch")
+    shown = links_to_draw(len(graph.links))
+    drawn = f"the {shown:,} strongest of {len(graph.links):,} links" if shown < len(graph.links) else "all links"
+    st.caption(f"{len(graph.nodes):,} nodes · {drawn} · {len(groups)} supernodes")
+    chart = graph_chart(graph, groups, max_links=shown)
+    event = st.altair_chart(chart, on_select="rerun", key="trace_chart", width="stretch")
     node_details(graph, clicked_node(event))
     st.subheader("Supernodes")
     supernode_editor(settings.run, name, graph, groups)
