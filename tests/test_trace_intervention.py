@@ -120,6 +120,21 @@ def test_decode_steps_under_a_kv_cache_are_untouched(model, transcoders):
     assert all(d.abs().sum() == 0 for d in deltas[1:])
 
 
+def test_an_edit_without_a_position_steers_every_position_generated_ones_too(model, transcoders):
+    tc = transcoders[1]
+    x, y_clean = mlp_io(model, 1, PROMPT)
+    feature = int(tc.W_dec.detach().norm(dim=1).argmax())
+    _, y_edited = mlp_io(model, 1, PROMPT, [FeatureEdit(1, None, feature, 2.0)], transcoders)
+    with torch.no_grad():
+        expected = y_clean + (2.0 - tc.encode(x)[:, feature]).unsqueeze(1) * tc.W_dec[feature]
+    torch.testing.assert_close(y_edited, expected, rtol=1e-5, atol=1e-5)
+    deltas = []
+    with intervene(model, transcoders, [FeatureEdit(1, None, feature, 2.0)], lambda _layer, d: deltas.append(d)):
+        sample(model, PROMPT, SamplingConfig(max_new_tokens=3, temperature=0.0), None)
+    assert [d.shape[1] for d in deltas] == [len(PROMPT), 1, 1]
+    assert all(bool((d.abs().sum(-1) > 0).all()) for d in deltas)  # every position, each decode step included
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [(FeatureEdit(0, 1, 0), "no transcoder at layer 0"), (FeatureEdit(1, 1, 99), "out of range"),

@@ -98,3 +98,25 @@ def test_special_positions_have_no_codes_and_progress_is_reported(tokenizer, tin
     assert (positions != 0).all()  # position 0 holds BOS in every context
     with pytest.raises(ValueError, match="batch_contexts must be positive"):
         layer_codes(tiny_model, tc, tokens_CT, LAYER, ordinary_CT, batch_contexts=0)
+
+
+def test_interval_examples_slice_the_active_values_into_equal_counts():
+    from pipeline.features.transcoder_examples import LayerCodes, interval_examples
+
+    # 2 contexts x 6 positions; latent 4 is active at 7 tokens with values 1..7 (latent 5 is noise).
+    token_M = torch.tensor([0, 2, 3, 5, 6, 9, 11, 1])
+    value_M = torch.tensor([3.0, 1.0, 7.0, 2.0, 5.0, 4.0, 6.0, 9.0])
+    latent_M = torch.tensor([4, 4, 4, 4, 4, 4, 4, 5])
+    codes = LayerCodes(token_M, latent_M, value_M, torch.ones(2, 6, dtype=torch.bool))
+    bins = interval_examples(codes, 4, n_bins=3, per_bin=2, window=1)
+    # sorted: 1@2 2@5 3@0 | 4@9 5@6 | 6@11 7@3  (tensor_split gives 3, 2, 2)
+    assert [(b.low, b.high, b.n_tokens) for b in bins] == [(0.0, 3.0, 3), (3.0, 5.0, 2), (5.0, 7.0, 2)]
+    assert [[(e.context, e.peak, e.activation) for e in b.examples] for b in bins] == [
+        [(0, 2, 1.0), (0, 0, 3.0)],
+        [(1, 3, 4.0), (1, 0, 5.0)],
+        [(1, 5, 6.0), (0, 3, 7.0)],
+    ]
+    first = bins[0].examples[0]
+    assert (first.start, first.acts) == (1, [0.0, 1.0, 7.0])  # one token either side of position 2
+    assert interval_examples(codes, 3) == []  # never active
+    assert len(interval_examples(codes, 5, n_bins=5)) == 1  # fewer active tokens than bins

@@ -10,7 +10,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from pipeline.features.transcoder_examples import latent_examples, layer_codes
+from pipeline.features.transcoder_examples import interval_examples, latent_examples, layer_codes
 from pipeline.lm.packing import special_mask
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from storage.shards import activations_dir, read_manifest
@@ -81,15 +81,20 @@ def blocks(app: AppTest, cls: str) -> list[tuple[dict, str]]:
     return parser.blocks
 
 
-def expected_examples(run, tiny_model, latent: int):
-    """The page's examples recomputed from the pipeline: the cache's last held-out contexts, layer 2's codes."""
+def expected_codes(run, tiny_model):
+    """Layer 2's codes recomputed from the pipeline over the cache's last held-out contexts, and those tokens."""
     folder = set_dir(run, "tc")
     manifest = read_manifest(activations_dir(run))
     n_ctx = min(64, read_set(folder)["training"]["heldout_contexts"])
     tokens_CT = last_context_tokens(activations_dir(run), manifest, n_ctx)
     tc = transcoder_from_saelens(*load_layer_files(folder, LAYER))
     ordinary_CT = ~special_mask(tokens_CT, manifest.special_token_ids)
-    codes = layer_codes(tiny_model, tc, tokens_CT, LAYER, ordinary_CT)
+    return layer_codes(tiny_model, tc, tokens_CT, LAYER, ordinary_CT), tokens_CT
+
+
+def expected_examples(run, tiny_model, latent: int):
+    """The page's top examples recomputed from the pipeline."""
+    codes, tokens_CT = expected_codes(run, tiny_model)
     return tokens_CT, latent_examples(codes, latent, 10, 16)
 
 
@@ -118,6 +123,30 @@ def test_page_shows_header_output_tokens_and_live_examples(served, tiny_model, t
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["max activation"] == f"{expected.max_act:.4g}"
     assert not [m for m in app.markdown if "<" in m.value]
+    shown_bins = blocks(app, "interval")
+    expected_bins = interval_examples(expected_codes(served, tiny_model)[0], 5, 5, 3, 8)
+    assert len(shown_bins) == len(expected_bins) >= 1
+    for (_, text), entry in zip(shown_bins, expected_bins, strict=True):
+        assert text.startswith(f"({entry.low:.3g}, {entry.high:.3g}] · {entry.n_tokens:,} tokens")
+    assert len(blocks(app, "interval-example")) == sum(len(b.examples) for b in expected_bins)
+
+
+def test_steering_with_a_latent_clamps_it_at_every_position(served, monkeypatch):
+    import dashboards.transcoder_steer as steer
+
+    seen = []
+    real = steer.run_intervention
+    monkeypatch.setattr(steer, "run_intervention", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    app = page(id=5, layer=LAYER, transcoders="tc").run()
+    app.text_input[0].set_value("the cat")
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    assert not app.error, app.error[0].value
+    max_act = float(next(m.value for m in app.metric if m.label == "max activation"))
+    ((edit,),) = seen
+    assert (edit.layer, edit.position, edit.feature) == (LAYER, None, 5)
+    assert edit.value == pytest.approx(4.0 * max_act, rel=1e-3)
+    assert [h for h in app.get("html") if 'data-role="intervened"' in h.proto.body]
 
 
 def test_another_latent_of_the_same_layer_reuses_the_cached_codes(served, monkeypatch):
@@ -156,7 +185,7 @@ def test_render_helpers_escape_token_text(tiny_model):
             return ["<b>", "&amp;", "$x$"][: len(ids)] + ["*y*"] * max(0, len(ids) - 3)
 
     stats = LatentExamples(0, 3, 2, 2.0, 1.5, [LatentExample(0, 0, 1, 2.0, [0.0, 2.0, 1.0])])
-    markup = examples_html(stats, torch.tensor([[5, 6, 7]]), Tricky())
+    markup = examples_html(stats.examples, stats.max_act, torch.tensor([[5, 6, 7]]), Tricky())
     assert "&lt;b&gt;" in markup and "&amp;amp;" in markup and "<b>" not in markup
     promoted, suppressed = logit_lens_html(tiny_model, Tricky(), torch.randn(32))
     assert "&lt;b&gt;" in promoted and "<b>" not in promoted + suppressed

@@ -6,7 +6,9 @@ tokens latent F's decoder row promotes and suppresses through the unembedding
 one row) and its top examples: the model runs over the run's held-out contexts
 (the cache's last ones, at most ``MAX_CONTEXTS``) up to block L, the transcoder
 encodes that layer's MLP input, and the ``TOP_N`` contexts with the highest peak
-of F are drawn as token windows shaded by F's activation. The codes of a whole
+of F are drawn as token windows shaded by F's activation, then examples from
+``N_BINS`` equal-count activation ranges, then a form that steers a generation by
+clamping F at every position (``dashboards.transcoder_steer``). The codes of a whole
 layer are kept per (run, set, layer, weights sha256), so another latent of the
 same layer, or the same page again, is instant. ``NAME`` defaults to the run's
 only set. Token text reaches the page only through ``token_spans`` or
@@ -26,8 +28,15 @@ import torch
 
 from dashboards.render import format_density, token_spans
 from dashboards.resources import app_settings, hook_lock, show_error
+from dashboards.transcoder_steer import steer_panel
 from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
-from pipeline.features.transcoder_examples import LatentExamples, LayerCodes, latent_examples, layer_codes
+from pipeline.features.transcoder_examples import (
+    LatentExample,
+    LayerCodes,
+    interval_examples,
+    latent_examples,
+    layer_codes,
+)
 from pipeline.lm.models import load_model
 from pipeline.lm.packing import special_mask
 from pipeline.lm.token_text import REPLACEMENT, vocab_bytes
@@ -44,6 +53,8 @@ TOP_N = 10
 WINDOW = 16
 """Tokens shown either side of an example's peak."""
 BATCH_CONTEXTS = 8
+N_BINS = 5
+PER_BIN = 3
 
 
 @dataclass(frozen=True)
@@ -203,15 +214,15 @@ def logit_lens_html(model, tokenizer, W_dec_row_D, top_n: int = 10) -> tuple[str
     return parts[0], parts[1]
 
 
-def examples_html(stats: LatentExamples, tokens_CT, tokenizer) -> str:
-    """Each top example's window of tokens, shaded by the latent's activation, its peak outlined."""
+def examples_html(examples: list[LatentExample], max_act: float, tokens_CT, tokenizer, cls: str = "example") -> str:
+    """Each example's window of tokens, shaded by the latent's activation (``max_act`` darkest), its peak outlined."""
     rows = []
-    for example in stats.examples:
+    for example in examples:
         ids = [int(t) for t in tokens_CT[example.context, example.start : example.start + len(example.acts)]]
         texts, raw = token_texts(tokenizer, ids)
-        spans = token_spans(texts, example.acts, stats.max_act, peak=example.peak - example.start, raw=raw)
+        spans = token_spans(texts, example.acts, max_act, peak=example.peak - example.start, raw=raw)
         value = f'<small style="color:#666">{example.activation:.3f}</small> '
-        rows.append(f'<div class="example" data-context="{example.context}">{value}{spans}</div>')
+        rows.append(f'<div class="{cls}" data-context="{example.context}">{value}{spans}</div>')
     return "".join(rows)
 
 
@@ -256,4 +267,15 @@ def render() -> None:
     if not stats.examples:
         st.info(f"latent {choice.latent} does not fire on these {stats.n_tokens:,} tokens")
         return
-    st.html(examples_html(stats, layer_run.tokens_CT, loaded.tokenizer))
+    st.html(examples_html(stats.examples, stats.max_act, layer_run.tokens_CT, loaded.tokenizer))
+    bins = interval_examples(layer_run.codes, choice.latent, N_BINS, PER_BIN, WINDOW // 2)
+    st.subheader("Interval examples")
+    st.caption(f"the active tokens cut into {len(bins)} equal-count activation ranges, lowest first")
+    for entry in bins:
+        st.html(
+            f'<div class="interval"><small>({entry.low:.3g}, {entry.high:.3g}] · {entry.n_tokens:,} tokens</small>'
+            f"{examples_html(entry.examples, stats.max_act, layer_run.tokens_CT, loaded.tokenizer, 'interval-example')}"
+            "</div>"
+        )
+    st.subheader("Steer with this latent")
+    steer_panel(loaded, tc, choice.layer, choice.latent, stats.max_act)

@@ -10,7 +10,9 @@ every latent at the ordinary (non-special) positions as a flat sparse list;
 activation per token, its density and max/mean (when active) over the ordinary
 tokens, and its top contexts by peak activation (at most one example per
 context, at its earliest peak; ties go to the smaller context id), each a window
-of tokens around the peak.
+of tokens around the peak. ``interval_examples`` shows it across its range: windows
+around tokens from equal-count slices of its active values, as SAE feature pages
+show interval examples.
 """
 
 from __future__ import annotations
@@ -160,3 +162,47 @@ def _earliest_max(acts_CT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positions_T = torch.arange(acts_CT.shape[1])
     where_C = torch.where(is_peak_CT, positions_T, acts_CT.shape[1]).min(dim=1).values
     return peak_C, where_C
+
+
+@dataclass(frozen=True)
+class IntervalBin:
+    """Tokens whose activation falls in (``low``, ``high``]: one equal-count slice of the active tokens."""
+
+    low: float
+    high: float
+    n_tokens: int
+    examples: list[LatentExample]
+    """Windows around tokens spread evenly over the bin's ranks, lowest activation first."""
+
+
+def interval_examples(
+    codes: LayerCodes, latent: int, n_bins: int = 5, per_bin: int = 3, window: int = 8
+) -> list[IntervalBin]:
+    """Examples from ``n_bins`` equal-count activation ranges of one latent (lowest range first).
+
+    The active tokens are sorted by activation (ties by token order) and cut into
+    ``n_bins`` runs of as equal length as possible (fewer bins when fewer tokens are
+    active); each bin shows ``per_bin`` tokens at evenly spaced ranks within it, each
+    as a window of ``window`` tokens either side. Deterministic for the same codes.
+    """
+    acts_CT = latent_acts(codes, latent)
+    flat = acts_CT.reshape(-1)
+    active_N = (flat > 0).nonzero()[:, 0]
+    if active_N.numel() == 0:
+        return []
+    order = active_N[torch.argsort(flat[active_N], stable=True)]
+    ctx_len = acts_CT.shape[1]
+    bins, done = [], 0
+    for part in torch.tensor_split(order, min(n_bins, order.numel())):
+        picks = torch.linspace(0, part.numel() - 1, min(per_bin, part.numel())).round().long()
+        examples = [_window(acts_CT, int(part[i]) // ctx_len, int(part[i]) % ctx_len, window) for i in picks]
+        low = float(flat[order[done - 1]]) if done else 0.0
+        bins.append(IntervalBin(low, float(flat[part[-1]]), int(part.numel()), examples))
+        done += part.numel()
+    return bins
+
+
+def _window(acts_CT: torch.Tensor, context: int, position: int, window: int) -> LatentExample:
+    start, stop = max(0, position - window), min(acts_CT.shape[1], position + window + 1)
+    value = float(acts_CT[context, position])
+    return LatentExample(context, start, position, value, acts_CT[context, start:stop].tolist())

@@ -13,9 +13,11 @@ So an edit upstream changes the MLP inputs downstream, and a downstream a_f(t)
 is read from the changed input: interventions propagate. Ablate is v = 0; clamp
 is any other v (v = a_f(t) changes nothing). Other positions are untouched, and
 so are tokens generated after the prompt (positions >= the prompt's length are
-never named by an edit, and positions are read from the block's
+never named by an edit, unless the edit's position is None: then it acts at
+every position, prompt and generated alike, which is steering with one latent).
+Positions are read from the block's
 ``position_ids``, so single-token decode steps under a KV cache are placed
-correctly; models that pass none fall back to a running count).
+correctly; models that pass none fall back to a running count.
 
 Several edits at one layer read every a_f(t) from the same unedited MLP input.
 The transcoder's reconstruction error is kept: the MLP itself still runs.
@@ -41,7 +43,8 @@ class FeatureEdit:
     """Set feature ``feature`` of layer ``layer``'s transcoder to ``value`` at absolute position ``position``."""
 
     layer: int
-    position: int
+    position: int | None
+    """Absolute position; None for every position, generated ones included."""
     feature: int
     value: float = 0.0
     """0 ablates; any other value clamps."""
@@ -57,7 +60,7 @@ def check_edits(edits: Sequence[FeatureEdit], transcoders: dict[int, Transcoder]
         d_sae = transcoders[edit.layer].cfg.d_sae
         if not 0 <= edit.feature < d_sae:
             raise ValueError(f"feature {edit.feature} out of range: layer {edit.layer} has {d_sae} (0-{d_sae - 1})")
-        if not 0 <= edit.position < prompt_len:
+        if edit.position is not None and not 0 <= edit.position < prompt_len:
             raise ValueError(f"position {edit.position} out of range: the prompt has {prompt_len} tokens")
 
 
@@ -66,7 +69,9 @@ def edit_delta(tc: Transcoder, x_BTD: torch.Tensor, positions_BT: torch.Tensor, 
     """What to add to the MLP output [B, T, D] for ``edits`` (one layer's), given the MLP input ``x_BTD``."""
     delta_BTD = torch.zeros(x_BTD.shape, dtype=torch.float32, device=x_BTD.device)
     for edit in edits:
-        at_BT = positions_BT == edit.position
+        at_BT = (
+            torch.ones_like(positions_BT, dtype=torch.bool) if edit.position is None else positions_BT == edit.position
+        )
         if not bool(at_BT.any()):
             continue
         acts_N = tc.encode(x_BTD[at_BT].float())[:, edit.feature]
@@ -146,7 +151,7 @@ class InterventionResult:
     original_ids: list[int]
     """Greedy continuation, unedited."""
     edited_ids: list[int]
-    """Greedy continuation with the edits attached (they act on prompt positions only)."""
+    """Greedy continuation with the edits attached (on prompt positions, or everywhere for position None)."""
 
 
 def run_intervention(
