@@ -34,7 +34,8 @@ from storage.train_log import append_log
 from storage.training_data import TrainingStream
 
 if TYPE_CHECKING:
-    from jobs.train import TrainJobConfig, TrainSummary
+    from jobs.train import TrainSummary
+    from jobs.train_config import TrainJobConfig
 
 GRID_FLAGS = "--arch, --k, --d-sae, --expansion and --lr"
 """The options that take comma lists; every other option is shared by all members."""

@@ -25,7 +25,7 @@ from storage.train_log import log_path, truncate_log
 from storage.training_data import TrainingStream
 
 if TYPE_CHECKING:
-    from jobs.train import TrainJobConfig
+    from jobs.train_config import TrainJobConfig
 
 INIT_SAMPLE_TOKENS = 16384
 """Activations sampled for the normalization factor and the geometric-median init of b_dec."""

@@ -188,7 +188,7 @@ def _offline(monkeypatch, tmp_path):
 
 def tiny_train_config(run, **overrides):
     """The small float32 CPU training run the tiny-model tests share (64 latents, k 4, 24 batches of 256)."""
-    from jobs.train import TrainJobConfig
+    from jobs.train_config import TrainJobConfig
 
     values = dict(
         run=str(run),
