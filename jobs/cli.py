@@ -14,6 +14,7 @@ VERB_MODULES = (
     "jobs.train",
     "jobs.evaluate",
     "jobs.import_sae",
+    "jobs.export_transcoders",
     "jobs.index",
     "jobs.explain",
     "jobs.features",

@@ -1,0 +1,114 @@
+"""`saescope export-transcoders`: write a run's transcoder set in circuit-tracer's layout.
+
+The set (``runs/R/transcoders/NAME``, SAELens layout) is read and checked whole
+first: every layer from 0 must be there with one activation (and one k for TopK),
+which circuit-tracer needs. Then ``--out`` gets ``layer_{i}.safetensors`` per layer
+and ``config.yaml`` last (``pipeline.sae.circuit_tracer_format`` has the fields),
+each written atomically, so a killed export leaves no config pointing at missing
+files. ``config.yaml`` lists the files by absolute path (circuit-tracer's
+``load_transcoders`` opens them as given); drop that list to publish the folder
+on the Hub, where circuit-tracer finds ``layer_*.safetensors`` by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save as save_safetensors_bytes
+
+from jobs.options import ConfigError, add_config_arguments, config_from_args, option
+from pipeline.lm.models import DEFAULT_MODEL
+from pipeline.sae.circuit_tracer_format import circuit_tracer_config, circuit_tracer_tensors, layer_file
+from pipeline.sae.transcoder import Transcoder
+from pipeline.sae.transcoder_format import transcoder_from_saelens
+from storage.atomic import atomic_write_bytes, atomic_write_text
+from storage.sae_store import SaeStoreError
+from storage.shards import activations_dir, read_manifest
+from storage.transcoder_store import load_layer_files, read_set, resolve_set
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub id of the model the default GGUF file holds (circuit-tracer loads models by hub id)."""
+CONFIG = "config.yaml"
+TOPK_NOTE = (
+    "note: TopK sets need a circuit-tracer that reads `activation: topk` (its main branch does; 0.5.0 on PyPI "
+    "would apply ReLU to every latent): train with --arch batchtopk for a JumpReLU set every release reads"
+)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of `saescope export-transcoders`."""
+
+    run: str = option(help="run directory holding a trained transcoder set")
+    out: str = option(help="folder to write config.yaml and layer_{i}.safetensors into")
+    transcoders: str | None = option(None, "transcoder set to export (default: the run's only one)")
+    force: bool = option(False, "write into --out even if it already holds files")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export-transcoders", help="write a transcoder set in circuit-tracer's layout")
+    add_config_arguments(parser, ExportConfig)
+    parser.set_defaults(handler=lambda args: command(config_from_args(ExportConfig, args)))
+
+
+def load_set(run_dir: Path, name: str | None) -> tuple[Path, dict[int, Transcoder]]:
+    """The set's folder and every layer's transcoder (SaeStoreError naming a bad layer)."""
+    folder = resolve_set(run_dir, name)
+    tcs = {}
+    for layer in read_set(folder)["layers"]:
+        try:
+            tcs[layer] = transcoder_from_saelens(*load_layer_files(folder, layer))
+        except ValueError as error:
+            raise SaeStoreError(f"{folder} layer {layer}: {error}") from error
+    return folder, tcs
+
+
+def hub_model_name(spec: str, name: str) -> str:
+    """What circuit-tracer should load: the default model's hub id, a hub id as given, else the model's name."""
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID
+    return spec if spec.count("/") == 1 and not Path(spec).exists() else name
+
+
+def yaml_text(config: dict) -> str:
+    """``config`` (strings, integers, one list of strings) as block YAML with JSON-quoted strings."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"  - {json.dumps(item)}" for item in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} already holds files: choose an empty folder, or pass --force")
+
+
+def command(args: ExportConfig) -> int:
+    run_dir, out = Path(args.run), Path(args.out)
+    check_out(out, args.force)
+    manifest = read_manifest(activations_dir(run_dir))
+    folder, tcs = load_set(run_dir, args.transcoders)
+    model = hub_model_name(manifest.model_spec, str(manifest.provenance["model"]["name"]))
+    files = [str((out / layer_file(layer)).resolve()) for layer in sorted(tcs)]
+    try:
+        config = circuit_tracer_config(tcs, model, f"{model.split('/')[-1]}/{folder.name}", files)
+    except ValueError as error:
+        raise SaeStoreError(f"{folder}: {error}") from error
+    out.mkdir(parents=True, exist_ok=True)
+    for layer, path in zip(sorted(tcs), files, strict=True):
+        atomic_write_bytes(Path(path), save_safetensors_bytes(circuit_tracer_tensors(tcs[layer])))
+    atomic_write_text(out / CONFIG, yaml_text(config))
+    arch = config.get("activation", "jumprelu")
+    print(f"exported {len(tcs)} layers of {folder} ({arch}) to {out} for circuit-tracer ({model})")
+    if arch == "topk":
+        print(TOPK_NOTE)
+    print(f"load with: circuit_tracer.utils.hf_utils.load_transcoders(yaml.safe_load(open('{out / CONFIG}')))")
+    return 0
