@@ -36,7 +36,7 @@ def test_wrong_layer_is_one_clear_line(tmp_path, real_home):
         "cache", "--run", str(tmp_path / "r"), "--layer", "40", "--tokens", "256", home=real_home, check=False
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: layer 40 out of range: model has 30 layers (0-29)"
+    assert result.stderr.strip().splitlines()[-1] == "error: --layer: layer 40 out of range: model has 30 layers (0-29)"
 
 
 def test_train_and_eval_on_the_default_model(real_indexed, real_home):
