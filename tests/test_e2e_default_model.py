@@ -31,6 +31,19 @@ def test_verify_and_idempotent_rerun(real_run, real_home):
     assert "nothing to do" in again.stdout
 
 
+def test_many_points_of_the_default_model_from_one_read(tmp_path, real_home):
+    run = tmp_path / "points"
+    args = ("--hooks", "mlp-in,mlp-out", "--layers", "0,29", "--tokens", "256", "--model-dtype", "float32")
+    summary = saescope("cache", "--run", str(run), *args, "--device", "cpu", home=real_home).stdout
+    assert "4 hook points (mlp-in at layers 0,29; mlp-out at layers 0,29; 1.1 KiB a token each" in summary
+    manifest = json.loads((run / "activations" / "manifest.json").read_text())
+    names = [point["name"] for point in manifest["provenance"]["hooks"]]
+    assert names == ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out",
+                     "blocks.29.ln2.hook_normalized", "blocks.29.hook_mlp_out"]  # fmt: skip
+    assert manifest["provenance"]["hook"]["name"] == "blocks.0.ln2.hook_normalized"  # block 15 is not cached
+    assert "OK" in saescope("verify", "--run", str(run), home=real_home).stdout
+
+
 def test_wrong_layer_is_one_clear_line(tmp_path, real_home):
     result = saescope(
         "cache", "--run", str(tmp_path / "r"), "--layer", "40", "--tokens", "256", home=real_home, check=False
