@@ -4,8 +4,10 @@ Options are checked before the model loads (run, transcoder set, thresholds, gra
 name, the target token). The model runs in float32; the graph is pruned
 (pipeline.tracing.pruning) and written to ``runs/R/graphs/NAME.json`` in the JSON
 Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope``.
-Feature labels (the viewer's "clerp") are the tokens each feature's decoder row
-promotes most through the unembedding, as ``→ tok1 · tok2 · tok3``.
+Feature labels (the viewer's "clerp") say what each feature reads and writes:
+the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
+contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
+promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from jobs.console import human_count
 from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
 from jobs.run import load_run_model
 from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
-from pipeline.lm.packing import encode_prompt
+from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.lm.token_text import load_tokenizer, token_text
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
+from pipeline.tracing.feature_inputs import top_input_tokens
 from pipeline.tracing.graph_json import graph_document, graph_nodes, to_json
 from pipeline.tracing.paths import strongest_paths
 from pipeline.tracing.pruning import Pruned, prune
@@ -33,6 +36,7 @@ from pipeline.tracing.trace import trace
 from storage.graph_groups import check_graph_name, write_graph_json
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
+from storage.training_data import last_context_tokens
 from storage.transcoder_store import load_layer_files, read_set, resolve_set
 
 
@@ -53,6 +57,9 @@ class TraceConfig:
     batch_size: int = option(32, "target rows per backward pass")
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template as one user turn")
     paths: int = option(3, "strongest paths to print per target logit")
+    label_contexts: int = option(
+        16, "cached contexts searched for the tokens each feature fires on, for its label (0: output tokens only)"
+    )
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
 
@@ -61,6 +68,7 @@ class TraceConfig:
         require(self.max_feature_nodes >= 1, f"--max-feature-nodes must be at least 1, got {self.max_feature_nodes}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.paths >= 0, f"--paths must be >= 0, got {self.paths}")
+        require(self.label_contexts >= 0, f"--label-contexts must be >= 0, got {self.label_contexts}")
         for flag, value in (("--node-threshold", self.node_threshold), ("--edge-threshold", self.edge_threshold)):
             require(0 < value <= 1, f"{flag} must be in (0, 1], got {value}")
         if self.name is not None:
@@ -88,8 +96,15 @@ def target_id(tokenizer, text: str | None) -> int | None:
     raise ConfigError(f"--target {text!r} is {len(ids)} tokens, not one{hint}")
 
 
-def feature_labels(model, tcs: dict, graph: Graph, tokenizer, top_n: int = 3) -> dict[tuple[int, int], str]:
-    """(layer, latent) -> '→ a · b · c': the tokens each graph feature's decoder row promotes most."""
+def _shown(tokenizer, ids: list[int]) -> str:
+    return " · ".join(repr(token_text(tokenizer, t))[1:-1] for t in ids)
+
+
+def feature_labels(
+    model, tcs: dict, graph: Graph, tokenizer, inputs: dict | None = None, top_n: int = 3
+) -> dict[tuple[int, int], str]:
+    """(layer, latent) -> 'a · b → c · d': the tokens it fires on (``inputs``), those its decoder row promotes."""
+    inputs = inputs or {}
     labels = {}
     W_U, gamma = unembedding(model).float(), final_norm_weight(model)
     for layer in sorted({int(row[0]) for row in graph.features.tolist()}):
@@ -97,8 +112,22 @@ def feature_labels(model, tcs: dict, graph: Graph, tokenizer, top_n: int = 3) ->
         rows = tcs[layer].W_dec.detach()[latents].float()
         _, promoted, _, _ = logit_effects(rows, W_U, None if gamma is None else gamma.float(), top_n)
         for latent, ids in zip(latents, promoted.tolist(), strict=True):
-            labels[(layer, latent)] = "→ " + " · ".join(repr(token_text(tokenizer, t))[1:-1] for t in ids)
+            fires_on = _shown(tokenizer, inputs.get((layer, latent), []))
+            labels[(layer, latent)] = (fires_on + " " if fires_on else "") + "→ " + _shown(tokenizer, ids)
     return labels
+
+
+def graph_feature_inputs(model, tcs: dict, graph: Graph, run_dir: Path, manifest, n_contexts: int) -> dict:
+    """What each graph feature fires on over the cache's last ``n_contexts`` contexts (empty for 0)."""
+    if n_contexts == 0:
+        return {}
+    wanted: dict[int, list[int]] = {}
+    for layer, _, latent in graph.features.tolist():
+        wanted.setdefault(int(layer), []).append(int(latent))
+    wanted = {layer: sorted(set(latents)) for layer, latents in wanted.items()}
+    tokens_CT = last_context_tokens(activations_dir(run_dir), manifest, n_contexts)
+    ordinary_CT = ~special_mask(tokens_CT, manifest.special_token_ids)
+    return top_input_tokens(model, tcs, wanted, tokens_CT, ordinary_CT)
 
 
 def _load(cfg: TraceConfig):
@@ -141,11 +170,15 @@ def run_trace(cfg: TraceConfig) -> dict:
         "model": manifest.provenance["model"],
         "prompt_ids": ids,
     }
+    labelled = time.perf_counter()
+    inputs = graph_feature_inputs(model, tcs, graph, run_dir, manifest, cfg.label_contexts)
+    labels = feature_labels(model, tcs, graph, tokenizer, inputs)
     document = graph_document(
         graph, pruned, lambda t: token_text(tokenizer, t), name, manifest.provenance["model"]["name"], cfg.prompt,
-        cfg.node_threshold, cfg.edge_threshold, provenance, feature_labels(model, tcs, graph, tokenizer),
+        cfg.node_threshold, cfg.edge_threshold, provenance, labels,
         [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)],
     )  # fmt: skip
+    document["saescope"]["timings"]["labels_s"] = time.perf_counter() - labelled
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
     path = write_graph_json(run_dir, name, to_json(document))
     summary = summarize(graph, pruned, document, tokenizer, cfg.paths)

@@ -34,6 +34,18 @@ def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
     assert "completeness" in out and "saved" in out and "/trace?graph=cat" in out
 
 
+@pytest.mark.parametrize("contexts", [16, 0])
+def test_feature_labels_say_what_a_feature_fires_on_and_writes(traced_run, contexts):
+    keep_all = ["--node-threshold", "1", "--edge-threshold", "1", "--label-contexts", str(contexts)]
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat", "--name", "all", *keep_all]) == 0
+    doc = read_graph_json(traced_run, "all")
+    clerps = [node["clerp"] for node in doc["nodes"] if node["feature_type"] == "cross layer transcoder"]
+    assert clerps and all(" → " in c or c.startswith("→ ") for c in clerps)
+    reads = [c for c in clerps if not c.startswith("→ ")]
+    assert bool(reads) == (contexts > 0)  # with held-out contexts, some feature fires on them
+    assert doc["saescope"]["timings"]["labels_s"] >= 0
+
+
 def test_json_prints_the_document(traced_run, capsys):
     assert main(["trace", "--run", str(traced_run), "--prompt", "a b", "--name", "ab", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

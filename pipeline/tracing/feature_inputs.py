@@ -1,0 +1,66 @@
+"""What a graph's features fire on: each latent's strongest input tokens over held-out contexts.
+
+Shape legend: C contexts, T positions, B contexts in a batch, N ordinary tokens, L latents of one layer.
+
+A graph names a few hundred (layer, latent) pairs; a label that says only what a
+latent writes (its logit lens) leaves out what it reads. ``top_input_tokens``
+runs the model once per batch of contexts (stopping after the deepest layer
+asked for, ``capture``), encodes every asked layer's MLP input with its
+transcoder, and keeps, for each asked latent, the distinct token ids at its
+highest activations: the first ``top_n`` distinct tokens in order of activation
+(ties broken by position, so the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.lm.hook_points import HookPoint, capture
+from pipeline.sae.transcoder import Transcoder
+
+
+@torch.inference_mode()
+def top_input_tokens(
+    model: nn.Module,
+    transcoders: dict[int, Transcoder],
+    wanted: dict[int, list[int]],
+    tokens_CT: torch.Tensor,
+    ordinary_CT: torch.Tensor,
+    top_n: int = 3,
+    batch_contexts: int = 8,
+) -> dict[tuple[int, int], list[int]]:
+    """(layer, latent) -> up to ``top_n`` distinct token ids where it fires hardest ([] if it never fires)."""
+    layers = sorted(layer for layer, latents in wanted.items() if latents)
+    if not layers or tokens_CT.shape[0] == 0:
+        return {(layer, latent): [] for layer, latents in wanted.items() for latent in latents}
+    device = next(model.parameters()).device
+    points = {layer: HookPoint(layer, "mlp-in") for layer in layers}
+    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    token_ids: list[torch.Tensor] = []
+    for start in range(0, tokens_CT.shape[0], batch_contexts):
+        ids_BT = tokens_CT[start : start + batch_contexts].to(device=device, dtype=torch.long)
+        ordinary_BT = ordinary_CT[start : start + batch_contexts].to(device)
+        captured = capture(model, ids_BT, points.values())
+        token_ids.append(ids_BT[ordinary_BT].cpu())
+        for layer in layers:
+            x_ND = captured[points[layer]][ordinary_BT].float()
+            latents = torch.tensor(wanted[layer], device=device)
+            acts[layer].append(transcoders[layer].encode(x_ND)[:, latents].cpu())
+    tokens_N = torch.cat(token_ids)
+    return {
+        (layer, latent): _distinct_top(column, tokens_N, top_n)
+        for layer in layers
+        for latent, column in zip(wanted[layer], torch.cat(acts[layer]).T, strict=True)
+    }
+
+
+def _distinct_top(acts_N: torch.Tensor, tokens_N: torch.Tensor, top_n: int) -> list[int]:
+    chosen: list[int] = []
+    for position in torch.argsort(-acts_N, stable=True).tolist():
+        if acts_N[position] <= 0 or len(chosen) == top_n:
+            break
+        token = int(tokens_N[position])
+        if token not in chosen:
+            chosen.append(token)
+    return chosen

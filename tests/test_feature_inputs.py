@@ -1,0 +1,56 @@
+"""What graph features fire on: top_input_tokens against a brute-force loop over every token."""
+
+from __future__ import annotations
+
+import torch
+from conftest import TEXTS
+
+from pipeline.lm.hook_points import HookPoint, capture
+from pipeline.sae.transcoder_format import transcoder_from_saelens
+from pipeline.tracing.feature_inputs import top_input_tokens
+
+
+def random_transcoder(seed: int, d_model: int = 32, d_sae: int = 24):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "W_enc": torch.randn(d_model, d_sae, generator=generator),
+        "b_enc": torch.randn(d_sae, generator=generator) - 1.0,
+        "W_dec": torch.randn(d_sae, d_model, generator=generator),
+        "b_dec": torch.zeros(d_model),
+    }
+    return transcoder_from_saelens(tensors, {"architecture": "transcoder", "activation_fn": "relu", "d_in": d_model,
+                                             "d_sae": d_sae})  # fmt: skip
+
+
+def test_top_input_tokens_match_a_loop_over_every_token(tiny_model, tokenizer):
+    rows = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids][:16] for t in TEXTS[:6]]
+    tokens_CT = torch.tensor([r + [tokenizer.eos_token_id] * (16 - len(r)) for r in rows])
+    ordinary_CT = tokens_CT != tokenizer.bos_token_id
+    tcs = {1: random_transcoder(1), 2: random_transcoder(2)}
+    wanted = {1: [0, 5, 9], 2: [3, 23]}
+    found = top_input_tokens(tiny_model, tcs, wanted, tokens_CT, ordinary_CT, top_n=3, batch_contexts=4)
+    for layer, latents in wanted.items():
+        best: dict[int, list[tuple[float, int, int]]] = {latent: [] for latent in latents}
+        order = 0
+        for c in range(tokens_CT.shape[0]):
+            x_TD = capture(tiny_model, tokens_CT[c : c + 1], [HookPoint(layer, "mlp-in")])[HookPoint(layer, "mlp-in")][
+                0
+            ]
+            for t in range(tokens_CT.shape[1]):
+                if not ordinary_CT[c, t]:
+                    continue
+                with torch.no_grad():
+                    acts = tcs[layer].encode(x_TD[t : t + 1].float())[0]
+                for latent in latents:
+                    best[latent].append((-float(acts[latent]), order, int(tokens_CT[c, t])))
+                order += 1
+        for latent in latents:
+            distinct: list[int] = []
+            for negative, _, token in sorted(best[latent]):
+                if -negative > 0 and token not in distinct and len(distinct) < 3:
+                    distinct.append(token)
+            assert found[(layer, latent)] == distinct, (layer, latent)
+    assert any(found.values())  # some latent fires, so the comparison is not vacuous
+    assert top_input_tokens(tiny_model, tcs, wanted, tokens_CT[:0], ordinary_CT[:0]) == {
+        (1, 0): [], (1, 5): [], (1, 9): [], (2, 3): [], (2, 23): []
+    }  # fmt: skip
