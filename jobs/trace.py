@@ -13,7 +13,6 @@ promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,15 @@ import torch
 from jobs.console import human_count
 from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
 from jobs.run import load_run_model
-from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
 from pipeline.lm.packing import encode_prompt, special_mask
-from pipeline.lm.token_text import load_tokenizer, token_text
+from pipeline.lm.token_text import load_tokenizer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
-from pipeline.tracing.feature_inputs import top_input_tokens
-from pipeline.tracing.graph_json import graph_document, graph_nodes, to_json
+from pipeline.tracing.document import GraphSource, TraceSettings, target_token, trace_document
+from pipeline.tracing.graph_json import graph_nodes, to_json
 from pipeline.tracing.paths import strongest_paths
-from pipeline.tracing.pruning import Pruned, prune
-from pipeline.tracing.trace import trace
-from storage.graph_groups import check_graph_name, write_graph_json
+from pipeline.tracing.pruning import Pruned
+from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -78,56 +75,22 @@ class TraceConfig:
                 raise ConfigError(f"--name: {error}") from error
 
 
-def default_name(prompt: str) -> str:
-    """A file stem from the prompt: lowercase words joined by '-', at most 48 characters."""
-    stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-")
-    return stem or "graph"
-
-
 def target_id(tokenizer, text: str | None) -> int | None:
     """The one token ``--target`` names (ConfigError otherwise, suggesting the spaced form)."""
     if text is None:
         return None
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if len(ids) == 1:
-        return int(ids[0])
-    spaced = tokenizer(" " + text, add_special_tokens=False).input_ids if not text.startswith(" ") else []
-    hint = f": did you mean ' {text}' (one token, with its leading space)?" if len(spaced) == 1 else ""
-    raise ConfigError(f"--target {text!r} is {len(ids)} tokens, not one{hint}")
+    try:
+        return target_token(tokenizer, text)
+    except ValueError as error:
+        raise ConfigError(f"--target {error}") from error
 
 
-def _shown(tokenizer, ids: list[int]) -> str:
-    return " · ".join(repr(token_text(tokenizer, t))[1:-1] for t in ids)
-
-
-def feature_labels(
-    model, tcs: dict, graph: Graph, tokenizer, inputs: dict | None = None, top_n: int = 3
-) -> dict[tuple[int, int], str]:
-    """(layer, latent) -> 'a · b → c · d': the tokens it fires on (``inputs``), those its decoder row promotes."""
-    inputs = inputs or {}
-    labels = {}
-    W_U, gamma = unembedding(model).float(), final_norm_weight(model)
-    for layer in sorted({int(row[0]) for row in graph.features.tolist()}):
-        latents = sorted({int(r[2]) for r in graph.features.tolist() if int(r[0]) == layer})
-        rows = tcs[layer].W_dec.detach()[latents].float()
-        _, promoted, _, _ = logit_effects(rows, W_U, None if gamma is None else gamma.float(), top_n)
-        for latent, ids in zip(latents, promoted.tolist(), strict=True):
-            fires_on = _shown(tokenizer, inputs.get((layer, latent), []))
-            labels[(layer, latent)] = (fires_on + " " if fires_on else "") + "→ " + _shown(tokenizer, ids)
-    return labels
-
-
-def graph_feature_inputs(model, tcs: dict, graph: Graph, run_dir: Path, manifest, n_contexts: int) -> dict:
-    """What each graph feature fires on over the cache's last ``n_contexts`` contexts (empty for 0)."""
+def label_contexts(run_dir: Path, manifest, n_contexts: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cache's last ``n_contexts`` contexts and their ordinary positions, for feature labels (None for 0)."""
     if n_contexts == 0:
-        return {}
-    wanted: dict[int, list[int]] = {}
-    for layer, _, latent in graph.features.tolist():
-        wanted.setdefault(int(layer), []).append(int(latent))
-    wanted = {layer: sorted(set(latents)) for layer, latents in wanted.items()}
+        return None
     tokens_CT = last_context_tokens(activations_dir(run_dir), manifest, n_contexts)
-    ordinary_CT = ~special_mask(tokens_CT, manifest.special_token_ids)
-    return top_input_tokens(model, tcs, wanted, tokens_CT, ordinary_CT)
+    return tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids)
 
 
 def _load(cfg: TraceConfig):
@@ -158,11 +121,7 @@ def run_trace(cfg: TraceConfig) -> dict:
     loaded = load_run_model(manifest, cfg.device)
     model = loaded.model.float()
     tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
-    ids_T = torch.tensor(ids, device=cfg.device)
-    graph = trace(model, ids_T, tcs, target, cfg.max_feature_nodes, cfg.batch_size)
-    pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
-                   cfg.node_threshold, cfg.edge_threshold)  # fmt: skip
-    name = cfg.name or default_name(cfg.prompt)
+    name = cfg.name or graph_name_for(cfg.prompt)
     provenance = {
         "run": str(run_dir.resolve()),
         "transcoders": folder.name,
@@ -170,15 +129,12 @@ def run_trace(cfg: TraceConfig) -> dict:
         "model": manifest.provenance["model"],
         "prompt_ids": ids,
     }
-    labelled = time.perf_counter()
-    inputs = graph_feature_inputs(model, tcs, graph, run_dir, manifest, cfg.label_contexts)
-    labels = feature_labels(model, tcs, graph, tokenizer, inputs)
-    document = graph_document(
-        graph, pruned, lambda t: token_text(tokenizer, t), name, manifest.provenance["model"]["name"], cfg.prompt,
-        cfg.node_threshold, cfg.edge_threshold, provenance, labels,
-        [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)],
-    )  # fmt: skip
-    document["saescope"]["timings"]["labels_s"] = time.perf_counter() - labelled
+    files = [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)]
+    source = GraphSource(name, str(manifest.provenance["model"]["name"]), cfg.prompt, provenance, files)
+    settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
+    contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
+    traced = trace_document(model, tcs, ids, tokenizer, target, settings, source, contexts)
+    graph, pruned, document = traced.graph, traced.pruned, traced.document
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
     path = write_graph_json(run_dir, name, to_json(document))
     summary = summarize(graph, pruned, document, tokenizer, cfg.paths)

@@ -35,6 +35,12 @@ def check_graph_name(name: str) -> str:
     return name
 
 
+def graph_name_for(prompt: str) -> str:
+    """A file stem from the prompt: lowercase words joined by '-', at most 48 characters."""
+    stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-")
+    return stem or "graph"
+
+
 def graph_names(run: Path) -> list[str]:
     """Names of the run's saved graphs (sorted), supernode files excluded."""
     folder = graphs_dir(run)

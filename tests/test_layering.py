@@ -31,6 +31,7 @@ VERBS = {
     "train",
     "evaluate",
     "import_sae",
+    "export_transcoders",
     "index",
     "explain",
     "features",

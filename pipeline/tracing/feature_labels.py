@@ -1,4 +1,4 @@
-"""What a graph's features fire on: each latent's strongest input tokens over held-out contexts.
+"""Graph feature labels: what each feature fires on (its strongest input tokens) and what it writes.
 
 Shape legend: C contexts, T positions, B contexts in a batch, N ordinary tokens, L latents of one layer.
 
@@ -8,7 +8,9 @@ runs the model once per batch of contexts (stopping after the deepest layer
 asked for, ``capture``), encodes every asked layer's MLP input with its
 transcoder, and keeps, for each asked latent, the distinct token ids at its
 highest activations: the first ``top_n`` distinct tokens in order of activation
-(ties broken by position, so the result is deterministic).
+(ties broken by position, so the result is deterministic). ``feature_labels``
+joins those with the tokens the feature's decoder row promotes most through the
+unembedding (its logit lens) into the viewer's label, ``a · b → c · d``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
 from pipeline.lm.hook_points import HookPoint, capture
+from pipeline.lm.token_text import token_text
 from pipeline.sae.transcoder import Transcoder
+from pipeline.tracing.attribution import Graph
 
 
 @torch.inference_mode()
@@ -64,3 +69,31 @@ def _distinct_top(acts_N: torch.Tensor, tokens_N: torch.Tensor, top_n: int) -> l
         if token not in chosen:
             chosen.append(token)
     return chosen
+
+
+def graph_latents(graph: Graph) -> dict[int, list[int]]:
+    """layer -> the sorted latents of the graph's feature nodes there."""
+    wanted: dict[int, set[int]] = {}
+    for layer, _, latent in graph.features.tolist():
+        wanted.setdefault(int(layer), set()).add(int(latent))
+    return {layer: sorted(latents) for layer, latents in sorted(wanted.items())}
+
+
+def _shown(tokenizer, ids: list[int]) -> str:
+    return " · ".join(repr(token_text(tokenizer, t))[1:-1] for t in ids)
+
+
+def feature_labels(
+    model: nn.Module, transcoders: dict, graph: Graph, tokenizer, inputs: dict | None = None, top_n: int = 3
+) -> dict[tuple[int, int], str]:
+    """(layer, latent) -> 'a · b → c · d': the tokens it fires on (``inputs``), those its decoder row promotes."""
+    inputs = inputs or {}
+    labels = {}
+    W_U, gamma = unembedding(model).float(), final_norm_weight(model)
+    for layer, latents in graph_latents(graph).items():
+        rows = transcoders[layer].W_dec.detach()[latents].float()
+        _, promoted, _, _ = logit_effects(rows, W_U, None if gamma is None else gamma.float(), top_n)
+        for latent, ids in zip(latents, promoted.tolist(), strict=True):
+            fires_on = _shown(tokenizer, inputs.get((layer, latent), []))
+            labels[(layer, latent)] = (fires_on + " " if fires_on else "") + "→ " + _shown(tokenizer, ids)
+    return labels

@@ -7,7 +7,7 @@ from conftest import TEXTS
 
 from pipeline.lm.hook_points import HookPoint, capture
 from pipeline.sae.transcoder_format import transcoder_from_saelens
-from pipeline.tracing.feature_inputs import top_input_tokens
+from pipeline.tracing.feature_labels import top_input_tokens
 
 
 def random_transcoder(seed: int, d_model: int = 32, d_sae: int = 24):

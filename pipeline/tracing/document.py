@@ -1,0 +1,97 @@
+"""One prompt to its graph document: trace, prune, label, and lay out as Neuronpedia's graph JSON.
+
+Shared by `saescope trace` and the /trace page's prompt box, so a graph made in
+the browser is the same file the command writes. Labels (``feature_labels``)
+name what each kept feature fires on over ``label_contexts`` (held-out token
+contexts and their ordinary-position mask; None to label by output tokens only)
+and what it writes. The document's ``saescope.timings`` gain ``labels_s`` and
+``wall_s`` (this function's whole time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.lm.token_text import token_text
+from pipeline.tracing.attribution import Graph
+from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
+from pipeline.tracing.graph_json import graph_document
+from pipeline.tracing.pruning import Pruned, prune
+from pipeline.tracing.trace import trace
+
+
+def target_token(tokenizer, text: str) -> int:
+    """The one token ``text`` encodes to; ValueError otherwise, suggesting the form with a leading space."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) == 1:
+        return int(ids[0])
+    spaced = tokenizer(" " + text, add_special_tokens=False).input_ids if not text.startswith(" ") else []
+    hint = f": did you mean ' {text}' (one token, with its leading space)?" if len(spaced) == 1 else ""
+    raise ValueError(f"{text!r} is {len(ids)} tokens, not one{hint}")
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """How big a graph to attribute and how much of it to keep."""
+
+    max_feature_nodes: int = 2000
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    batch_size: int = 32
+    """Target rows per backward pass."""
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """What the document records about where the graph came from."""
+
+    name: str
+    """Graph name (the file's stem and the viewer's slug)."""
+    scan: str
+    """The model's name, as the viewer's ``scan``."""
+    prompt: str
+    provenance: dict
+    transcoder_list: list[str]
+
+
+@dataclass(frozen=True)
+class TracedPrompt:
+    graph: Graph
+    pruned: Pruned
+    document: dict
+
+
+def trace_document(
+    model: nn.Module,
+    transcoders: dict,
+    ids: list[int],
+    tokenizer,
+    target: int | None,
+    settings: TraceSettings,
+    source: GraphSource,
+    label_contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> TracedPrompt:
+    """The graph of ``ids`` through ``transcoders`` (one per layer), pruned and labelled, as a document."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    graph = trace(model, torch.tensor(ids, device=device), transcoders, target, settings.max_feature_nodes,
+                  settings.batch_size)  # fmt: skip
+    pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
+                   settings.node_threshold, settings.edge_threshold)  # fmt: skip
+    labelled = time.perf_counter()
+    inputs = {}
+    if label_contexts is not None:
+        inputs = top_input_tokens(model, transcoders, graph_latents(graph), *label_contexts)
+    document = graph_document(
+        graph, pruned, lambda t: token_text(tokenizer, t), source.name, source.scan, source.prompt,
+        settings.node_threshold, settings.edge_threshold, source.provenance,
+        feature_labels(model, transcoders, graph, tokenizer, inputs), source.transcoder_list,
+    )  # fmt: skip
+    timings = document["saescope"]["timings"]
+    timings["labels_s"] = time.perf_counter() - labelled
+    timings["wall_s"] = time.perf_counter() - started
+    return TracedPrompt(graph, pruned, document)
