@@ -209,3 +209,26 @@ def test_intervention_panel_shows_original_and_edited_predictions(run_copy, monk
     assert [h.value for h in app.subheader][-2:] == ["original", "intervened"]
     assert len(app.dataframe[0].value) == 10 and len(app.dataframe[1].value) == 10
     assert len(app.get("html")) >= 3  # prompt, node details, two continuations
+
+
+def test_the_prompt_box_traces_saves_and_opens_a_new_graph(transcoder_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(transcoder_run, run)
+    monkeypatch.setenv("SAESCOPE_RUN", str(run))
+    app = page().run()
+    assert not app.exception, app.exception
+    assert any("trace a prompt above" in i.value for i in app.info)
+    app.text_input[0].set_value("The cat sat on")
+    app.button[0].click().run(timeout=120)
+    assert not app.exception, app.exception
+    assert not app.error, app.error[0].value
+    assert graph_names(run) == ["the-cat-sat-on"]
+    assert app.query_params["graph"] == "the-cat-sat-on"
+    doc = json.loads((run / "graphs" / "the-cat-sat-on.json").read_text())
+    assert doc["metadata"]["prompt"] == "The cat sat on" and doc["saescope"]["transcoders"] == "tc"
+    assert doc["saescope"]["logit_error"] < 1e-3 and chart_spec(app)
+    app.text_input[1].set_value("two tokens!")
+    app.button[0].click().run(timeout=120)
+    assert app.error and "is" in app.error[0].value and "tokens, not one" in app.error[0].value

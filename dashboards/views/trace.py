@@ -1,5 +1,6 @@
 """Attribution graphs (``/trace?graph=NAME``): the pruned graph on a layers x positions grid, supernodes, links out.
 
+A prompt box (``dashboards.trace_new``) traces a new prompt and opens its graph.
 The page reads ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON; which fields,
 see ``dashboards.trace_layout``) and draws it as one Altair chart: embeddings at
 the bottom, logits on top, prompt tokens under the columns. Hover a node for its
@@ -23,6 +24,7 @@ from dashboards.resources import app_settings, show_error
 from dashboards.trace_chart import NODE_SELECTION, graph_chart
 from dashboards.trace_intervene import panel
 from dashboards.trace_layout import TraceGraph, TraceNode, feature_url, parse_graph
+from dashboards.trace_new import trace_form
 from storage.graph_groups import graph_names, graph_path, read_graph_json, read_supernodes, write_supernodes
 
 DEFAULT_LINKS = 3000
@@ -132,8 +134,13 @@ def render() -> None:
     except ValueError as error:
         show_error(error)
         return
+    with st.expander("Trace a new prompt", expanded=not names):
+        made = trace_form(settings.run)
+    if made is not None:
+        st.query_params["graph"] = made
+        st.rerun()
     if not names:
-        st.info(f"No attribution graphs in {settings.run / 'graphs'} yet: trace a prompt first.")
+        st.info(f"No attribution graphs in {settings.run / 'graphs'} yet: trace a prompt above.")
         return
     name = chosen_graph(names)
     try:

@@ -1,0 +1,75 @@
+"""The /trace page's prompt box: trace a new prompt with the run's transcoders and save it as a graph.
+
+The compute is ``pipeline.tracing.document.trace_document``, the same as `saescope
+trace`, on the server's shared CPU model and transcoders (``trace_intervene.live_tracing``)
+under the hook lock. Labels search the cache's last ``LABEL_CONTEXTS`` contexts.
+The graph is written to ``RUN/graphs/NAME.json`` (NAME from the prompt unless
+given) and the page then opens it. The set must cover every layer, as tracing needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboards.resources import hook_lock, show_error
+from dashboards.trace_intervene import live_tracing
+from pipeline.lm.packing import encode_prompt, special_mask
+from pipeline.tracing.document import GraphSource, TraceSettings, target_token, trace_document
+from pipeline.tracing.graph_json import to_json
+from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json
+from storage.sae_store import SaeStoreError
+from storage.shards import activations_dir, read_manifest
+from storage.training_data import last_context_tokens
+from storage.transcoder_store import finished_sets, read_set, set_dir
+
+LABEL_CONTEXTS = 16
+
+
+def trace_form(run: Path) -> str | None:
+    """The form; after a submitted trace, the saved graph's name (None otherwise; errors are shown)."""
+    sets = finished_sets(run)
+    if not sets:
+        st.info(f"{run} has no transcoder sets: run `saescope train --run {run} --transcoder --layers all` first.")
+        return None
+    with st.form("trace-new"):
+        prompt = st.text_input("prompt", "The capital of France is", max_chars=2000)
+        cols = st.columns(4)
+        target = cols[0].text_input("target token (empty: the top logits)", "")
+        name = cols[1].text_input("graph name (empty: from the prompt)", "")
+        max_nodes = cols[2].number_input("max feature nodes", 10, 10000, 2000, step=100)
+        chosen = cols[3].selectbox("transcoders", sets)
+        go = st.form_submit_button("Trace")
+    if not go:
+        return None
+    try:
+        return _trace(run, prompt, target, name, int(max_nodes), chosen)
+    except (ValueError, OSError, SaeStoreError) as error:
+        show_error(error)
+        return None
+
+
+def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_name: str) -> str:
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: type the text to trace")
+    graph_name = check_graph_name(name.strip() or graph_name_for(prompt))
+    manifest = read_manifest(activations_dir(run))
+    layers = read_set(set_dir(run, set_name))["layers"]
+    n_layers = int(manifest.provenance["model"]["n_layers"])
+    if layers != list(range(n_layers)):
+        raise ValueError(f"transcoder set {set_name!r} covers {len(layers)} of {n_layers} layers: tracing needs all")
+    loaded, transcoders = live_tracing(str(run), set_name, tuple(layers))
+    ids = encode_prompt(loaded.tokenizer, prompt)
+    target_id = target_token(loaded.tokenizer, target) if target.strip() else None
+    tokens_CT = last_context_tokens(activations_dir(run), manifest, LABEL_CONTEXTS)
+    contexts = (tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids))
+    provenance = {"run": str(run.resolve()), "transcoders": set_name, "layers": layers,
+                  "model": manifest.provenance["model"], "prompt_ids": ids}  # fmt: skip
+    files = [f"{set_name}/layer-{layer:02d}" for layer in layers]
+    source = GraphSource(graph_name, str(manifest.provenance["model"]["name"]), prompt, provenance, files)
+    with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
+        traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
+                                TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip
+    write_graph_json(run, graph_name, to_json(traced.document))
+    return graph_name
