@@ -34,7 +34,6 @@ from storage.index_queries import FeatureIndex, open_sae_index
 from storage.sae_store import (
     finished_sae_names,
     load_sae_files,
-    read_sae_cfg,
     resolve_sae,
     sae_dir,
     weights_fingerprint,
@@ -150,10 +149,11 @@ def _live_model(run: str, sae_folder: str, weights_sha256: str):
     loaded = load_model(
         manifest.model_spec, "cpu", convert_dir=converted_models_dir(), expect_revision=manifest.model_revision
     )
-    sae = sae_from_saelens(*load_sae_files(Path(sae_folder))).eval()
+    tensors, cfg = load_sae_files(Path(sae_folder))
+    sae = sae_from_saelens(tensors, cfg).eval()
     if weights_fingerprint(Path(sae_folder)) != weights_sha256:
         raise ValueError("the SAE was replaced while it loaded: reload the page")
-    point = sae_hook_point(read_sae_cfg(Path(sae_folder))) or HookPoint(manifest.layer, manifest.hook_kind)
+    point = sae_hook_point(cfg) or HookPoint(manifest.layer, manifest.hook_kind)
     return loaded, sae, point
 
 

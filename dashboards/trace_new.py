@@ -16,7 +16,7 @@ import streamlit as st
 from dashboards.resources import hook_lock, show_error
 from dashboards.trace_intervene import live_tracing
 from pipeline.lm.packing import encode_prompt, special_mask
-from pipeline.tracing.document import GraphSource, TraceSettings, target_token, trace_document
+from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import to_json
 from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json
 from storage.sae_store import SaeStoreError
@@ -56,18 +56,13 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     graph_name = check_graph_name(name.strip() or graph_name_for(prompt))
     manifest = read_manifest(activations_dir(run))
     layers = read_set(set_dir(run, set_name))["layers"]
-    n_layers = int(manifest.provenance["model"]["n_layers"])
-    if layers != list(range(n_layers)):
-        raise ValueError(f"transcoder set {set_name!r} covers {len(layers)} of {n_layers} layers: tracing needs all")
+    check_every_layer(set_name, layers, int(manifest.provenance["model"]["n_layers"]), str(run))
     loaded, transcoders = live_tracing(str(run), set_name, tuple(layers))
     ids = encode_prompt(loaded.tokenizer, prompt)
     target_id = target_token(loaded.tokenizer, target) if target.strip() else None
     tokens_CT = last_context_tokens(activations_dir(run), manifest, LABEL_CONTEXTS)
     contexts = (tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids))
-    provenance = {"run": str(run.resolve()), "transcoders": set_name, "layers": layers,
-                  "model": manifest.provenance["model"], "prompt_ids": ids}  # fmt: skip
-    files = [f"{set_name}/layer-{layer:02d}" for layer in layers]
-    source = GraphSource(graph_name, str(manifest.provenance["model"]["name"]), prompt, provenance, files)
+    source = set_source(graph_name, prompt, ids, str(run.resolve()), set_name, layers, manifest.provenance["model"])
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
                                 TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
-from jobs.run import as_read_by, cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
+from jobs.run import as_read_by, at_point, cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
 from pipeline.sae.sparsify import coder_from_sparsify, hook_point_of
 from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_tensors
 from storage.constants import TRANSCODER_SET
@@ -90,8 +90,7 @@ def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: boo
     if len(coders) != 1 or kinds != {"resid-post"}:
         raise SaeStoreError(f"{source}: import one sparsify SAE at a time, or a folder of transcoders only")
     ((point, sae),) = coders.items()
-    if len(manifest.hook_points) > 1:
-        manifest = manifest.select(point.layer, point.kind)
+    manifest = at_point(manifest, point)
     if point.layer != manifest.layer:
         raise SaeStoreError(f"{source} was trained on layer {point.layer} but the cache holds layer {manifest.layer}")
     if point != cache_hook_point(manifest):

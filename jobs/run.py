@@ -53,12 +53,16 @@ def cache_hook_point(manifest: CacheManifest) -> HookPoint:
     return HookPoint(manifest.layer, manifest.hook_kind)
 
 
+def at_point(manifest: CacheManifest, point: HookPoint | None) -> CacheManifest:
+    """The cache reading ``point`` when it holds several points (a one-point cache as it is: callers check it)."""
+    if point is None or len(manifest.hook_points) == 1:
+        return manifest
+    return manifest.select(point.layer, point.kind)
+
+
 def as_read_by(manifest: CacheManifest, sae_cfg: dict) -> CacheManifest:
     """The cache as the SAE with this cfg.json reads it: in a cache of several points, the SAE's own is selected."""
-    point = sae_hook_point(sae_cfg)
-    if point is None or len(manifest.hook_points) == 1:
-        return manifest  # check_fits_cache names any mismatch
-    return manifest.select(point.layer, point.kind)
+    return at_point(manifest, sae_hook_point(sae_cfg))
 
 
 def check_reads_point(folder: Path, manifest: CacheManifest) -> None:

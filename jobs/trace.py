@@ -26,7 +26,7 @@ from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.lm.token_text import load_tokenizer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
-from pipeline.tracing.document import GraphSource, TraceSettings, target_token, trace_document
+from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import graph_nodes, to_json
 from pipeline.tracing.paths import strongest_paths
 from pipeline.tracing.pruning import Pruned
@@ -98,12 +98,10 @@ def _load(cfg: TraceConfig):
     manifest = read_manifest(activations_dir(run_dir))
     folder = resolve_set(run_dir, cfg.transcoders)
     layers = read_set(folder)["layers"]
-    n_layers = int(manifest.provenance["model"]["n_layers"])
-    if layers != list(range(n_layers)):
-        raise ConfigError(
-            f"transcoder set {folder.name!r} covers layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}): "
-            f"tracing needs every layer; train one with `saescope train --run {run_dir} --transcoder --layers all`"
-        )
+    try:
+        check_every_layer(folder.name, layers, int(manifest.provenance["model"]["n_layers"]), str(run_dir))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     tokenizer = load_tokenizer(manifest.model_spec, converted_models_dir())
     target = target_id(tokenizer, cfg.target)
     ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
@@ -122,15 +120,8 @@ def run_trace(cfg: TraceConfig) -> dict:
     model = loaded.model.float()
     tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
     name = cfg.name or graph_name_for(cfg.prompt)
-    provenance = {
-        "run": str(run_dir.resolve()),
-        "transcoders": folder.name,
-        "layers": sorted(tcs),
-        "model": manifest.provenance["model"],
-        "prompt_ids": ids,
-    }
-    files = [f"{folder.name}/layer-{layer:02d}" for layer in sorted(tcs)]
-    source = GraphSource(name, str(manifest.provenance["model"]["name"]), cfg.prompt, provenance, files)
+    model_record = manifest.provenance["model"]
+    source = set_source(name, cfg.prompt, ids, str(run_dir.resolve()), folder.name, sorted(tcs), model_record)
     settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     traced = trace_document(model, tcs, ids, tokenizer, target, settings, source, contexts)

@@ -109,6 +109,12 @@ class CacheManifest:
         return tuple(self.provenance.get("hooks", [self.provenance["hook"]]))
 
     @property
+    def tensor_keys(self) -> tuple[str, ...]:
+        """The safetensors keys of every point: ``activations`` in a one-point cache, else the hook names."""
+        hooks = self.provenance.get("hooks")
+        return ("activations",) if hooks is None else tuple(str(point["name"]) for point in hooks)
+
+    @property
     def tensor_key(self) -> str:
         """The safetensors key of the selected point: ``activations`` in a one-point cache, else its hook name."""
         return "activations" if "hooks" not in self.provenance else self.hook_name
@@ -383,9 +389,7 @@ def _check_whole_shard(folder: Path, manifest: CacheManifest, record: ShardRecor
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise CorruptShardError(f"shard {path} is unreadable ({first_line(error)}){REPAIR}") from error
     expected = (record.n_ctx, manifest.ctx_len, manifest.d_model)
-    hooks = manifest.provenance.get("hooks")
-    keys = ["activations"] if hooks is None else [str(point["name"]) for point in hooks]
-    for key in ("tokens", *keys):
+    for key in ("tokens", *manifest.tensor_keys):
         shape = expected[:2] if key == "tokens" else expected
         if key not in tensors or tuple(tensors[key].shape) != shape:
             raise CorruptShardError(f"shard {path} does not hold {key} {shape}")

@@ -74,3 +74,13 @@ def test_bad_input_is_one_line_before_the_model_loads(traced_run, capsys, monkey
 def test_a_run_without_transcoders_says_how_to_train_them(run_copy, capsys):
     assert main(["trace", "--run", str(run_copy), "--prompt", "x"]) == 2
     assert "saescope train --run" in capsys.readouterr().err
+
+
+def test_a_set_missing_a_layer_is_refused_with_how_to_train_one(traced_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(traced_run, run)
+    set_json = run / "transcoders" / "tc" / "set.json"
+    set_json.write_text(json.dumps({**json.loads(set_json.read_text()), "layers": [0, 1, 2]}))
+    assert main(["trace", "--run", str(run), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "covers layers 0-2 (3 of 4): tracing needs every layer" in err and "--transcoder --layers all" in err

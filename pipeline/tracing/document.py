@@ -58,6 +58,25 @@ class GraphSource:
     transcoder_list: list[str]
 
 
+def check_every_layer(set_name: str, layers: list[int], n_layers: int, run: str) -> None:
+    """ValueError unless the set covers layers 0..n_layers-1, as tracing needs."""
+    if layers != list(range(n_layers)):
+        covered = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
+        raise ValueError(
+            f"transcoder set {set_name!r} covers {covered} ({len(layers)} of {n_layers}): tracing needs every "
+            f"layer; train one with `saescope train --run {run} --transcoder --layers all`"
+        )
+
+
+def set_source(
+    name: str, prompt: str, ids: list[int], run: str, set_name: str, layers: list[int], model: dict
+) -> GraphSource:
+    """Where a graph of ``prompt`` through run ``run``'s transcoder set came from (``model``: the cache's record)."""
+    provenance = {"run": run, "transcoders": set_name, "layers": sorted(layers), "model": model, "prompt_ids": ids}
+    files = [f"{set_name}/layer-{layer:02d}" for layer in sorted(layers)]
+    return GraphSource(name, str(model["name"]), prompt, provenance, files)
+
+
 @dataclass(frozen=True)
 class TracedPrompt:
     graph: Graph
