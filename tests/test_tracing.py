@@ -11,7 +11,14 @@ import torch
 from pipeline.lm.hook_points import HookPoint, capture
 from pipeline.sae.model import SaeConfig
 from pipeline.sae.transcoder import Transcoder
-from pipeline.tracing.attribution import active_features, attribute, feature_readouts, logit_readouts, target_logits
+from pipeline.tracing.attribution import (
+    active_features,
+    attribute,
+    constant_mask,
+    feature_readouts,
+    logit_readouts,
+    target_logits,
+)
 from pipeline.tracing.pruning import influence_from_rows, normalized
 from pipeline.tracing.replacement import build_replacement, record_prompt, replacement_forward, replacement_logits
 from pipeline.tracing.trace import trace
@@ -105,22 +112,24 @@ def test_each_target_is_the_sum_of_its_incoming_edges_plus_constants(graph):
 
 
 def _source_writes(rep, sources, alpha_S):
-    """embed and per-layer writes with source s scaled by alpha[s] (columns: features, errors, tokens)."""
-    T = rep.record.ids_T.numel()
+    """embed and per-layer writes with source s scaled by alpha[s] (columns: features, errors at the traced
+    positions, tokens); the writes at constant positions are left out (they only shift the constant)."""
+    T, P = rep.record.ids_T.numel(), sources.traced_P
     n_feat = sources.features_S3.shape[0]
     writes = [torch.zeros(T, D, dtype=torch.float64) for _ in range(N_LAYERS)]
     for s, (layer, pos, f) in enumerate(sources.features_S3.tolist()):
         row = torch.zeros(T, D, dtype=torch.float64)
         row[pos] = sources.acts_S[s] * rep.transcoders[layer].W_dec[f].detach()
         writes[layer] = writes[layer] + alpha_S[s] * row
-    alpha_err = alpha_S[n_feat : n_feat + N_LAYERS * T].view(N_LAYERS, T, 1)
+    alpha_err = torch.zeros(N_LAYERS, T, 1, dtype=torch.float64)
+    alpha_err[:, P] = alpha_S[n_feat : n_feat + N_LAYERS * P.numel()].view(N_LAYERS, P.numel(), 1)
     writes = [w + alpha_err[layer] * rep.errors[layer] for layer, w in enumerate(writes)]
-    embed = alpha_S[n_feat + N_LAYERS * T :, None] * rep.record.embed_TD
+    embed = alpha_S[n_feat + N_LAYERS * P.numel() :, None] * rep.record.embed_TD
     return embed[None], [w[None] for w in writes]
 
 
 def test_edges_equal_a_brute_force_jacobian(model, rep, graph):
-    sources = active_features(rep)
+    sources = active_features(rep, graph.constant_positions)
     n_sources = graph.adjacency.shape[0] - graph.n_logits
     logit_read, _ = logit_readouts(model, rep, graph.logit_tokens[:2])
     feature_read, _ = feature_readouts(rep, graph.features[-3:])
@@ -168,6 +177,42 @@ def test_trace_ties_it_together(model, ids, transcoders):
     assert set(graph.timings) == {"record_s", "attribute_s", "total_s"}
     default = trace(model, ids, list(transcoders.values()), batch_size=64)
     assert default.n_logits == 10 or float(default.logit_probs.sum()) >= 0.95
+
+
+def _node_keys(graph) -> list[tuple]:
+    """One key per node, in adjacency order, that names the node independently of the layout."""
+    keys = [("feature", *f) for f in graph.features.tolist()]
+    keys += [("error", *graph.error_node(k)) for k in range(graph.n_errors)]
+    keys += [("token", pos) for pos in range(graph.n_pos)]
+    return keys + [("logit", t) for t in graph.logit_tokens.tolist()]
+
+
+def test_bos_and_special_positions_are_constants_not_nodes(model, tokenizer, transcoders):
+    """BOS at 0 and an EOS inside the prompt: no feature or error node there, their writes folded into the
+    constants (completeness exact), every other edge the same as with nodes at every position."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = torch.tensor([bos, *tokenizer("A cat").input_ids, eos, *tokenizer(" sat.").input_ids])
+    constant_T = constant_mask(ids, tokenizer.all_special_ids)
+    assert constant_T.nonzero().flatten().tolist() == [0, 6]
+    rep = build_replacement(record_prompt(model, ids), transcoders)
+    tokens, probs = target_logits(rep.record.logits_TV[-1])
+    new = attribute(model, rep, tokens, probs, batch_size=16, constant_T=constant_T)
+    old = attribute(model, rep, tokens, probs, batch_size=16, constant_T=torch.zeros_like(constant_T))
+    assert not constant_T[new.features[:, 1]].any() and constant_T[old.features[:, 1]].any()
+    assert not any(constant_T[new.error_node(k)[1]] for k in range(new.n_errors))
+    assert new.n_errors == N_LAYERS * (ids.numel() - 2) and old.n_errors == N_LAYERS * ids.numel()
+    assert new.n_pos == ids.numel()  # an embedding node at every position, BOS included (as circuit-tracer)
+    old_index = {key: i for i, key in enumerate(_node_keys(old))}
+    idx = torch.tensor([old_index[key] for key in _node_keys(new)])
+    torch.testing.assert_close(new.adjacency, old.adjacency[idx][:, idx], rtol=0, atol=1e-13)
+    # the nodes at constant positions did write something, and it is now in the constants
+    dropped = torch.ones(old.adjacency.shape[0], dtype=torch.bool)
+    dropped[idx] = False
+    assert old.adjacency[idx][:, dropped].abs().max() > 1e-6
+    rows = target_rows(new)
+    torch.testing.assert_close(new.adjacency[rows].sum(1) + new.constants[rows], new.values[rows], rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.values, old.values[idx], rtol=0, atol=1e-12)
+    assert (new.constants[rows] - old.constants[idx][rows]).abs().max() > 1e-6
 
 
 def test_bad_inputs_say_what_is_wrong(model, ids, transcoders):

@@ -6,6 +6,18 @@ Nodes, in this order: active transcoder features (activation > 0 at (layer, pos)
 by layer, position, latent), one error node per (layer, pos) (layer-major), one token
 embedding per position, and the target logits of the last position.
 
+Constant positions. Position 0 (BOS) and every position holding a special token, the
+positions the transcoders were never trained on (masked out of training, as
+``pipeline.lm.packing.special_mask`` masks them), carry no feature and no error nodes:
+whatever their MLPs write (features and errors alike) is part of each target's constant.
+Their token-embedding nodes stay, as in circuit-tracer (an embedding node at every
+position; a BOS embedding still reaches later positions through attention's value path).
+circuit-tracer zeroes the features and errors at position 0 when it holds a special
+token but keeps those (empty) error nodes in the matrix, and its targets then miss the
+BOS MLP's write; saescope drops the nodes and keeps completeness exact by folding
+their writes into ``constants``. The other positions' edges are the same either way
+(direct effects do not depend on what other sources write).
+
 A source writes into the residual stream: feature f of layer L writes act * W_dec[f]
 after layer L's MLP, an error node its frozen error vector there, a token its embedding.
 A target reads a direction: logit token v reads ``W_U[v] - mean_u W_U[u]`` on the final
@@ -20,8 +32,8 @@ source writes carries only paths that avoid every other node, and
 
 Each target's value = sum over all sources of A[target, source] + ``constants[target]``,
 the part of the replacement model that no node provides: the target in the linear model
-with every source's write set to zero (decoder biases, norm rounding terms), plus the
-encoder bias ``b_enc[f]`` for a feature target.
+with every source's write set to zero (decoder biases, norm rounding terms, the writes
+at constant positions), plus the encoder bias ``b_enc[f]`` for a feature target.
 
 Gradients come from batched backward passes: R targets at once, the prompt repeated R
 times along the batch, one backward of the sum of the rows' targets.
@@ -35,11 +47,13 @@ are the graph's feature nodes, the others are dropped (their edges with them).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pipeline.lm.packing import special_mask
 from pipeline.tracing.pruning import influence_from_rows, normalized
 from pipeline.tracing.replacement import LinearOutputs, Replacement, replacement_forward
 
@@ -66,7 +80,9 @@ class Graph:
     constants: torch.Tensor
     """[N] the part of each target's value no node provides: values = adjacency.sum(1) + constants."""
     n_active_features: int
-    """Active features on the prompt before ``max_feature_nodes`` selection."""
+    """Active features on the prompt (constant positions excluded) before ``max_feature_nodes`` selection."""
+    constant_positions: torch.Tensor
+    """[T] bool: positions without feature or error nodes (BOS, special tokens); their writes are constants."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage."""
     n_backward_passes: int = 0
@@ -83,8 +99,18 @@ class Graph:
         return int(self.features.shape[0])
 
     @property
+    def error_positions(self) -> torch.Tensor:
+        """Positions that have error (and feature) nodes, ascending."""
+        return (~self.constant_positions).nonzero().flatten()
+
+    @property
     def n_errors(self) -> int:
-        return self.n_layers * self.n_pos
+        return self.n_layers * int(self.error_positions.numel())
+
+    def error_node(self, k: int) -> tuple[int, int]:
+        """(layer, pos) of the k-th error node (layer-major over ``error_positions``)."""
+        layer, i = divmod(k, int(self.error_positions.numel()))
+        return layer, int(self.error_positions[i])
 
     @property
     def n_logits(self) -> int:
@@ -95,6 +121,13 @@ class Graph:
         weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype)
         weights[-self.n_logits :] = self.logit_probs.to(weights.dtype)
         return weights
+
+
+def constant_mask(ids_T: torch.Tensor, special_ids: Sequence[int] = ()) -> torch.Tensor:
+    """[T] bool: position 0 and every position holding one of ``special_ids`` (no nodes there)."""
+    constant_T = special_mask(ids_T, special_ids) if len(special_ids) else torch.zeros_like(ids_T, dtype=torch.bool)
+    constant_T[0] = True
+    return constant_T
 
 
 def target_logits(logits_V: torch.Tensor, target: int | None = None, cover: float = 0.95, at_most: int = 10):
@@ -135,6 +168,8 @@ def _read(out: LinearOutputs, readouts: Readouts, batch_R: torch.Tensor) -> torc
 class Sources:
     """Every active feature on the prompt (the feature columns before selection) and what each writes."""
 
+    traced_P: torch.Tensor
+    """Positions with feature and error nodes (not constant), ascending."""
     features_S3: torch.Tensor
     """(layer, pos, latent), sorted."""
     acts_S: torch.Tensor
@@ -143,16 +178,16 @@ class Sources:
 
 
 @torch.no_grad()
-def active_features(rep: Replacement) -> Sources:
-    """Every (layer, pos, latent) with a positive activation, its activation and its write."""
+def active_features(rep: Replacement, constant_T: torch.Tensor) -> Sources:
+    """Every (layer, pos, latent) with a positive activation outside ``constant_T``, its activation and its write."""
     features, acts, writes = [], [], []
     for layer, (acts_TF, tc) in enumerate(zip(rep.acts, rep.transcoders, strict=True)):
-        pos_latent = (acts_TF > 0).nonzero()
+        pos_latent = ((acts_TF > 0) & ~constant_T[:, None]).nonzero()
         values = acts_TF[pos_latent[:, 0], pos_latent[:, 1]]
         features.append(torch.cat([torch.full_like(pos_latent[:, :1], layer), pos_latent], 1))
         acts.append(values)
         writes.append(values[:, None] * tc.W_dec[pos_latent[:, 1]].to(values.dtype))
-    return Sources(torch.cat(features), torch.cat(acts), tuple(writes))
+    return Sources((~constant_T).nonzero().flatten(), torch.cat(features), torch.cat(acts), tuple(writes))
 
 
 @torch.no_grad()
@@ -193,7 +228,9 @@ def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: R
         _write_effects(g_writes[layer], sources.features_S3[sources.features_S3[:, 0] == layer, 1], write_nD)
         for layer, write_nD in enumerate(sources.writes)
     ]
-    error_cols = [torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer]) for layer in range(n_layers)]
+    error_cols = [
+        torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer])[:, sources.traced_P] for layer in range(n_layers)
+    ]
     token_cols = torch.einsum("rtd,td->rt", g_embed, rep.record.embed_TD)
     return torch.cat([*feature_cols, *error_cols, token_cols], 1)
 
@@ -212,11 +249,14 @@ def _rows_in_batches(
 
 
 @torch.no_grad()
-def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: torch.Tensor):
-    """Each target's value in the real model, and its value with every source's write set to zero."""
+def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: torch.Tensor, constant_T):
+    """Each target's value in the real model, and its value with every source's write set to zero
+    (the writes at constant positions kept)."""
     record, T, D = rep.record, *rep.record.embed_TD.shape
     zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype)
-    empty_out = replacement_forward(model, rep, zero, [zero] * len(rep.acts))
+    kept_T1 = constant_T[:, None].to(zero.dtype)
+    constant_writes = [kept_T1 * (rep.feature_writes(L) + rep.errors[L]) for L in range(len(rep.acts))]
+    empty_out = replacement_forward(model, rep, zero, [w[None] for w in constant_writes])
     final_TD = record.scale_final_T1 * record.resid_final_TD * model.base_model.norm.weight.to(zero.dtype)
     mlp_ins = tuple(layer.mlp_in_TD[None] for layer in record.layers)
     true_out = LinearOutputs(mlp_ins, (final_TD + record.fix_final_TD)[None])
@@ -262,13 +302,23 @@ def attribute(
     logit_probs: torch.Tensor,
     max_feature_nodes: int = 2000,
     batch_size: int = 32,
+    constant_T: torch.Tensor | None = None,
 ) -> Graph:
-    """The attribution graph of a replacement model for the given target logits (see the module docstring)."""
+    """The attribution graph of a replacement model for the given target logits (see the module docstring).
+
+    ``constant_T`` [T] bool: positions without feature or error nodes (default: position 0 only;
+    ``constant_mask`` adds special tokens; all False gives every position its nodes).
+    """
     if max_feature_nodes < 0 or batch_size < 1:
         raise ValueError(f"max_feature_nodes must be >= 0 and batch_size >= 1, got {max_feature_nodes}, {batch_size}")
     start = time.perf_counter()
-    sources = active_features(rep)
+    ids_T = rep.record.ids_T
+    constant_T = constant_mask(ids_T) if constant_T is None else constant_T.to(ids_T.device, torch.bool)
+    if constant_T.shape != ids_T.shape:
+        raise ValueError(f"constant_T must have one entry per position ({ids_T.numel()}), got {tuple(constant_T.shape)}")
+    sources = active_features(rep, constant_T)
     n_active, n_layers, T = sources.features_S3.shape[0], len(rep.acts), rep.record.ids_T.numel()
+    n_errors = n_layers * sources.traced_P.numel()
     logit_read, logit_bias = logit_readouts(model, rep, logit_tokens)
     logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size))
     if n_active <= max_feature_nodes:
@@ -279,7 +329,7 @@ def attribute(
         chosen, feature_rows = _select_features(
             model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size
         )
-    columns = torch.cat([chosen, n_active + torch.arange(n_layers * T + T)])
+    columns = torch.cat([chosen, n_active + torch.arange(n_errors + T)])
     n_sources = columns.numel()
     A = logit_rows.new_zeros(n_sources + logit_tokens.numel(), n_sources + logit_tokens.numel())
     A[: chosen.numel(), :n_sources] = feature_rows[:, columns]
@@ -287,9 +337,9 @@ def attribute(
     feature_read, feature_bias = feature_readouts(rep, sources.features_S3[chosen])
     values, constants = A.new_zeros(A.shape[0]), A.new_zeros(A.shape[0])
     values[: chosen.numel()], constants[: chosen.numel()] = _values_and_constants(
-        model, rep, feature_read, feature_bias
+        model, rep, feature_read, feature_bias, constant_T
     )
-    values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias)
+    values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias, constant_T)
     return Graph(
         prompt_ids=rep.record.ids_T,
         n_layers=n_layers,
@@ -301,6 +351,7 @@ def attribute(
         values=values,
         constants=constants,
         n_active_features=n_active,
+        constant_positions=constant_T.cpu(),
         timings={"attribute_s": time.perf_counter() - start},
         n_backward_passes=-(-logit_tokens.numel() // batch_size) + -(-chosen.numel() // batch_size),
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.lm.packing import SpecialTokens
 from pipeline.lm.token_text import token_text
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
@@ -97,8 +98,9 @@ def trace_document(
     """The graph of ``ids`` through ``transcoders`` (one per layer), pruned and labelled, as a document."""
     started = time.perf_counter()
     device = next(model.parameters()).device
+    special = SpecialTokens.from_tokenizer(tokenizer).special_ids
     graph = trace(model, torch.tensor(ids, device=device), transcoders, target, settings.max_feature_nodes,
-                  settings.batch_size)  # fmt: skip
+                  settings.batch_size, special_ids=special)  # fmt: skip
     pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
                    settings.node_threshold, settings.edge_threshold)  # fmt: skip
     labelled = time.perf_counter()

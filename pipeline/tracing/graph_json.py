@@ -77,10 +77,10 @@ def graph_nodes(
         feature = latent + offset * layer
         nodes.append(_node(f"{layer}_{latent}_{pos}", feature, str(layer), pos, FEATURE, f"{layer}_{latent}-0"))
         nodes[-1].update(clerp=clerp, influence=cumulative[i], activation=act)
-    for layer in range(graph.n_layers):
-        for pos in range(graph.n_pos):
-            node = _node(f"err_{layer}_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
-            nodes.append({**node, "influence": cumulative[len(nodes)]})
+    for k in range(graph.n_errors):
+        layer, pos = graph.error_node(k)
+        node = _node(f"err_{layer}_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
+        nodes.append({**node, "influence": cumulative[len(nodes)]})
     for pos, token in enumerate(graph.prompt_ids.tolist()):
         node = _node(f"E_{token}_{pos}", pos, "E", pos, EMBEDDING, f"E_{token}-{pos}")
         nodes.append({**node, "influence": cumulative[len(nodes)]})
