@@ -315,7 +315,7 @@ def attribute(
     ids_T = rep.record.ids_T
     constant_T = constant_mask(ids_T) if constant_T is None else constant_T.to(ids_T.device, torch.bool)
     if constant_T.shape != ids_T.shape:
-        raise ValueError(f"constant_T must have one entry per position ({ids_T.numel()}), got {tuple(constant_T.shape)}")
+        raise ValueError(f"constant_T needs one entry per position ({ids_T.numel()}), got {tuple(constant_T.shape)}")
     sources = active_features(rep, constant_T)
     n_active, n_layers, T = sources.features_S3.shape[0], len(rep.acts), rep.record.ids_T.numel()
     n_errors = n_layers * sources.traced_P.numel()
