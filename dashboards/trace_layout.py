@@ -6,7 +6,8 @@ positions. Several nodes in one cell are spread across the cell, most
 influential in the middle.
 
 Fields read from the file: ``metadata.prompt``, ``metadata.prompt_tokens``,
-``metadata.slug``, ``saescope`` (kept as given); per node ``node_id``,
+``metadata.slug``, ``metadata.scores`` (replacement and completeness, unpruned and
+pruned; absent in older files), ``saescope`` (kept as given); per node ``node_id``,
 ``feature``, ``layer``, ``ctx_idx``, ``feature_type``, ``clerp``,
 ``activation``, ``influence``, ``token_prob``, ``is_target_logit``; per link
 ``source``, ``target``, ``weight``. A transcoder feature's index is the middle
@@ -58,6 +59,8 @@ class TraceGraph:
     links: list[tuple[str, str, float]]
     """(source node_id, target node_id, weight), links to unknown nodes dropped."""
     saescope: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    """``{"unpruned": {"replacement": r, "completeness": c}, "pruned": {...}}``, or {} when the file has none."""
 
     @property
     def by_id(self) -> dict[str, TraceNode]:
@@ -107,7 +110,10 @@ def parse_graph(data: dict, name: str) -> TraceGraph:
         if str(link["source"]) in known and str(link["target"]) in known
     ]
     tokens = [str(t) for t in meta.get("prompt_tokens", [])]
-    return TraceGraph(name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}))
+    scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
+    return TraceGraph(
+        name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}), dict(scores)
+    )
 
 
 def row_labels(graph: TraceGraph) -> list[str]:

@@ -54,6 +54,10 @@ def small_graph() -> dict:
         "prompt_tokens": ["<bos>", "<i>c</i>"],
         "scan": "tiny",
         "node_threshold": 0.8,
+        "scores": {
+            "unpruned": {"replacement": 0.25, "completeness": 0.75},
+            "pruned": {"replacement": 0.5, "completeness": 0.875},
+        },  # fmt: skip
     }
     return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": []}, "nodes": nodes, "links": links,
             "saescope": {"run": "r", "transcoders": "tc", "model": "tiny", "layers": [0, 1]}}  # fmt: skip
@@ -123,6 +127,8 @@ def test_page_lists_graphs_and_draws_the_chosen_one(graph_run):
     assert "layer" in spec and len(spec["layer"]) >= 4
     node_rows = [r for r in chart_rows(app) if "node_id" in r]
     assert len(node_rows) == 7
+    shown = " ".join(c.value for c in app.caption)
+    assert "replacement 0.250 (pruned 0.500)" in shown and "completeness 0.750 (pruned 0.875)" in shown
 
 
 def test_the_chart_draws_the_strongest_links_and_the_page_offers_more(graph_run, monkeypatch):

@@ -118,8 +118,8 @@ class Graph:
 
     def target_weights(self) -> torch.Tensor:
         """[N] the logit probabilities on the logit nodes, 0 elsewhere (the weights of pruning)."""
-        weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype)
-        weights[-self.n_logits :] = self.logit_probs.to(weights.dtype)
+        weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype, device=self.adjacency.device)
+        weights[-self.n_logits :] = self.logit_probs.to(weights)
         return weights
 
 

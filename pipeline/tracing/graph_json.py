@@ -19,6 +19,8 @@ Node ids, per kind (``feature_type``):
                                             (the viewer reads p from the clerp); the most likely is the target
 
 ``influence`` is the node's cumulative influence share (``pruning.cumulative_share``).
+``metadata.scores`` holds the graph's replacement and completeness scores (``scores``),
+``{"unpruned": {"replacement": r, "completeness": c}, "pruned": {...}}``.
 saescope's own provenance (model, run, transcoders, timings, thresholds) goes under the
 top-level key ``saescope``, which the viewer ignores. Text in, text out: writing the file
 (atomically) is the caller's job.
@@ -33,6 +35,7 @@ from typing import Any, NamedTuple
 
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.pruning import Pruned
+from pipeline.tracing.scores import unpruned_and_pruned
 
 FORMAT_VERSION = 1
 FEATURE, ERROR, EMBEDDING, LOGIT = "cross layer transcoder", "mlp reconstruction error", "embedding", "logit"
@@ -123,6 +126,7 @@ def graph_document(
     stored under ``saescope`` with the graph's own counts and timings.
     """
     all_nodes = graph_nodes(graph, pruned.cumulative_N.tolist(), decode, labels, d_transcoder)
+    layout = (graph.n_features, graph.n_errors, graph.n_pos)
     kept = pruned.node_mask_N.nonzero().flatten().tolist()
     targets, sources = pruned.edge_mask_NN.nonzero().unbind(1)
     weights = graph.adjacency[targets, sources].tolist()
@@ -146,6 +150,7 @@ def graph_document(
         "prompt_tokens": [display_token(decode(t)) for t in graph.prompt_ids.tolist()],
         "prompt": prompt,
         "node_threshold": node_threshold,
+        "scores": unpruned_and_pruned(graph.adjacency, graph.target_weights(), pruned.edge_mask_NN, layout),
     }
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     nodes = [all_nodes[i] for i in kept]
