@@ -12,8 +12,8 @@ pruned; absent in older files), ``saescope`` (kept as given); per node ``node_id
 ``activation``, ``influence``, ``token_prob``, ``is_target_logit``; per link
 ``source``, ``target``, ``weight``. A transcoder feature's index is the middle
 part of its ``node_id`` (``"{layer}_{feature}_{pos}"``, as circuit-tracer writes
-it, whose ``feature`` field is a pairing of layer and index); only a node_id
-of another shape falls back to ``feature``.
+it); only a node_id of another shape falls back to ``feature``, which schema 1
+defines as cantor(layer, index) (``pipeline.tracing.graph_json.uncantor``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from urllib.parse import quote
+
+from pipeline.tracing.graph_json import uncantor
 
 KINDS = {
     "embedding": "embedding",
@@ -75,7 +77,10 @@ def _feature_index(raw: dict, layer: int | None, position: int) -> int | None:
     parts = str(raw["node_id"]).split("_")
     if len(parts) == 3 and parts[1].lstrip("-").isdigit() and parts[2] == str(position) and parts[0] == str(layer):
         return int(parts[1])
-    return None if raw.get("feature") is None else int(raw["feature"])
+    if raw.get("feature") is None:
+        return None
+    paired_layer, index = uncantor(int(raw["feature"]))
+    return index if paired_layer == layer else None
 
 
 def parse_node(raw: dict) -> TraceNode:

@@ -63,7 +63,7 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     target_id = target_token(loaded.tokenizer, target) if target.strip() else None
     tokens_CT = last_context_tokens(activations_dir(run), manifest, LABEL_CONTEXTS)
     contexts = (tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids))
-    source = set_source(graph_name, prompt, ids, str(run.resolve()), set_name, layers, manifest.provenance["model"])
+    source = set_source(graph_name, prompt, ids, run.resolve().name, set_name, layers, manifest.provenance["model"])
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
                                 TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip

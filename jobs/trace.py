@@ -124,7 +124,7 @@ def run_trace(cfg: TraceConfig) -> dict:
     tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
     name = cfg.name or graph_name_for(cfg.prompt)
     model_record = manifest.provenance["model"]
-    source = set_source(name, cfg.prompt, ids, str(run_dir.resolve()), folder.name, sorted(tcs), model_record)
+    source = set_source(name, cfg.prompt, ids, run_dir.resolve().name, folder.name, sorted(tcs), model_record)
     settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     traced = trace_document(model, tcs, ids, tokenizer, target, settings, source, contexts)

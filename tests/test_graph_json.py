@@ -5,7 +5,17 @@ import json
 import pytest
 import torch
 
-from pipeline.tracing.graph_json import EMBEDDING, ERROR, FEATURE, LOGIT, from_json, graph_document, to_json
+from pipeline.tracing.graph_json import (
+    EMBEDDING,
+    ERROR,
+    FEATURE,
+    LOGIT,
+    cantor,
+    from_json,
+    graph_document,
+    to_json,
+    uncantor,
+)
 from pipeline.tracing.pruning import prune
 from pipeline.tracing.trace import trace
 from tests.conftest import make_tiny_llama
@@ -32,7 +42,7 @@ def document(tokenizer, traced):
     first = tuple(graph.features[0, [0, 2]].tolist())
     return graph_document(
         graph, pruned, tokenizer.decode, slug="tiny-cat", scan="tiny-llama-tc", prompt="A cat.\nIt",
-        node_threshold=0.8, edge_threshold=0.98, provenance={"model": "tiny", "run": "runs/x"},
+        node_threshold=0.8, edge_threshold=0.98, provenance={"model": "tiny", "run": "x"},
         labels={first: "a label"}, transcoder_list=[f"tc-{layer}" for layer in range(N_LAYERS)],
     )  # fmt: skip
 
@@ -56,6 +66,42 @@ def test_document_has_the_viewer_schema(traced, document):
     assert len(document["links"]) == int(pruned.edge_mask_NN.sum()) > 0
     ends = {link["source"] for link in document["links"]} | {link["target"] for link in document["links"]}
     assert ends <= set(ids)
+
+
+def test_cantor_ids_by_hand():
+    """(x + y)(x + y + 1)/2 + y by hand: diagonals x + y = 0, 1, 2 number 0 | 1 2 | 3 4 5; (29, 16383):
+    16412 * 16413 / 2 = 8206 * 16413 = 134_685_078, + 16383 = 134_701_461."""
+    pairs = [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2), (3, 5), (29, 16383)]
+    assert [cantor(x, y) for x, y in pairs] == [0, 1, 2, 3, 4, 5, 41, 134_701_461]
+    assert [uncantor(z) for z in [0, 1, 2, 3, 4, 5, 41, 134_701_461]] == pairs
+    assert all(uncantor(cantor(x, y)) == (x, y) for x in range(40) for y in range(40))
+
+
+def test_schema_1_fields(traced, document):
+    graph, _ = traced
+    assert document["metadata"]["schema_version"] == 1
+    features = [node for node in document["nodes"] if node["feature_type"] == FEATURE]
+    for node in features:
+        layer, latent, pos = (int(part) for part in node["node_id"].split("_"))
+        assert node["feature"] == (layer + latent) * (layer + latent + 1) // 2 + latent
+        assert node["layer"] == str(layer) and node["ctx_idx"] == pos
+    errors = [node for node in document["nodes"] if node["feature_type"] == ERROR]
+    assert errors and all(node["node_id"] == f"{node['layer']}_-1_{node['ctx_idx']}" for node in errors)
+    # position 0 is a constant: its only node is the token embedding
+    assert {node["feature_type"] for node in document["nodes"] if node["ctx_idx"] == 0} == {EMBEDDING}
+    assert len({node["jsNodeId"] for node in features + errors}) == len(
+        {(n["layer"], n["feature"]) for n in features}
+    ) + len(errors)
+
+
+def test_the_document_validates_against_circuit_tracers_models(document):
+    graph_models = pytest.importorskip("circuit_tracer.frontend.graph_models")
+    model = graph_models.Model.model_validate(document)
+    assert model.metadata.schema_version == 1 and len(model.nodes) == len(document["nodes"])
+    for node in document["nodes"]:
+        assert graph_models.Node(**node).model_dump() == node
+    for link in document["links"]:
+        assert graph_models.Link(**link).model_dump() == link
 
 
 def test_link_weights_are_the_adjacency(traced, document):

@@ -38,6 +38,29 @@ def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
     assert "scores (unpruned / pruned): replacement" in out
 
 
+def _strings(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_the_graph_file_records_the_run_by_name_and_no_path(traced_run, tiny_model_dir):
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The cat", "--name", "nopath"]) == 0
+    doc = read_graph_json(traced_run, "nopath")
+    assert doc["saescope"]["run"] == traced_run.name and doc["metadata"]["schema_version"] == 1
+    roots = {str(traced_run.parent.parent), str(tiny_model_dir.parent), "/tmp", str(traced_run.home())}
+    leaks = [text for text in _strings(doc) if text.startswith("/") or any(root in text for root in roots)]
+    assert not leaks
+    _, meta = read_graph_tensors(traced_run, "nopath")
+    assert not [text for text in meta.values() if "/" in text]
+
+
 def test_trace_saves_the_unpruned_graph_and_its_scores(traced_run):
     """The safetensors file alone is enough to prune again and recompute the document's scores."""
     assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat on the mat", "--name", "mat"]) == 0

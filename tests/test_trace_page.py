@@ -36,7 +36,7 @@ def small_graph() -> dict:
         node("E_9_1", "embedding", "E", 1, "cat"),
         node("0_7_1", "cross layer transcoder", "0", 1, TRICKY, 1.5, 0.6, feature=35),
         node("0_3_1", "cross layer transcoder", "0", 1, "animals", 0.5, 0.2, feature=9),
-        node("1_12_1", "cross layer transcoder", "1", 1, "pets", 2.0, 0.8, feature=90),
+        node("1_12_1", "cross layer transcoder", "1", 1, "pets", 2.0, 0.8, feature=103),
         node("1_-1_1", "mlp reconstruction error", "1", 1, "error", None, 0.1, feature=-1),
         node("3_20_1", "logit", "3", 1, 'Output " sat" (p=0.400)', feature=20),
     ]
@@ -106,6 +106,17 @@ def test_layout_rows_columns_and_feature_ids():
     by_id = graph.by_id
     assert by_id["0_7_1"].feature == 7 and by_id["0_7_1"].layer == 0  # from node_id, not the paired "feature"
     assert len(graph.links) == 5  # the link to an unknown node is dropped
+
+
+def test_a_feature_id_of_another_shape_reads_the_cantor_paired_feature():
+    """feature = cantor(layer, index): cantor(1, 12) = 13 * 14 / 2 + 12 = 103; cantor(0, 7) = 7 * 8 / 2 + 7 = 35."""
+    data = small_graph()
+    for node in data["nodes"]:
+        if node["feature_type"] == "cross layer transcoder":
+            node["node_id"] = "f" + node["node_id"]
+    data["links"] = []
+    by_id = parse_graph(data, "cat").by_id
+    assert by_id["f1_12_1"].feature == 12 and by_id["f0_7_1"].feature == 7 and by_id["f0_3_1"].feature == 3
 
 
 def test_supernodes_round_trip_atomically(tmp_path):

@@ -72,7 +72,9 @@ def check_every_layer(set_name: str, layers: list[int], n_layers: int, run: str)
 def set_source(
     name: str, prompt: str, ids: list[int], run: str, set_name: str, layers: list[int], model: dict
 ) -> GraphSource:
-    """Where a graph of ``prompt`` through run ``run``'s transcoder set came from (``model``: the cache's record)."""
+    """Where a graph of ``prompt`` through run ``run``'s transcoder set came from (``run``: the run's name, not
+    its path; ``model``: the cache's record, whose ``spec``, which can be a path of the machine, is left out)."""
+    model = {key: value for key, value in model.items() if key != "spec"}
     provenance = {"run": run, "transcoders": set_name, "layers": sorted(layers), "model": model, "prompt_ids": ids}
     files = [f"{set_name}/layer-{layer:02d}" for layer in sorted(layers)]
     return GraphSource(name, str(model["name"]), prompt, provenance, files)
