@@ -5,6 +5,8 @@ Oracles: the model's own logits (completeness), ``Transcoder.pre_acts`` on the c
 scalar multiplier on every source's write in the frozen linear model (edges).
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -213,6 +215,29 @@ def test_bos_and_special_positions_are_constants_not_nodes(model, tokenizer, tra
     torch.testing.assert_close(new.adjacency[rows].sum(1) + new.constants[rows], new.values[rows], rtol=0, atol=1e-12)
     torch.testing.assert_close(new.values, old.values[idx], rtol=0, atol=1e-12)
     assert (new.constants[rows] - old.constants[idx][rows]).abs().max() > 1e-6
+
+
+def test_every_tensor_attribution_makes_is_on_the_models_device(model, rep, graph):
+    """With the default device set to 'meta', a tensor made without ``device=`` cannot meet the model's tensors:
+    the run that `trace --device cuda` does, checked on the CPU. The graph comes back on the CPU, unchanged."""
+    with torch.device("meta"):
+        again = attribute(model, rep, graph.logit_tokens, graph.logit_probs, batch_size=16)
+        small = attribute(model, rep, graph.logit_tokens, graph.logit_probs, max_feature_nodes=5, batch_size=3)
+        targeted = target_logits(rep.record.logits_TV[-1], target=5)[0]
+    assert again.adjacency.device.type == "cpu" and small.adjacency.device.type == "cpu"
+    assert targeted.device == rep.record.logits_TV.device
+    torch.testing.assert_close(again.adjacency, graph.adjacency, rtol=0, atol=0)
+    assert small.n_features == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trace_on_cuda_equals_the_cpu(model, ids, transcoders):
+    cpu = trace(model, ids, transcoders, batch_size=16)
+    cuda_tcs = {layer: copy.deepcopy(tc).cuda() for layer, tc in transcoders.items()}
+    gpu = trace(copy.deepcopy(model).cuda(), ids.cuda(), cuda_tcs, batch_size=16)
+    assert gpu.adjacency.device.type == "cpu"
+    torch.testing.assert_close(gpu.adjacency, cpu.adjacency, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.constants, cpu.constants, rtol=1e-9, atol=1e-12)
 
 
 def test_bad_inputs_say_what_is_wrong(model, ids, transcoders):

@@ -60,7 +60,9 @@ from pipeline.tracing.replacement import LinearOutputs, Replacement, replacement
 
 @dataclass(frozen=True)
 class Graph:
-    """An attribution graph on one prompt; nodes laid out [features, errors, tokens, logits]."""
+    """An attribution graph on one prompt; nodes laid out [features, errors, tokens, logits].
+
+    Computed on the model's device, kept on the CPU (as circuit-tracer keeps its edge matrix)."""
 
     prompt_ids: torch.Tensor
     """Token ids [T]."""
@@ -137,7 +139,7 @@ def target_logits(logits_V: torch.Tensor, target: int | None = None, cover: floa
     if target is not None:
         if not 0 <= target < probs_V.numel():
             raise ValueError(f"target token {target} out of range: vocabulary has {probs_V.numel()} tokens")
-        return torch.tensor([target]), probs_V[[target]]
+        return torch.tensor([target], device=probs_V.device), probs_V[[target]]
     probs, tokens = probs_V.sort(descending=True)
     n = int((torch.cumsum(probs, 0) - probs < cover).sum().clamp(1, at_most))
     return tokens[:n], probs[:n]
@@ -195,34 +197,34 @@ def logit_readouts(model: nn.Module, rep: Replacement, tokens: torch.Tensor) -> 
     """Logit targets at the last position: W_U[v] - mean W_U; no bias."""
     W_U = model.get_output_embeddings().weight.to(rep.record.embed_TD.dtype)
     n, T = tokens.numel(), rep.record.ids_T.numel()
-    layer_R, pos_R = torch.full((n,), len(rep.acts)), torch.full((n,), T - 1)
-    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype)
+    layer_R, pos_R = torch.full((n,), len(rep.acts), device=W_U.device), torch.full((n,), T - 1, device=W_U.device)
+    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype, device=W_U.device)
 
 
 @torch.no_grad()
 def feature_readouts(rep: Replacement, features_R3: torch.Tensor) -> tuple[Readouts, torch.Tensor]:
     """Feature targets: W_enc[latent] on the layer's MLP input at pos; bias b_enc[latent]."""
-    dtype, D = rep.record.embed_TD.dtype, rep.record.embed_TD.shape[1]
+    (_, D), like = rep.record.embed_TD.shape, {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
     layer_R, pos_R, latent_R = features_R3.unbind(1)
-    vector_RD, bias_R = torch.zeros(len(layer_R), D, dtype=dtype), torch.zeros(len(layer_R), dtype=dtype)
+    vector_RD, bias_R = torch.zeros(len(layer_R), D, **like), torch.zeros(len(layer_R), **like)
     for layer in layer_R.unique().tolist():
         rows = layer_R == layer
-        vector_RD[rows] = rep.transcoders[layer].W_enc_FD[latent_R[rows]].to(dtype)
-        bias_R[rows] = rep.transcoders[layer].b_enc[latent_R[rows]].to(dtype)
+        vector_RD[rows] = rep.transcoders[layer].W_enc_FD[latent_R[rows]].to(vector_RD)
+        bias_R[rows] = rep.transcoders[layer].b_enc[latent_R[rows]].to(bias_R)
     return Readouts(layer_R, pos_R, vector_RD), bias_R
 
 
 def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: Readouts) -> torch.Tensor:
     """Direct effects [R, S] of every source column on each target row: one batched backward."""
     R, (T, D), n_layers = len(readouts), rep.record.embed_TD.shape, len(rep.acts)
-    dtype = rep.record.embed_TD.dtype
+    like = {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
     last = int(readouts.layer_R.max())
     with torch.enable_grad():
-        leaves = [torch.zeros(R, T, D, dtype=dtype, requires_grad=True) for _ in range(n_layers + 1)]
+        leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
         out = replacement_forward(model, rep, leaves[0], leaves[1:], None if last == n_layers else last)
-        total = _read(out, readouts, torch.arange(R)).sum()
+        total = _read(out, readouts, torch.arange(R, device=like["device"])).sum()
         grads = torch.autograd.grad(total, leaves, allow_unused=True)
-    grads = [torch.zeros(R, T, D, dtype=dtype) if g is None else g for g in grads]
+    grads = [torch.zeros(R, T, D, **like) if g is None else g for g in grads]
     g_embed, g_writes = grads[0], grads[1:]
     feature_cols = [
         _write_effects(g_writes[layer], sources.features_S3[sources.features_S3[:, 0] == layer, 1], write_nD)
@@ -238,7 +240,7 @@ def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: R
 def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Tensor) -> torch.Tensor:
     """[R, n]: g[r, pos_n[i]] . write_nD[i], as one matrix product then a gather (no [R, n, D] copy)."""
     every_RTn = g_RTD @ write_nD.T
-    return every_RTn[:, pos_n, torch.arange(pos_n.numel())]
+    return every_RTn[:, pos_n, torch.arange(pos_n.numel(), device=pos_n.device)]
 
 
 def _rows_in_batches(
@@ -253,14 +255,14 @@ def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: t
     """Each target's value in the real model, and its value with every source's write set to zero
     (the writes at constant positions kept)."""
     record, T, D = rep.record, *rep.record.embed_TD.shape
-    zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype)
+    zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype, device=record.embed_TD.device)
     kept_T1 = constant_T[:, None].to(zero.dtype)
     constant_writes = [kept_T1 * (rep.feature_writes(L) + rep.errors[L]) for L in range(len(rep.acts))]
     empty_out = replacement_forward(model, rep, zero, [w[None] for w in constant_writes])
     final_TD = record.scale_final_T1 * record.resid_final_TD * model.base_model.norm.weight.to(zero.dtype)
     mlp_ins = tuple(layer.mlp_in_TD[None] for layer in record.layers)
     true_out = LinearOutputs(mlp_ins, (final_TD + record.fix_final_TD)[None])
-    batch = torch.zeros(len(readouts), dtype=torch.long)
+    batch = torch.zeros(len(readouts), dtype=torch.long, device=zero.device)
     return _read(true_out, readouts, batch) + bias_R, _read(empty_out, readouts, batch) + bias_R
 
 
@@ -278,9 +280,12 @@ def _select_features(
     bar_RN = logit_rows.new_zeros(n_logits + budget, n_cols + n_logits)
     raw_RS = logit_rows.new_zeros(budget, n_cols)
     bar_RN[:n_logits, :n_cols] = normalized(logit_rows)
-    row_nodes = torch.cat([n_cols + torch.arange(n_logits), torch.zeros(budget, dtype=torch.long)])
-    weights = torch.cat([probs.to(logit_rows.dtype), logit_rows.new_zeros(budget)])
-    visited, done = torch.zeros(n_feat, dtype=torch.bool), 0
+    device = logit_rows.device
+    row_nodes = torch.cat(
+        [n_cols + torch.arange(n_logits, device=device), torch.zeros(budget, dtype=torch.long, device=device)]
+    )
+    weights = torch.cat([probs.to(logit_rows), logit_rows.new_zeros(budget)])
+    visited, done = torch.zeros(n_feat, dtype=torch.bool, device=device), 0
     while done < budget:
         filled = n_logits + done
         influence = influence_from_rows(bar_RN[:filled], row_nodes[:filled], weights[:filled])
@@ -322,14 +327,14 @@ def attribute(
     logit_read, logit_bias = logit_readouts(model, rep, logit_tokens)
     logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size))
     if n_active <= max_feature_nodes:
-        chosen = torch.arange(n_active)
+        chosen = torch.arange(n_active, device=logit_rows.device)
         readouts, _ = feature_readouts(rep, sources.features_S3)
         feature_rows = torch.cat([logit_rows[:0], *_rows_in_batches(model, rep, sources, readouts, batch_size)])
     else:
         chosen, feature_rows = _select_features(
             model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size
         )
-    columns = torch.cat([chosen, n_active + torch.arange(n_errors + T)])
+    columns = torch.cat([chosen, n_active + torch.arange(n_errors + T, device=chosen.device)])
     n_sources = columns.numel()
     A = logit_rows.new_zeros(n_sources + logit_tokens.numel(), n_sources + logit_tokens.numel())
     A[: chosen.numel(), :n_sources] = feature_rows[:, columns]
@@ -341,15 +346,15 @@ def attribute(
     )
     values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias, constant_T)
     return Graph(
-        prompt_ids=rep.record.ids_T,
+        prompt_ids=rep.record.ids_T.cpu(),
         n_layers=n_layers,
-        features=sources.features_S3[chosen],
-        activations=sources.acts_S[chosen],
-        logit_tokens=logit_tokens,
-        logit_probs=logit_probs,
-        adjacency=A,
-        values=values,
-        constants=constants,
+        features=sources.features_S3[chosen].cpu(),
+        activations=sources.acts_S[chosen].cpu(),
+        logit_tokens=logit_tokens.cpu(),
+        logit_probs=logit_probs.cpu(),
+        adjacency=A.cpu(),
+        values=values.cpu(),
+        constants=constants.cpu(),
         n_active_features=n_active,
         constant_positions=constant_T.cpu(),
         timings={"attribute_s": time.perf_counter() - start},
