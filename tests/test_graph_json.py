@@ -19,7 +19,7 @@ from pipeline.tracing.graph_json import (
 from pipeline.tracing.pruning import prune
 from pipeline.tracing.trace import trace
 from tests.conftest import make_tiny_llama
-from tests.test_tracing import N_LAYERS, D, random_transcoder
+from tests.test_tracing import N_LAYERS, D, random_transcoder, with_random_norm_weights
 
 NODE_FIELDS = {
     "node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
@@ -29,7 +29,7 @@ NODE_FIELDS = {
 
 @pytest.fixture(scope="module")
 def traced(tokenizer):
-    model = make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double()
+    model = with_random_norm_weights(make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double(), 1)
     generator = torch.Generator().manual_seed(1)
     transcoders = [random_transcoder(generator) for _ in range(N_LAYERS)]
     graph = trace(model, torch.tensor(tokenizer("A cat.\nIt").input_ids), transcoders, batch_size=64)

@@ -39,9 +39,21 @@ def random_transcoder(generator: torch.Generator) -> Transcoder:
     return tc
 
 
+def with_random_norm_weights(model, seed: int = 0):
+    """Every RMSNorm weight drawn from U(0.5, 1.5), so a dropped or swapped norm weight changes the numbers
+    (a fresh Llama has them all at exactly 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight")]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator, dtype=torch.float64))
+    return model
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double()
+    return with_random_norm_weights(make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double())
 
 
 @pytest.fixture(scope="module")
