@@ -104,12 +104,31 @@ def test_the_document_validates_against_circuit_tracers_models(document):
         assert graph_models.Link(**link).model_dump() == link
 
 
-def test_link_weights_are_the_adjacency(traced, document):
+def _matrix_index(graph, node_id: str) -> int:
+    """The adjacency index a node id names, read from the id alone (the layout of ``attribution``)."""
+    first, middle, pos = node_id.split("_")
+    n = graph.adjacency.shape[0]
+    if first == "E":
+        assert graph.prompt_ids[int(pos)] == int(middle)
+        return graph.n_features + graph.n_errors + int(pos)
+    if first == str(graph.n_layers + 1):
+        assert int(pos) == graph.n_pos - 1
+        return n - graph.n_logits + graph.logit_tokens.tolist().index(int(middle))
+    if middle == "-1":
+        return (
+            graph.n_features + int(first) * len(graph.error_positions) + graph.error_positions.tolist().index(int(pos))
+        )
+    return graph.features.tolist().index([int(first), int(pos), int(middle)])
+
+
+def test_every_link_is_its_adjacency_entry(traced, document):
     graph, pruned = traced
-    t, s = pruned.edge_mask_NN.nonzero()[0].tolist()
-    by_pair = {(link["target"], link["source"]): link["weight"] for link in document["links"]}
-    assert len(by_pair) == len(document["links"])
-    assert float(graph.adjacency[t, s]) in by_pair.values()
+    pairs = [(_matrix_index(graph, link["target"]), _matrix_index(graph, link["source"])) for link in document["links"]]
+    assert sorted(pairs) == sorted(map(tuple, pruned.edge_mask_NN.nonzero().tolist()))
+    for (t, s), link in zip(pairs, document["links"], strict=True):
+        assert link["weight"] == float(graph.adjacency[t, s]) != 0.0
+    by_id = {node["node_id"]: node["feature_type"] for node in document["nodes"]}
+    assert {by_id[link["source"]] for link in document["links"]} == {FEATURE, ERROR, EMBEDDING}
 
 
 def test_round_trip(tmp_path, document):
