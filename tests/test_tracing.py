@@ -185,6 +185,27 @@ def test_max_feature_nodes_keeps_the_most_influential(model, rep, graph):
     torch.testing.assert_close(small.adjacency[:12, : -graph.n_logits], graph.adjacency[kept][:, columns])
 
 
+def test_feature_selection_is_the_greedy_over_every_batch(model, rep, graph):
+    """Brute force: after each batch, the partial graph holds the logit rows and the rows visited so far
+    (row-normalized, dense); influence = w ((1 - M)^-1 - 1); the next batch is the most influential unvisited."""
+    n, n_feat, n_logits = graph.adjacency.shape[0], graph.n_features, graph.n_logits
+    eye = torch.eye(n, dtype=torch.float64)
+    weights = graph.target_weights()
+    budget, batch = 12, 3
+    visited: list[int] = []
+    while len(visited) < budget:
+        M = torch.zeros(n, n, dtype=torch.float64)
+        rows = [*range(n - n_logits, n), *visited]
+        M[rows] = normalized(graph.adjacency[rows])
+        influence = weights @ (torch.linalg.inv(eye - M) - eye)
+        ranked = [f for f in influence[:n_feat].argsort(descending=True).tolist() if f not in visited]
+        visited += ranked[:batch]
+    small = attribute(model, rep, graph.logit_tokens, graph.logit_probs, max_feature_nodes=budget, batch_size=batch)
+    expected = graph.features[sorted(visited)]
+    assert torch.equal(small.features, expected)
+    assert n_feat > budget + batch  # selection really had a choice after the first batch
+
+
 def test_trace_ties_it_together(model, ids, transcoders):
     graph = trace(model, ids, transcoders, target=5, batch_size=64)
     assert graph.logit_tokens.tolist() == [5] and graph.logit_error < 1e-12
