@@ -6,13 +6,14 @@ positions. Several nodes in one cell are spread across the cell, most
 influential in the middle.
 
 Fields read from the file: ``metadata.prompt``, ``metadata.prompt_tokens``,
-``metadata.slug``, ``saescope`` (kept as given); per node ``node_id``,
+``metadata.slug``, ``metadata.scores`` (replacement and completeness, unpruned and
+pruned; absent in older files), ``saescope`` (kept as given); per node ``node_id``,
 ``feature``, ``layer``, ``ctx_idx``, ``feature_type``, ``clerp``,
 ``activation``, ``influence``, ``token_prob``, ``is_target_logit``; per link
 ``source``, ``target``, ``weight``. A transcoder feature's index is the middle
 part of its ``node_id`` (``"{layer}_{feature}_{pos}"``, as circuit-tracer writes
-it, whose ``feature`` field is a pairing of layer and index); only a node_id
-of another shape falls back to ``feature``.
+it); only a node_id of another shape falls back to ``feature``, which schema 1
+defines as cantor(layer, index) (``pipeline.tracing.graph_json.uncantor``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from urllib.parse import quote
+
+from pipeline.tracing.graph_json import uncantor
 
 KINDS = {
     "embedding": "embedding",
@@ -58,6 +61,8 @@ class TraceGraph:
     links: list[tuple[str, str, float]]
     """(source node_id, target node_id, weight), links to unknown nodes dropped."""
     saescope: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    """``{"unpruned": {"replacement": r, "completeness": c}, "pruned": {...}}``, or {} when the file has none."""
 
     @property
     def by_id(self) -> dict[str, TraceNode]:
@@ -72,7 +77,10 @@ def _feature_index(raw: dict, layer: int | None, position: int) -> int | None:
     parts = str(raw["node_id"]).split("_")
     if len(parts) == 3 and parts[1].lstrip("-").isdigit() and parts[2] == str(position) and parts[0] == str(layer):
         return int(parts[1])
-    return None if raw.get("feature") is None else int(raw["feature"])
+    if raw.get("feature") is None:
+        return None
+    paired_layer, index = uncantor(int(raw["feature"]))
+    return index if paired_layer == layer else None
 
 
 def parse_node(raw: dict) -> TraceNode:
@@ -107,7 +115,10 @@ def parse_graph(data: dict, name: str) -> TraceGraph:
         if str(link["source"]) in known and str(link["target"]) in known
     ]
     tokens = [str(t) for t in meta.get("prompt_tokens", [])]
-    return TraceGraph(name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}))
+    scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
+    return TraceGraph(
+        name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}), dict(scores)
+    )
 
 
 def row_labels(graph: TraceGraph) -> list[str]:

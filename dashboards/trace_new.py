@@ -18,7 +18,8 @@ from dashboards.trace_intervene import live_tracing
 from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import to_json
-from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json
+from pipeline.tracing.graph_tensors import graph_tensors
+from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json, write_graph_tensors
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -62,9 +63,10 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     target_id = target_token(loaded.tokenizer, target) if target.strip() else None
     tokens_CT = last_context_tokens(activations_dir(run), manifest, LABEL_CONTEXTS)
     contexts = (tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids))
-    source = set_source(graph_name, prompt, ids, str(run.resolve()), set_name, layers, manifest.provenance["model"])
+    source = set_source(graph_name, prompt, ids, run.resolve().name, set_name, layers, manifest.provenance["model"])
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
                                 TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip
+    write_graph_tensors(run, graph_name, *graph_tensors(traced.graph))
     write_graph_json(run, graph_name, to_json(traced.document))
     return graph_name

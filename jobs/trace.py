@@ -3,7 +3,9 @@
 Options are checked before the model loads (run, transcoder set, thresholds, graph
 name, the target token). The model runs in float32; the graph is pruned
 (pipeline.tracing.pruning) and written to ``runs/R/graphs/NAME.json`` in the JSON
-Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope``.
+Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope`` and the
+replacement and completeness scores (unpruned and pruned) in ``metadata.scores``; the
+unpruned graph goes beside it in ``runs/R/graphs/NAME.safetensors``.
 Feature labels (the viewer's "clerp") say what each feature reads and writes:
 the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
 contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
@@ -28,9 +30,10 @@ from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import graph_nodes, to_json
+from pipeline.tracing.graph_tensors import graph_tensors
 from pipeline.tracing.paths import strongest_paths
 from pipeline.tracing.pruning import Pruned
-from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json
+from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json, write_graph_tensors
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -121,12 +124,13 @@ def run_trace(cfg: TraceConfig) -> dict:
     tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
     name = cfg.name or graph_name_for(cfg.prompt)
     model_record = manifest.provenance["model"]
-    source = set_source(name, cfg.prompt, ids, str(run_dir.resolve()), folder.name, sorted(tcs), model_record)
+    source = set_source(name, cfg.prompt, ids, run_dir.resolve().name, folder.name, sorted(tcs), model_record)
     settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     traced = trace_document(model, tcs, ids, tokenizer, target, settings, source, contexts)
     graph, pruned, document = traced.graph, traced.pruned, traced.document
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
+    write_graph_tensors(run_dir, name, *graph_tensors(graph))
     path = write_graph_json(run_dir, name, to_json(document))
     summary = summarize(graph, pruned, document, tokenizer, cfg.paths)
     return {"document": document, "path": path, "name": name, "summary": summary}
@@ -171,6 +175,7 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
         "kept_errors": int(kept[errors].sum()),
         "kept_edges": int(pruned.edge_mask_NN.sum()),
         "logit_error": graph.logit_error,
+        "scores": document["metadata"]["scores"],
         "error_share_top_logit": float(top_row[errors].sum() / top_row.sum().clamp_min(1e-30)),
         "targets": [
             (tokenizer.decode([t]), p)
@@ -200,6 +205,9 @@ def format_trace(result: dict) -> str:
         f"traced {s['n_tokens']} tokens in {t.get('wall_s', 0):.0f}s ({s['backward_passes']} backward passes)",
         "  targets: " + ", ".join(f"{text!r} p={p:.3f}" for text, p in s["targets"]),
         f"  completeness: the replacement model's last logits are within {s['logit_error']:.2g} of the model's",
+        "  scores (unpruned / pruned): replacement {:.3f} / {:.3f}, completeness {:.3f} / {:.3f}".format(
+            *(s["scores"][g][k] for k in ("replacement", "completeness") for g in ("unpruned", "pruned"))
+        ),
         f"  features: {human_count(s['n_active_features'])} active, {s['n_feature_nodes']} attributed, "
         f"{s['kept_features']} kept; {s['kept_errors']} error nodes and {s['kept_edges']} edges kept",
         f"  error nodes carry {100 * s['error_share_top_logit']:.0f}% of the top logit's direct input",

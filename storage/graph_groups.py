@@ -1,7 +1,9 @@
 """Saved attribution graphs of a run and the supernodes a person groups their nodes into.
 
 Graphs are ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON, written by
-the tracing job). Supernodes of a graph live beside it in
+the tracing job), and beside each the unpruned graph ``RUN/graphs/NAME.safetensors``
+(adjacency, node table, activations, logits: ``pipeline.tracing.graph_tensors`` says
+which tensors), both written atomically. Supernodes of a graph live beside it in
 ``RUN/graphs/NAME.supernodes.json``, written atomically:
 
     {"format_version": 1, "graph": NAME, "supernodes": [[name, node_id, ...], ...]}
@@ -16,10 +18,14 @@ import json
 import re
 from pathlib import Path
 
-from storage.atomic import atomic_write_json, atomic_write_text
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors_bytes
+
+from storage.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from storage.constants import FORMAT_VERSION, GRAPHS_DIR
 
 GRAPH_SUFFIX = ".json"
+TENSORS_SUFFIX = ".safetensors"
 SUPERNODES_SUFFIX = ".supernodes.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -74,6 +80,27 @@ def write_graph_json(run: Path, name: str, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path
+
+
+def tensors_path(run: Path, name: str) -> Path:
+    return graphs_dir(run) / f"{check_graph_name(name)}{TENSORS_SUFFIX}"
+
+
+def write_graph_tensors(run: Path, name: str, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Publish the unpruned graph's tensors (CPU, contiguous) and string metadata atomically; returns the path."""
+    path = tensors_path(run, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
+    return path
+
+
+def read_graph_tensors(run: Path, name: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a saved unpruned graph; ValueError naming the file when it is missing."""
+    path = tensors_path(run, name)
+    if not path.is_file():
+        raise ValueError(f"no unpruned graph {name!r} in {graphs_dir(run)}: trace the prompt again to write it")
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
 
 
 def supernodes_path(run: Path, name: str) -> Path:

@@ -12,6 +12,7 @@ from pipeline.sae.transcoder import Transcoder
 from pipeline.steering.generation import SamplingConfig, sample
 from pipeline.tracing.intervention import FeatureEdit, intervene, last_logits, run_intervention, top_tokens
 from tests.conftest import make_tiny_llama
+from tests.test_tracing import with_random_norm_weights
 
 D_MODEL, N_FEATURES = 32, 48
 PROMPT = [1, 10, 11, 12, 13, 14, 15]
@@ -19,7 +20,7 @@ PROMPT = [1, 10, 11, 12, 13, 14, 15]
 
 @pytest.fixture(scope="module")
 def model():
-    return make_tiny_llama(vocab_size=64, n_layers=3, d_model=D_MODEL, seed=0)
+    return with_random_norm_weights(make_tiny_llama(vocab_size=64, n_layers=3, d_model=D_MODEL, seed=0))
 
 
 def random_transcoder(seed: int, arch: str = "relu") -> Transcoder:

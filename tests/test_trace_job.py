@@ -6,9 +6,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from jobs.cli import main
-from storage.graph_groups import graph_names, read_graph_json
+from pipeline.tracing.pruning import prune
+from pipeline.tracing.scores import graph_scores
+from storage.graph_groups import graph_names, read_graph_json, read_graph_tensors
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,56 @@ def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
     assert doc["saescope"]["transcoders"] == "tc" and doc["saescope"]["layers"] == [0, 1, 2, 3]
     assert doc["saescope"]["logit_error"] < 1e-3
     assert "completeness" in out and "saved" in out and "/trace?graph=cat" in out
+    assert "scores (unpruned / pruned): replacement" in out
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_the_graph_file_records_the_run_by_name_and_no_path(traced_run, tiny_model_dir):
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The cat", "--name", "nopath"]) == 0
+    doc = read_graph_json(traced_run, "nopath")
+    assert doc["saescope"]["run"] == traced_run.name and doc["metadata"]["schema_version"] == 1
+    roots = {str(traced_run.parent.parent), str(tiny_model_dir.parent), "/tmp", str(traced_run.home())}
+    leaks = [text for text in _strings(doc) if text.startswith("/") or any(root in text for root in roots)]
+    assert not leaks
+    _, meta = read_graph_tensors(traced_run, "nopath")
+    assert not [text for text in meta.values() if "/" in text]
+
+
+def test_trace_saves_the_unpruned_graph_and_its_scores(traced_run):
+    """The safetensors file alone is enough to prune again and recompute the document's scores."""
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat on the mat", "--name", "mat"]) == 0
+    doc = read_graph_json(traced_run, "mat")
+    tensors, meta = read_graph_tensors(traced_run, "mat")
+    n_features, n_errors, n_tokens, n_logits = (
+        int(meta[k]) for k in ("n_features", "n_errors", "n_tokens", "n_logits")
+    )
+    A = tensors["adjacency"]
+    assert A.shape[0] == n_features + n_errors + n_tokens + n_logits == tensors["node_kind"].numel()
+    assert tensors["node_kind"].tolist() == [0] * n_features + [1] * n_errors + [2] * n_tokens + [3] * n_logits
+    assert tensors["prompt_ids"].tolist() == doc["saescope"]["prompt_ids"] and tensors["constant_positions"][0]
+    assert not tensors["constant_positions"][tensors["node_position"][: n_features + n_errors]].any()
+    weights = torch.zeros(A.shape[0], dtype=A.dtype)
+    weights[-n_logits:] = tensors["logit_probs"].to(A.dtype)
+    layout = (n_features, n_errors, n_tokens)
+    scores = doc["metadata"]["scores"]
+    assert graph_scores(A, weights, *layout)._asdict() == pytest.approx(scores["unpruned"], abs=1e-6)
+    pruned = prune(A, weights, n_features, n_errors)
+    assert graph_scores(A * pruned.edge_mask_NN, weights, *layout)._asdict() == pytest.approx(
+        scores["pruned"], abs=1e-6
+    )
+    assert 0 < scores["unpruned"]["replacement"] <= 1 and 0 < scores["pruned"]["completeness"] <= 1
+    assert int(pruned.node_mask_N.sum()) == len(doc["nodes"])
 
 
 @pytest.mark.parametrize("contexts", [16, 0])

@@ -36,7 +36,7 @@ def small_graph() -> dict:
         node("E_9_1", "embedding", "E", 1, "cat"),
         node("0_7_1", "cross layer transcoder", "0", 1, TRICKY, 1.5, 0.6, feature=35),
         node("0_3_1", "cross layer transcoder", "0", 1, "animals", 0.5, 0.2, feature=9),
-        node("1_12_1", "cross layer transcoder", "1", 1, "pets", 2.0, 0.8, feature=90),
+        node("1_12_1", "cross layer transcoder", "1", 1, "pets", 2.0, 0.8, feature=103),
         node("1_-1_1", "mlp reconstruction error", "1", 1, "error", None, 0.1, feature=-1),
         node("3_20_1", "logit", "3", 1, 'Output " sat" (p=0.400)', feature=20),
     ]
@@ -54,6 +54,10 @@ def small_graph() -> dict:
         "prompt_tokens": ["<bos>", "<i>c</i>"],
         "scan": "tiny",
         "node_threshold": 0.8,
+        "scores": {
+            "unpruned": {"replacement": 0.25, "completeness": 0.75},
+            "pruned": {"replacement": 0.5, "completeness": 0.875},
+        },  # fmt: skip
     }
     return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": []}, "nodes": nodes, "links": links,
             "saescope": {"run": "r", "transcoders": "tc", "model": "tiny", "layers": [0, 1]}}  # fmt: skip
@@ -104,6 +108,17 @@ def test_layout_rows_columns_and_feature_ids():
     assert len(graph.links) == 5  # the link to an unknown node is dropped
 
 
+def test_a_feature_id_of_another_shape_reads_the_cantor_paired_feature():
+    """feature = cantor(layer, index): cantor(1, 12) = 13 * 14 / 2 + 12 = 103; cantor(0, 7) = 7 * 8 / 2 + 7 = 35."""
+    data = small_graph()
+    for node in data["nodes"]:
+        if node["feature_type"] == "cross layer transcoder":
+            node["node_id"] = "f" + node["node_id"]
+    data["links"] = []
+    by_id = parse_graph(data, "cat").by_id
+    assert by_id["f1_12_1"].feature == 12 and by_id["f0_7_1"].feature == 7 and by_id["f0_3_1"].feature == 3
+
+
 def test_supernodes_round_trip_atomically(tmp_path):
     (tmp_path / "graphs").mkdir()
     (tmp_path / "graphs" / "g.json").write_text("{}")
@@ -123,6 +138,8 @@ def test_page_lists_graphs_and_draws_the_chosen_one(graph_run):
     assert "layer" in spec and len(spec["layer"]) >= 4
     node_rows = [r for r in chart_rows(app) if "node_id" in r]
     assert len(node_rows) == 7
+    shown = " ".join(c.value for c in app.caption)
+    assert "replacement 0.250 (pruned 0.500)" in shown and "completeness 0.750 (pruned 0.875)" in shown
 
 
 def test_the_chart_draws_the_strongest_links_and_the_page_offers_more(graph_run, monkeypatch):

@@ -5,13 +5,22 @@ Oracles: the model's own logits (completeness), ``Transcoder.pre_acts`` on the c
 scalar multiplier on every source's write in the frozen linear model (edges).
 """
 
+import copy
+
 import pytest
 import torch
 
 from pipeline.lm.hook_points import HookPoint, capture
 from pipeline.sae.model import SaeConfig
 from pipeline.sae.transcoder import Transcoder
-from pipeline.tracing.attribution import active_features, attribute, feature_readouts, logit_readouts, target_logits
+from pipeline.tracing.attribution import (
+    active_features,
+    attribute,
+    constant_mask,
+    feature_readouts,
+    logit_readouts,
+    target_logits,
+)
 from pipeline.tracing.pruning import influence_from_rows, normalized
 from pipeline.tracing.replacement import build_replacement, record_prompt, replacement_forward, replacement_logits
 from pipeline.tracing.trace import trace
@@ -30,9 +39,21 @@ def random_transcoder(generator: torch.Generator) -> Transcoder:
     return tc
 
 
+def with_random_norm_weights(model, seed: int = 0):
+    """Every RMSNorm weight drawn from U(0.5, 1.5), so a dropped or swapped norm weight changes the numbers
+    (a fresh Llama has them all at exactly 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight")]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator, dtype=torch.float64))
+    return model
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double()
+    return with_random_norm_weights(make_tiny_llama(len(tokenizer), n_layers=N_LAYERS, d_model=D).double())
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +126,24 @@ def test_each_target_is_the_sum_of_its_incoming_edges_plus_constants(graph):
 
 
 def _source_writes(rep, sources, alpha_S):
-    """embed and per-layer writes with source s scaled by alpha[s] (columns: features, errors, tokens)."""
-    T = rep.record.ids_T.numel()
+    """embed and per-layer writes with source s scaled by alpha[s] (columns: features, errors at the traced
+    positions, tokens); the writes at constant positions are left out (they only shift the constant)."""
+    T, P = rep.record.ids_T.numel(), sources.traced_P
     n_feat = sources.features_S3.shape[0]
     writes = [torch.zeros(T, D, dtype=torch.float64) for _ in range(N_LAYERS)]
     for s, (layer, pos, f) in enumerate(sources.features_S3.tolist()):
         row = torch.zeros(T, D, dtype=torch.float64)
         row[pos] = sources.acts_S[s] * rep.transcoders[layer].W_dec[f].detach()
         writes[layer] = writes[layer] + alpha_S[s] * row
-    alpha_err = alpha_S[n_feat : n_feat + N_LAYERS * T].view(N_LAYERS, T, 1)
+    alpha_err = torch.zeros(N_LAYERS, T, 1, dtype=torch.float64)
+    alpha_err[:, P] = alpha_S[n_feat : n_feat + N_LAYERS * P.numel()].view(N_LAYERS, P.numel(), 1)
     writes = [w + alpha_err[layer] * rep.errors[layer] for layer, w in enumerate(writes)]
-    embed = alpha_S[n_feat + N_LAYERS * T :, None] * rep.record.embed_TD
+    embed = alpha_S[n_feat + N_LAYERS * P.numel() :, None] * rep.record.embed_TD
     return embed[None], [w[None] for w in writes]
 
 
 def test_edges_equal_a_brute_force_jacobian(model, rep, graph):
-    sources = active_features(rep)
+    sources = active_features(rep, graph.constant_positions)
     n_sources = graph.adjacency.shape[0] - graph.n_logits
     logit_read, _ = logit_readouts(model, rep, graph.logit_tokens[:2])
     feature_read, _ = feature_readouts(rep, graph.features[-3:])
@@ -162,12 +185,92 @@ def test_max_feature_nodes_keeps_the_most_influential(model, rep, graph):
     torch.testing.assert_close(small.adjacency[:12, : -graph.n_logits], graph.adjacency[kept][:, columns])
 
 
+def test_feature_selection_is_the_greedy_over_every_batch(model, rep, graph):
+    """Brute force: after each batch, the partial graph holds the logit rows and the rows visited so far
+    (row-normalized, dense); influence = w ((1 - M)^-1 - 1); the next batch is the most influential unvisited."""
+    n, n_feat, n_logits = graph.adjacency.shape[0], graph.n_features, graph.n_logits
+    eye = torch.eye(n, dtype=torch.float64)
+    weights = graph.target_weights()
+    budget, batch = 12, 3
+    visited: list[int] = []
+    while len(visited) < budget:
+        M = torch.zeros(n, n, dtype=torch.float64)
+        rows = [*range(n - n_logits, n), *visited]
+        M[rows] = normalized(graph.adjacency[rows])
+        influence = weights @ (torch.linalg.inv(eye - M) - eye)
+        ranked = [f for f in influence[:n_feat].argsort(descending=True).tolist() if f not in visited]
+        visited += ranked[:batch]
+    small = attribute(model, rep, graph.logit_tokens, graph.logit_probs, max_feature_nodes=budget, batch_size=batch)
+    expected = graph.features[sorted(visited)]
+    assert torch.equal(small.features, expected)
+    assert n_feat > budget + batch  # selection really had a choice after the first batch
+
+
 def test_trace_ties_it_together(model, ids, transcoders):
     graph = trace(model, ids, transcoders, target=5, batch_size=64)
     assert graph.logit_tokens.tolist() == [5] and graph.logit_error < 1e-12
     assert set(graph.timings) == {"record_s", "attribute_s", "total_s"}
     default = trace(model, ids, list(transcoders.values()), batch_size=64)
     assert default.n_logits == 10 or float(default.logit_probs.sum()) >= 0.95
+
+
+def _node_keys(graph) -> list[tuple]:
+    """One key per node, in adjacency order, that names the node independently of the layout."""
+    keys = [("feature", *f) for f in graph.features.tolist()]
+    keys += [("error", *graph.error_node(k)) for k in range(graph.n_errors)]
+    keys += [("token", pos) for pos in range(graph.n_pos)]
+    return keys + [("logit", t) for t in graph.logit_tokens.tolist()]
+
+
+def test_bos_and_special_positions_are_constants_not_nodes(model, tokenizer, transcoders):
+    """BOS at 0 and an EOS inside the prompt: no feature or error node there, their writes folded into the
+    constants (completeness exact), every other edge the same as with nodes at every position."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = torch.tensor([bos, *tokenizer("A cat").input_ids, eos, *tokenizer(" sat.").input_ids])
+    constant_T = constant_mask(ids, tokenizer.all_special_ids)
+    assert constant_T.nonzero().flatten().tolist() == [0, 6]
+    rep = build_replacement(record_prompt(model, ids), transcoders)
+    tokens, probs = target_logits(rep.record.logits_TV[-1])
+    new = attribute(model, rep, tokens, probs, batch_size=16, constant_T=constant_T)
+    old = attribute(model, rep, tokens, probs, batch_size=16, constant_T=torch.zeros_like(constant_T))
+    assert not constant_T[new.features[:, 1]].any() and constant_T[old.features[:, 1]].any()
+    assert not any(constant_T[new.error_node(k)[1]] for k in range(new.n_errors))
+    assert new.n_errors == N_LAYERS * (ids.numel() - 2) and old.n_errors == N_LAYERS * ids.numel()
+    assert new.n_pos == ids.numel()  # an embedding node at every position, BOS included (as circuit-tracer)
+    old_index = {key: i for i, key in enumerate(_node_keys(old))}
+    idx = torch.tensor([old_index[key] for key in _node_keys(new)])
+    torch.testing.assert_close(new.adjacency, old.adjacency[idx][:, idx], rtol=0, atol=1e-13)
+    # the nodes at constant positions did write something, and it is now in the constants
+    dropped = torch.ones(old.adjacency.shape[0], dtype=torch.bool)
+    dropped[idx] = False
+    assert old.adjacency[idx][:, dropped].abs().max() > 1e-6
+    rows = target_rows(new)
+    torch.testing.assert_close(new.adjacency[rows].sum(1) + new.constants[rows], new.values[rows], rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.values, old.values[idx], rtol=0, atol=1e-12)
+    assert (new.constants[rows] - old.constants[idx][rows]).abs().max() > 1e-6
+
+
+def test_every_tensor_attribution_makes_is_on_the_models_device(model, rep, graph):
+    """With the default device set to 'meta', a tensor made without ``device=`` cannot meet the model's tensors:
+    the run that `trace --device cuda` does, checked on the CPU. The graph comes back on the CPU, unchanged."""
+    with torch.device("meta"):
+        again = attribute(model, rep, graph.logit_tokens, graph.logit_probs, batch_size=16)
+        small = attribute(model, rep, graph.logit_tokens, graph.logit_probs, max_feature_nodes=5, batch_size=3)
+        targeted = target_logits(rep.record.logits_TV[-1], target=5)[0]
+    assert again.adjacency.device.type == "cpu" and small.adjacency.device.type == "cpu"
+    assert targeted.device == rep.record.logits_TV.device
+    torch.testing.assert_close(again.adjacency, graph.adjacency, rtol=0, atol=0)
+    assert small.n_features == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trace_on_cuda_equals_the_cpu(model, ids, transcoders):
+    cpu = trace(model, ids, transcoders, batch_size=16)
+    cuda_tcs = {layer: copy.deepcopy(tc).cuda() for layer, tc in transcoders.items()}
+    gpu = trace(copy.deepcopy(model).cuda(), ids.cuda(), cuda_tcs, batch_size=16)
+    assert gpu.adjacency.device.type == "cpu"
+    torch.testing.assert_close(gpu.adjacency, cpu.adjacency, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.constants, cpu.constants, rtol=1e-9, atol=1e-12)
 
 
 def test_bad_inputs_say_what_is_wrong(model, ids, transcoders):

@@ -68,3 +68,34 @@ def test_prune_by_hand(graph, edge_threshold, nodes, edges):
 def test_thresholds_are_checked(graph):
     with pytest.raises(ValueError, match="node_threshold must be between 0 and 1"):
         prune(*graph, n_features=2, n_errors=1, node_threshold=80)
+
+
+def test_edges_are_ranked_on_the_pruned_graph_by_hand():
+    """Edge influence uses the pruned graph's own row shares and influence, not the unpruned ones.
+
+    Nodes [f0, f1, f2, f3, e0, t0, t1, l0], A[target, source] (row shares in brackets):
+      l0 <- f0 1, f1 1, e0 5, f3 1   (1/8 1/8 5/8 1/8)      f0 <- t0 1, f2 2   (1/3 2/3)
+      f1 <- t1 1                     (1)                    f2 <- t0 1         (1)
+      f3 <- f1 2, t0 1               (2/3 1/3)
+    I in 24ths: f0 3, f1 3 + 2 = 5, f2 2, f3 3, e0 15, t0 1 + 1 + 2 = 4, t1 3 + 2 = 5 (total 37); 80% = 29.6:
+      sorted e0 15, f1 5, t1 5, t0 4, f0 3 (before 29, kept), f3 3 (before 32, dropped), f2 dropped.
+    Pruned: l0 <- f0 1/7, f1 1/7, e0 5/7; f0 <- t0 1; f1 <- t1 1; I' = f0 1/7, f1 1/7, e0 5/7.
+      Edge influence: l0<-e0 5/7, then 1/7 each for f0<-t0, f1<-t1, l0<-f0, l0<-f1 (total 9/7, 80% = 7.2/7):
+      kept up to l0<-f0 (before 7/7); l0<-f1 (before 8/7) dropped, so f1 (no output) and f1<-t1 go.
+    With the unpruned I (f0 3/24, f1 5/24) instead: f1<-t1 5/24 outranks f0<-t0 3/24, which is dropped
+      (before 29/24 > 80% of 32/24), and f0 goes instead of f1.
+    With the unpruned row shares (l0 <- f0 1/8, f1 1/8, e0 5/8; f0 <- t0 1/3): only l0<-e0 survives.
+    """
+    names = "f0 f1 f2 f3 e0 t0 t1 l0".split()
+    f0, f1, f2, f3, e0, t0, t1, l0 = range(8)
+    A = torch.zeros(8, 8, dtype=torch.float64)
+    A[l0, f0], A[l0, f1], A[l0, e0], A[l0, f3] = 1.0, 1.0, 5.0, 1.0
+    A[f0, t0], A[f0, f2], A[f1, t1], A[f2, t0], A[f3, f1], A[f3, t0] = 1.0, 2.0, 1.0, 1.0, 2.0, 1.0
+    weights = torch.zeros(8, dtype=torch.float64)
+    weights[l0] = 1.0
+    result = prune(A, weights, n_features=4, n_errors=1, node_threshold=0.8, edge_threshold=0.8)
+    assert [names[i] for i in result.node_mask_N.nonzero().flatten().tolist()] == ["f0", "e0", "t0", "t1", "l0"]
+    edges = {(names[t], names[s]) for t, s in result.edge_mask_NN.nonzero().tolist()}
+    assert edges == {("f0", "t0"), ("l0", "f0"), ("l0", "e0")}
+    expected = torch.tensor([3, 5, 2, 3, 15, 4, 5, 0], dtype=torch.float64) / 24
+    torch.testing.assert_close(result.influence_N, expected, rtol=0, atol=1e-12)

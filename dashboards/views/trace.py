@@ -2,7 +2,8 @@
 
 A prompt box (``dashboards.trace_new``) traces a new prompt and opens its graph.
 The page reads ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON; which fields,
-see ``dashboards.trace_layout``) and draws it as one Altair chart: embeddings at
+see ``dashboards.trace_layout``), shows the graph's replacement and completeness scores
+at the top (unpruned, and pruned in brackets), and draws it as one Altair chart: embeddings at
 the bottom, logits on top, prompt tokens under the columns. Hover a node for its
 label, layer, position, activation and influence; click it (or choose it in the
 box below) for a link to its feature page, ``/feature?id=F&layer=L&transcoders=NAME`` for a
@@ -54,6 +55,18 @@ def chosen_graph(names: list[str]) -> str:
     name = st.selectbox("graph", names, index=names.index(wanted) if wanted in names else 0)
     st.query_params["graph"] = name
     return name
+
+
+def scores_text(scores: dict) -> str:
+    """The graph's replacement and completeness scores, unpruned then pruned, as one line ('' without scores)."""
+    try:
+        parts = [
+            f"{kind} {scores['unpruned'][kind]:.3f} (pruned {scores['pruned'][kind]:.3f})"
+            for kind in ("replacement", "completeness")
+        ]
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return "scores: " + " · ".join(parts)
 
 
 def prompt_html(graph: TraceGraph) -> str:
@@ -149,6 +162,12 @@ def render() -> None:
     except ValueError as error:
         show_error(error)
         return
+    if scores := scores_text(graph.scores):
+        st.caption(
+            scores,
+            help="replacement: share of the targets' influence that starts at a token rather than "
+            "an error node; completeness: influence-weighted share of node inputs not from error nodes",
+        )
     st.html(prompt_html(graph))
     shown = links_to_draw(len(graph.links))
     drawn = f"the {shown:,} strongest of {len(graph.links):,} links" if shown < len(graph.links) else "all links"

@@ -6,6 +6,18 @@ Nodes, in this order: active transcoder features (activation > 0 at (layer, pos)
 by layer, position, latent), one error node per (layer, pos) (layer-major), one token
 embedding per position, and the target logits of the last position.
 
+Constant positions. Position 0 (BOS) and every position holding a special token, the
+positions the transcoders were never trained on (masked out of training, as
+``pipeline.lm.packing.special_mask`` masks them), carry no feature and no error nodes:
+whatever their MLPs write (features and errors alike) is part of each target's constant.
+Their token-embedding nodes stay, as in circuit-tracer (an embedding node at every
+position; a BOS embedding still reaches later positions through attention's value path).
+circuit-tracer zeroes the features and errors at position 0 when it holds a special
+token but keeps those (empty) error nodes in the matrix, and its targets then miss the
+BOS MLP's write; saescope drops the nodes and keeps completeness exact by folding
+their writes into ``constants``. The other positions' edges are the same either way
+(direct effects do not depend on what other sources write).
+
 A source writes into the residual stream: feature f of layer L writes act * W_dec[f]
 after layer L's MLP, an error node its frozen error vector there, a token its embedding.
 A target reads a direction: logit token v reads ``W_U[v] - mean_u W_U[u]`` on the final
@@ -20,8 +32,8 @@ source writes carries only paths that avoid every other node, and
 
 Each target's value = sum over all sources of A[target, source] + ``constants[target]``,
 the part of the replacement model that no node provides: the target in the linear model
-with every source's write set to zero (decoder biases, norm rounding terms), plus the
-encoder bias ``b_enc[f]`` for a feature target.
+with every source's write set to zero (decoder biases, norm rounding terms, the writes
+at constant positions), plus the encoder bias ``b_enc[f]`` for a feature target.
 
 Gradients come from batched backward passes: R targets at once, the prompt repeated R
 times along the batch, one backward of the sum of the rows' targets.
@@ -35,18 +47,22 @@ are the graph's feature nodes, the others are dropped (their edges with them).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pipeline.lm.packing import special_mask
 from pipeline.tracing.pruning import influence_from_rows, normalized
 from pipeline.tracing.replacement import LinearOutputs, Replacement, replacement_forward
 
 
 @dataclass(frozen=True)
 class Graph:
-    """An attribution graph on one prompt; nodes laid out [features, errors, tokens, logits]."""
+    """An attribution graph on one prompt; nodes laid out [features, errors, tokens, logits].
+
+    Computed on the model's device, kept on the CPU (as circuit-tracer keeps its edge matrix)."""
 
     prompt_ids: torch.Tensor
     """Token ids [T]."""
@@ -66,7 +82,9 @@ class Graph:
     constants: torch.Tensor
     """[N] the part of each target's value no node provides: values = adjacency.sum(1) + constants."""
     n_active_features: int
-    """Active features on the prompt before ``max_feature_nodes`` selection."""
+    """Active features on the prompt (constant positions excluded) before ``max_feature_nodes`` selection."""
+    constant_positions: torch.Tensor
+    """[T] bool: positions without feature or error nodes (BOS, special tokens); their writes are constants."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage."""
     n_backward_passes: int = 0
@@ -83,8 +101,18 @@ class Graph:
         return int(self.features.shape[0])
 
     @property
+    def error_positions(self) -> torch.Tensor:
+        """Positions that have error (and feature) nodes, ascending."""
+        return (~self.constant_positions).nonzero().flatten()
+
+    @property
     def n_errors(self) -> int:
-        return self.n_layers * self.n_pos
+        return self.n_layers * int(self.error_positions.numel())
+
+    def error_node(self, k: int) -> tuple[int, int]:
+        """(layer, pos) of the k-th error node (layer-major over ``error_positions``)."""
+        layer, i = divmod(k, int(self.error_positions.numel()))
+        return layer, int(self.error_positions[i])
 
     @property
     def n_logits(self) -> int:
@@ -92,9 +120,16 @@ class Graph:
 
     def target_weights(self) -> torch.Tensor:
         """[N] the logit probabilities on the logit nodes, 0 elsewhere (the weights of pruning)."""
-        weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype)
-        weights[-self.n_logits :] = self.logit_probs.to(weights.dtype)
+        weights = torch.zeros(self.adjacency.shape[0], dtype=self.adjacency.dtype, device=self.adjacency.device)
+        weights[-self.n_logits :] = self.logit_probs.to(weights)
         return weights
+
+
+def constant_mask(ids_T: torch.Tensor, special_ids: Sequence[int] = ()) -> torch.Tensor:
+    """[T] bool: position 0 and every position holding one of ``special_ids`` (no nodes there)."""
+    constant_T = special_mask(ids_T, special_ids) if len(special_ids) else torch.zeros_like(ids_T, dtype=torch.bool)
+    constant_T[0] = True
+    return constant_T
 
 
 def target_logits(logits_V: torch.Tensor, target: int | None = None, cover: float = 0.95, at_most: int = 10):
@@ -104,7 +139,7 @@ def target_logits(logits_V: torch.Tensor, target: int | None = None, cover: floa
     if target is not None:
         if not 0 <= target < probs_V.numel():
             raise ValueError(f"target token {target} out of range: vocabulary has {probs_V.numel()} tokens")
-        return torch.tensor([target]), probs_V[[target]]
+        return torch.tensor([target], device=probs_V.device), probs_V[[target]]
     probs, tokens = probs_V.sort(descending=True)
     n = int((torch.cumsum(probs, 0) - probs < cover).sum().clamp(1, at_most))
     return tokens[:n], probs[:n]
@@ -135,6 +170,8 @@ def _read(out: LinearOutputs, readouts: Readouts, batch_R: torch.Tensor) -> torc
 class Sources:
     """Every active feature on the prompt (the feature columns before selection) and what each writes."""
 
+    traced_P: torch.Tensor
+    """Positions with feature and error nodes (not constant), ascending."""
     features_S3: torch.Tensor
     """(layer, pos, latent), sorted."""
     acts_S: torch.Tensor
@@ -143,16 +180,16 @@ class Sources:
 
 
 @torch.no_grad()
-def active_features(rep: Replacement) -> Sources:
-    """Every (layer, pos, latent) with a positive activation, its activation and its write."""
+def active_features(rep: Replacement, constant_T: torch.Tensor) -> Sources:
+    """Every (layer, pos, latent) with a positive activation outside ``constant_T``, its activation and its write."""
     features, acts, writes = [], [], []
     for layer, (acts_TF, tc) in enumerate(zip(rep.acts, rep.transcoders, strict=True)):
-        pos_latent = (acts_TF > 0).nonzero()
+        pos_latent = ((acts_TF > 0) & ~constant_T[:, None]).nonzero()
         values = acts_TF[pos_latent[:, 0], pos_latent[:, 1]]
         features.append(torch.cat([torch.full_like(pos_latent[:, :1], layer), pos_latent], 1))
         acts.append(values)
         writes.append(values[:, None] * tc.W_dec[pos_latent[:, 1]].to(values.dtype))
-    return Sources(torch.cat(features), torch.cat(acts), tuple(writes))
+    return Sources((~constant_T).nonzero().flatten(), torch.cat(features), torch.cat(acts), tuple(writes))
 
 
 @torch.no_grad()
@@ -160,40 +197,42 @@ def logit_readouts(model: nn.Module, rep: Replacement, tokens: torch.Tensor) -> 
     """Logit targets at the last position: W_U[v] - mean W_U; no bias."""
     W_U = model.get_output_embeddings().weight.to(rep.record.embed_TD.dtype)
     n, T = tokens.numel(), rep.record.ids_T.numel()
-    layer_R, pos_R = torch.full((n,), len(rep.acts)), torch.full((n,), T - 1)
-    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype)
+    layer_R, pos_R = torch.full((n,), len(rep.acts), device=W_U.device), torch.full((n,), T - 1, device=W_U.device)
+    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype, device=W_U.device)
 
 
 @torch.no_grad()
 def feature_readouts(rep: Replacement, features_R3: torch.Tensor) -> tuple[Readouts, torch.Tensor]:
     """Feature targets: W_enc[latent] on the layer's MLP input at pos; bias b_enc[latent]."""
-    dtype, D = rep.record.embed_TD.dtype, rep.record.embed_TD.shape[1]
+    (_, D), like = rep.record.embed_TD.shape, {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
     layer_R, pos_R, latent_R = features_R3.unbind(1)
-    vector_RD, bias_R = torch.zeros(len(layer_R), D, dtype=dtype), torch.zeros(len(layer_R), dtype=dtype)
+    vector_RD, bias_R = torch.zeros(len(layer_R), D, **like), torch.zeros(len(layer_R), **like)
     for layer in layer_R.unique().tolist():
         rows = layer_R == layer
-        vector_RD[rows] = rep.transcoders[layer].W_enc_FD[latent_R[rows]].to(dtype)
-        bias_R[rows] = rep.transcoders[layer].b_enc[latent_R[rows]].to(dtype)
+        vector_RD[rows] = rep.transcoders[layer].W_enc_FD[latent_R[rows]].to(vector_RD)
+        bias_R[rows] = rep.transcoders[layer].b_enc[latent_R[rows]].to(bias_R)
     return Readouts(layer_R, pos_R, vector_RD), bias_R
 
 
 def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: Readouts) -> torch.Tensor:
     """Direct effects [R, S] of every source column on each target row: one batched backward."""
     R, (T, D), n_layers = len(readouts), rep.record.embed_TD.shape, len(rep.acts)
-    dtype = rep.record.embed_TD.dtype
+    like = {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
     last = int(readouts.layer_R.max())
     with torch.enable_grad():
-        leaves = [torch.zeros(R, T, D, dtype=dtype, requires_grad=True) for _ in range(n_layers + 1)]
+        leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
         out = replacement_forward(model, rep, leaves[0], leaves[1:], None if last == n_layers else last)
-        total = _read(out, readouts, torch.arange(R)).sum()
+        total = _read(out, readouts, torch.arange(R, device=like["device"])).sum()
         grads = torch.autograd.grad(total, leaves, allow_unused=True)
-    grads = [torch.zeros(R, T, D, dtype=dtype) if g is None else g for g in grads]
+    grads = [torch.zeros(R, T, D, **like) if g is None else g for g in grads]
     g_embed, g_writes = grads[0], grads[1:]
     feature_cols = [
         _write_effects(g_writes[layer], sources.features_S3[sources.features_S3[:, 0] == layer, 1], write_nD)
         for layer, write_nD in enumerate(sources.writes)
     ]
-    error_cols = [torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer]) for layer in range(n_layers)]
+    error_cols = [
+        torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer])[:, sources.traced_P] for layer in range(n_layers)
+    ]
     token_cols = torch.einsum("rtd,td->rt", g_embed, rep.record.embed_TD)
     return torch.cat([*feature_cols, *error_cols, token_cols], 1)
 
@@ -201,7 +240,7 @@ def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: R
 def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Tensor) -> torch.Tensor:
     """[R, n]: g[r, pos_n[i]] . write_nD[i], as one matrix product then a gather (no [R, n, D] copy)."""
     every_RTn = g_RTD @ write_nD.T
-    return every_RTn[:, pos_n, torch.arange(pos_n.numel())]
+    return every_RTn[:, pos_n, torch.arange(pos_n.numel(), device=pos_n.device)]
 
 
 def _rows_in_batches(
@@ -212,15 +251,18 @@ def _rows_in_batches(
 
 
 @torch.no_grad()
-def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: torch.Tensor):
-    """Each target's value in the real model, and its value with every source's write set to zero."""
+def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: torch.Tensor, constant_T):
+    """Each target's value in the real model, and its value with every source's write set to zero
+    (the writes at constant positions kept)."""
     record, T, D = rep.record, *rep.record.embed_TD.shape
-    zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype)
-    empty_out = replacement_forward(model, rep, zero, [zero] * len(rep.acts))
+    zero = torch.zeros(1, T, D, dtype=record.embed_TD.dtype, device=record.embed_TD.device)
+    kept_T1 = constant_T[:, None].to(zero.dtype)
+    constant_writes = [kept_T1 * (rep.feature_writes(L) + rep.errors[L]) for L in range(len(rep.acts))]
+    empty_out = replacement_forward(model, rep, zero, [w[None] for w in constant_writes])
     final_TD = record.scale_final_T1 * record.resid_final_TD * model.base_model.norm.weight.to(zero.dtype)
     mlp_ins = tuple(layer.mlp_in_TD[None] for layer in record.layers)
     true_out = LinearOutputs(mlp_ins, (final_TD + record.fix_final_TD)[None])
-    batch = torch.zeros(len(readouts), dtype=torch.long)
+    batch = torch.zeros(len(readouts), dtype=torch.long, device=zero.device)
     return _read(true_out, readouts, batch) + bias_R, _read(empty_out, readouts, batch) + bias_R
 
 
@@ -238,9 +280,12 @@ def _select_features(
     bar_RN = logit_rows.new_zeros(n_logits + budget, n_cols + n_logits)
     raw_RS = logit_rows.new_zeros(budget, n_cols)
     bar_RN[:n_logits, :n_cols] = normalized(logit_rows)
-    row_nodes = torch.cat([n_cols + torch.arange(n_logits), torch.zeros(budget, dtype=torch.long)])
-    weights = torch.cat([probs.to(logit_rows.dtype), logit_rows.new_zeros(budget)])
-    visited, done = torch.zeros(n_feat, dtype=torch.bool), 0
+    device = logit_rows.device
+    row_nodes = torch.cat(
+        [n_cols + torch.arange(n_logits, device=device), torch.zeros(budget, dtype=torch.long, device=device)]
+    )
+    weights = torch.cat([probs.to(logit_rows), logit_rows.new_zeros(budget)])
+    visited, done = torch.zeros(n_feat, dtype=torch.bool, device=device), 0
     while done < budget:
         filled = n_logits + done
         influence = influence_from_rows(bar_RN[:filled], row_nodes[:filled], weights[:filled])
@@ -262,24 +307,34 @@ def attribute(
     logit_probs: torch.Tensor,
     max_feature_nodes: int = 2000,
     batch_size: int = 32,
+    constant_T: torch.Tensor | None = None,
 ) -> Graph:
-    """The attribution graph of a replacement model for the given target logits (see the module docstring)."""
+    """The attribution graph of a replacement model for the given target logits (see the module docstring).
+
+    ``constant_T`` [T] bool: positions without feature or error nodes (default: position 0 only;
+    ``constant_mask`` adds special tokens; all False gives every position its nodes).
+    """
     if max_feature_nodes < 0 or batch_size < 1:
         raise ValueError(f"max_feature_nodes must be >= 0 and batch_size >= 1, got {max_feature_nodes}, {batch_size}")
     start = time.perf_counter()
-    sources = active_features(rep)
+    ids_T = rep.record.ids_T
+    constant_T = constant_mask(ids_T) if constant_T is None else constant_T.to(ids_T.device, torch.bool)
+    if constant_T.shape != ids_T.shape:
+        raise ValueError(f"constant_T needs one entry per position ({ids_T.numel()}), got {tuple(constant_T.shape)}")
+    sources = active_features(rep, constant_T)
     n_active, n_layers, T = sources.features_S3.shape[0], len(rep.acts), rep.record.ids_T.numel()
+    n_errors = n_layers * sources.traced_P.numel()
     logit_read, logit_bias = logit_readouts(model, rep, logit_tokens)
     logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size))
     if n_active <= max_feature_nodes:
-        chosen = torch.arange(n_active)
+        chosen = torch.arange(n_active, device=logit_rows.device)
         readouts, _ = feature_readouts(rep, sources.features_S3)
         feature_rows = torch.cat([logit_rows[:0], *_rows_in_batches(model, rep, sources, readouts, batch_size)])
     else:
         chosen, feature_rows = _select_features(
             model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size
         )
-    columns = torch.cat([chosen, n_active + torch.arange(n_layers * T + T)])
+    columns = torch.cat([chosen, n_active + torch.arange(n_errors + T, device=chosen.device)])
     n_sources = columns.numel()
     A = logit_rows.new_zeros(n_sources + logit_tokens.numel(), n_sources + logit_tokens.numel())
     A[: chosen.numel(), :n_sources] = feature_rows[:, columns]
@@ -287,20 +342,21 @@ def attribute(
     feature_read, feature_bias = feature_readouts(rep, sources.features_S3[chosen])
     values, constants = A.new_zeros(A.shape[0]), A.new_zeros(A.shape[0])
     values[: chosen.numel()], constants[: chosen.numel()] = _values_and_constants(
-        model, rep, feature_read, feature_bias
+        model, rep, feature_read, feature_bias, constant_T
     )
-    values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias)
+    values[n_sources:], constants[n_sources:] = _values_and_constants(model, rep, logit_read, logit_bias, constant_T)
     return Graph(
-        prompt_ids=rep.record.ids_T,
+        prompt_ids=rep.record.ids_T.cpu(),
         n_layers=n_layers,
-        features=sources.features_S3[chosen],
-        activations=sources.acts_S[chosen],
-        logit_tokens=logit_tokens,
-        logit_probs=logit_probs,
-        adjacency=A,
-        values=values,
-        constants=constants,
+        features=sources.features_S3[chosen].cpu(),
+        activations=sources.acts_S[chosen].cpu(),
+        logit_tokens=logit_tokens.cpu(),
+        logit_probs=logit_probs.cpu(),
+        adjacency=A.cpu(),
+        values=values.cpu(),
+        constants=constants.cpu(),
         n_active_features=n_active,
+        constant_positions=constant_T.cpu(),
         timings={"attribute_s": time.perf_counter() - start},
         n_backward_passes=-(-logit_tokens.numel() // batch_size) + -(-chosen.numel() // batch_size),
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.lm.packing import SpecialTokens
 from pipeline.lm.token_text import token_text
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
@@ -71,7 +72,9 @@ def check_every_layer(set_name: str, layers: list[int], n_layers: int, run: str)
 def set_source(
     name: str, prompt: str, ids: list[int], run: str, set_name: str, layers: list[int], model: dict
 ) -> GraphSource:
-    """Where a graph of ``prompt`` through run ``run``'s transcoder set came from (``model``: the cache's record)."""
+    """Where a graph of ``prompt`` through run ``run``'s transcoder set came from (``run``: the run's name, not
+    its path; ``model``: the cache's record, whose ``spec``, which can be a path of the machine, is left out)."""
+    model = {key: value for key, value in model.items() if key != "spec"}
     provenance = {"run": run, "transcoders": set_name, "layers": sorted(layers), "model": model, "prompt_ids": ids}
     files = [f"{set_name}/layer-{layer:02d}" for layer in sorted(layers)]
     return GraphSource(name, str(model["name"]), prompt, provenance, files)
@@ -97,8 +100,9 @@ def trace_document(
     """The graph of ``ids`` through ``transcoders`` (one per layer), pruned and labelled, as a document."""
     started = time.perf_counter()
     device = next(model.parameters()).device
+    special = SpecialTokens.from_tokenizer(tokenizer).special_ids
     graph = trace(model, torch.tensor(ids, device=device), transcoders, target, settings.max_feature_nodes,
-                  settings.batch_size)  # fmt: skip
+                  settings.batch_size, special_ids=special)  # fmt: skip
     pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
                    settings.node_threshold, settings.edge_threshold)  # fmt: skip
     labelled = time.perf_counter()

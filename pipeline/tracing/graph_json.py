@@ -1,27 +1,33 @@
 """A pruned Graph as the JSON document Neuronpedia's attribution-graph viewer uploads, and back.
 
-The schema is the one circuit-tracer's ``create_graph_files`` writes:
+The schema is Neuronpedia's graph schema 1, as circuit-tracer's ``create_graph_files`` writes
+it (its pydantic models in ``frontend/graph_models.py``):
 
-    metadata  slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold
+    metadata  slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold, schema_version (1)
     qParams   pinnedIds, supernodes, linkType, clickedId, sg_pos
     nodes     node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit,
               run_idx, reverse_ctx_idx, jsNodeId, clerp, influence, activation
     links     source, target, weight (source and target are node_ids)
 
 Node ids, per kind (``feature_type``):
-    feature     "cross layer transcoder"    "{layer}_{latent}_{pos}"; feature = latent (+ layer * 10^ceil(log10 F)
-                                            when ``d_transcoder`` is given, as for a published scan)
-    error       "mlp reconstruction error"  "err_{layer}_{pos}"; feature = -1. circuit-tracer writes
-                                            "0_{layer}_{pos}", which can equal a layer-0 feature's id,
-                                            so saescope deviates here
+    feature     "cross layer transcoder"    "{layer}_{latent}_{pos}"; feature = cantor(layer, latent)
+                                            with cantor(x, y) = (x + y)(x + y + 1)/2 + y (one id per
+                                            (layer, latent) pair, inverted by ``uncantor``)
+    error       "mlp reconstruction error"  "{layer}_-1_{pos}"; feature = -1; jsNodeId "err_{layer}_{pos}-0"
+                                            (circuit-tracer's "{layer}_{pos}-0" can equal the jsNodeId of
+                                            feature latent pos of that layer, so saescope deviates here)
     token       "embedding"                 "E_{token}_{pos}"; layer "E", feature = pos
     logit       "logit"                     "{n_layers + 1}_{token}_{pos}"; clerp 'Output "tok" (p=0.123)'
                                             (the viewer reads p from the clerp); the most likely is the target
 
 ``influence`` is the node's cumulative influence share (``pruning.cumulative_share``).
-saescope's own provenance (model, run, transcoders, timings, thresholds) goes under the
-top-level key ``saescope``, which the viewer ignores. Text in, text out: writing the file
-(atomically) is the caller's job.
+Nodes exist only where the graph has them: no feature or error node at BOS or another
+constant position (``attribution``). ``metadata.scores`` holds the graph's replacement
+and completeness scores (``scores``), ``{"unpruned": {"replacement": r, "completeness":
+c}, "pruned": {...}}``. saescope's own provenance (model, run by name, transcoders,
+timings, thresholds) goes under the top-level key ``saescope``, which the viewer ignores;
+no field holds a path of the machine. Text in, text out: writing the file (atomically)
+is the caller's job.
 """
 
 from __future__ import annotations
@@ -33,8 +39,12 @@ from typing import Any, NamedTuple
 
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.pruning import Pruned
+from pipeline.tracing.scores import unpruned_and_pruned
 
 FORMAT_VERSION = 1
+"""Version of saescope's own ``saescope`` block."""
+SCHEMA_VERSION = 1
+"""Neuronpedia's graph schema version, ``metadata.schema_version``."""
 FEATURE, ERROR, EMBEDDING, LOGIT = "cross layer transcoder", "mlp reconstruction error", "embedding", "logit"
 TOP_LEVEL_KEYS = ("metadata", "qParams", "nodes", "links")
 
@@ -54,6 +64,18 @@ def display_token(text: str) -> str:
     return text.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
 
 
+def cantor(x: int, y: int) -> int:
+    """Cantor's pairing of two naturals: (x + y)(x + y + 1)/2 + y."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def uncantor(z: int) -> tuple[int, int]:
+    """The (x, y) with cantor(x, y) == z."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    y = z - w * (w + 1) // 2
+    return w - y, y
+
+
 def _node(node_id: str, feature: int, layer: str, pos: int, kind: str, js_id: str, **extra) -> dict[str, Any]:
     base = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": kind}
     fields = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js_id}
@@ -65,22 +87,20 @@ def graph_nodes(
     cumulative: list[float],
     decode: Callable[[int], str],
     labels: Mapping[tuple[int, int], str] | None = None,
-    d_transcoder: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every node of the graph in viewer form, in adjacency order."""
-    offset = 10 ** math.ceil(math.log10(d_transcoder)) if d_transcoder else 0
     nodes = []
     for i, ((layer, pos, latent), act) in enumerate(
         zip(graph.features.tolist(), graph.activations.tolist(), strict=True)
     ):
         clerp = (labels or {}).get((layer, latent), "")
-        feature = latent + offset * layer
+        feature = cantor(layer, latent)
         nodes.append(_node(f"{layer}_{latent}_{pos}", feature, str(layer), pos, FEATURE, f"{layer}_{latent}-0"))
         nodes[-1].update(clerp=clerp, influence=cumulative[i], activation=act)
-    for layer in range(graph.n_layers):
-        for pos in range(graph.n_pos):
-            node = _node(f"err_{layer}_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
-            nodes.append({**node, "influence": cumulative[len(nodes)]})
+    for k in range(graph.n_errors):
+        layer, pos = graph.error_node(k)
+        node = _node(f"{layer}_-1_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
+        nodes.append({**node, "influence": cumulative[len(nodes)]})
     for pos, token in enumerate(graph.prompt_ids.tolist()):
         node = _node(f"E_{token}_{pos}", pos, "E", pos, EMBEDDING, f"E_{token}-{pos}")
         nodes.append({**node, "influence": cumulative[len(nodes)]})
@@ -114,7 +134,6 @@ def graph_document(
     provenance: Mapping[str, Any] | None = None,
     labels: Mapping[tuple[int, int], str] | None = None,
     transcoder_list: list[str] | None = None,
-    d_transcoder: int | None = None,
 ) -> dict[str, Any]:
     """The viewer's document for the nodes and edges that survived ``pruned``.
 
@@ -122,7 +141,8 @@ def graph_document(
     explanation (the clerp); ``provenance`` (model, run, transcoder names and hashes, ...) is
     stored under ``saescope`` with the graph's own counts and timings.
     """
-    all_nodes = graph_nodes(graph, pruned.cumulative_N.tolist(), decode, labels, d_transcoder)
+    all_nodes = graph_nodes(graph, pruned.cumulative_N.tolist(), decode, labels)
+    layout = (graph.n_features, graph.n_errors, graph.n_pos)
     kept = pruned.node_mask_N.nonzero().flatten().tolist()
     targets, sources = pruned.edge_mask_NN.nonzero().unbind(1)
     weights = graph.adjacency[targets, sources].tolist()
@@ -146,6 +166,8 @@ def graph_document(
         "prompt_tokens": [display_token(decode(t)) for t in graph.prompt_ids.tolist()],
         "prompt": prompt,
         "node_threshold": node_threshold,
+        "schema_version": SCHEMA_VERSION,
+        "scores": unpruned_and_pruned(graph.adjacency, graph.target_weights(), pruned.edge_mask_NN, layout),
     }
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     nodes = [all_nodes[i] for i in kept]
