@@ -8,6 +8,10 @@ the tracing job). Supernodes of a graph live beside it in
 
 Each entry is a group's name followed by its members' node ids, the shape of
 ``qParams.supernodes`` in Neuronpedia's graph files.
+
+A graph name is one unit: ``NAME.json``, ``NAME.safetensors`` (the unpruned graph) and
+``NAME.supernodes.json`` are found (``graph_files``), refused and removed (``remove_graph``)
+together, so a replaced graph never inherits another graph's supernodes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from storage.constants import FORMAT_VERSION, GRAPHS_DIR
 
 GRAPH_SUFFIX = ".json"
 SUPERNODES_SUFFIX = ".supernodes.json"
+UNPRUNED_SUFFIX = ".safetensors"
+UNIT_SUFFIXES = (SUPERNODES_SUFFIX, UNPRUNED_SUFFIX, GRAPH_SUFFIX)
+"""Every file of one graph name, the graph file itself last (the order ``remove_graph`` deletes in)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -74,6 +81,20 @@ def write_graph_json(run: Path, name: str, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path
+
+
+def graph_files(run: Path, name: str) -> list[Path]:
+    """The files of graph ``name`` that exist (graph, unpruned graph, supernodes), in removal order."""
+    stem = graphs_dir(run) / check_graph_name(name)
+    return [path for path in (stem.with_name(stem.name + suffix) for suffix in UNIT_SUFFIXES) if path.is_file()]
+
+
+def remove_graph(run: Path, name: str) -> list[Path]:
+    """Delete every file of graph ``name`` (supernodes first, the graph file last); returns what was removed."""
+    removed = graph_files(run, name)
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def supernodes_path(run: Path, name: str) -> Path:
