@@ -221,20 +221,22 @@ def free_memory(device: str) -> int | None:
 
 
 def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / GiB:.1f} GiB" if n_bytes >= 0.1 * GiB else f"{n_bytes / 2**20:.0f} MiB"
+    return f"{n_bytes / GiB:.1f} GiB" if n_bytes >= GiB else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def _fixes(shape: GraphShape, free: int, ctx_len: int) -> list[str]:
     """The one-option changes whose graph would fit ``free`` bytes."""
     fixes = []
     tokens = largest_fitting(shape, "n_tokens", free)
-    if tokens:
+    if tokens is not None:
         fixes.append(f"a prompt of at most {tokens} tokens")
-    for flag, field_name, unit in (("--max-feature-nodes", "max_feature_nodes", 1), ("--batch-size", "batch_size", 1),
-                                   ("--label-contexts", "label_tokens", ctx_len)):  # fmt: skip
-        fitting = largest_fitting(shape, field_name, free) // unit
-        if getattr(shape, field_name) and fitting * unit < getattr(shape, field_name) and (fitting or unit > 1):
+    for flag, field_name in (("--max-feature-nodes", "max_feature_nodes"), ("--batch-size", "batch_size")):
+        fitting = largest_fitting(shape, field_name, free)
+        if fitting is not None:
             fixes.append(f"{flag} {fitting}")
+    label_tokens = largest_fitting(shape, "label_tokens", free, lowest=0) if shape.label_tokens else None
+    if label_tokens is not None:
+        fixes.append(f"--label-contexts {label_tokens // ctx_len}")
     return fixes
 
 
@@ -280,6 +282,8 @@ class StageBars:
         if bar is None:
             bar = self.bars[stage] = progress(total, stage, unit=self.UNITS.get(stage, "it"))
         bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -310,7 +314,8 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
         bars.close()
     graph, pruned, document = traced.graph, traced.pruned, traced.document
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
-    document["saescope"]["estimate"] = {"peak_bytes": est.peak_bytes, "seconds": round(seconds, 1)}
+    document["saescope"]["estimate"] = {"peak_bytes": est.peak_bytes, "seconds": round(seconds, 1),
+                                        "n_active": est.n_active}  # fmt: skip
     if cfg.force:
         remove_graph(run_dir, plan.name)
     path = write_graph_json(run_dir, plan.name, to_json(document))

@@ -19,7 +19,7 @@ import torch
 
 import jobs.trace as trace_job
 from pipeline.tracing.attribution import attribute, target_logits
-from pipeline.tracing.estimate import GraphShape, estimate, largest_fitting
+from pipeline.tracing.estimate import RUNTIME_BYTES, GraphShape, estimate, largest_fitting
 from pipeline.tracing.replacement import build_replacement, record_prompt
 from storage.graph_groups import graph_files, graphs_dir, read_graph_json, supernodes_path
 from storage.transcoder_store import set_dir
@@ -103,9 +103,9 @@ def test_a_graph_folder_that_cannot_be_made_is_refused(tc_run, capsys, no_model)
 
 
 def test_a_prompt_too_long_for_the_free_memory_is_refused_with_the_estimate(tc_run, capsys, no_model, monkeypatch):
-    monkeypatch.setattr(trace_job, "free_memory", lambda _device: 20 * 2**20)
+    monkeypatch.setattr(trace_job, "free_memory", lambda _device: 150 * 2**20)
     line = refused(capsys, [tc_run], "trace", "--run", tc_run, "--prompt", "the cat sat on the mat " * 60)
-    assert "--prompt: tracing" in line and "would need about" in line and "but 20 MiB is free" in line
+    assert "--prompt: tracing" in line and "would need about" in line and "but 150 MiB is free" in line
     assert "active features" in line and "use a prompt of at most" in line
 
 
@@ -214,7 +214,7 @@ def test_the_estimate_matches_the_formula_worked_by_hand():
     assert (est.n_active, est.n_feature_nodes, est.n_nodes, est.n_backward_passes) == (2, 2, 7, 3)
     # weights 10 + (16 + 4 + 8 + 2); prompt 6 + (24 + 4) + 8 + 4 + 4; backward 36 + 4 + 72 + 4
     assert est.stages == {"weights": 40, "prompt": 50, "backward": 116, "assemble": 81, "prune": 588, "labels": 98}
-    assert est.peak_bytes == 4 * (40 + 588)  # pruning's 12 N^2 outweighs prompt + backward = 166
+    assert est.peak_bytes == 4 * (40 + 588) + RUNTIME_BYTES  # pruning's 12 N^2 outweighs prompt + backward = 166
     assert est.flops["record"] == 136 and est.flops["backward"] == 3 * 80 and est.flops["select"] == 0
     assert est.flops["prune"] == pytest.approx(4 * 3 * 49 + 4 * 49 * math.log2(49))
 
@@ -230,6 +230,7 @@ def test_largest_fitting_prompt_is_the_longest_whose_peak_fits():
     shape = GraphShape(n_tokens=300, n_layers=4, d_model=32, vocab=100, d_sae=64, active_per_token=4)
     free = estimate(GraphShape(n_tokens=40, n_layers=4, d_model=32, vocab=100, d_sae=64, active_per_token=4)).peak_bytes
     assert largest_fitting(shape, "n_tokens", free) == 40
+    assert largest_fitting(shape, "n_tokens", RUNTIME_BYTES) is None  # not even one token fits
 
 
 # --- progress --------------------------------------------------------------------------------------

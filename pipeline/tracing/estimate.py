@@ -29,7 +29,7 @@ Memory, in float32 numbers (4 bytes each), what stays while the stages run plus 
                                                         of N^2 edge scores with int64 indices)
     labels    = 2 N^2 + C * min(m, L F)                (adjacency and masks, per-token latent values)
 
-    peak = 4 bytes * (weights + max(prompt + max(backward, assemble), prune, labels))
+    peak = 4 bytes * (weights + max(prompt + max(backward, assemble), prune, labels)) + RUNTIME_BYTES
 
 The prompt's record and replacement are freed once the adjacency is built, before pruning.
 
@@ -58,10 +58,14 @@ BYTES_PER_NUMBER = 4
 """Tracing runs in float32."""
 EFFICIENCY = 1.0
 """Tracing's FLOP/s over a large matrix product's (set from the README's SmolLM2 traces on a 2-core CPU
-measuring ~130 GFLOP/s: 12 s for 7 tokens, 39 s for 33; this formula says 11 s and 54 s)."""
-PASS_LAYER_S = 1e-3
-"""Fixed cost of one layer in one backward pass (kernel launches, Python), seconds."""
+measuring ~130 GFLOP/s: 12 s for 7 tokens, 39 s for 33; with PASS_LAYER_S this formula says 13 s and 57 s)."""
+PASS_LAYER_S = 3e-3
+"""Fixed cost of one layer in one backward pass (small ops, kernel launches, Python), seconds; several
+times more on a CPU shared with other jobs."""
 GiB = 1024**3
+RUNTIME_BYTES = 128 * 2**20
+"""What a trace adds whatever its size: library and allocator work buffers, the document's Python objects
+(the tiny test run's 8-token trace peaked ~96 MB above the process's RSS after its imports)."""
 
 
 @dataclass(frozen=True)
@@ -172,13 +176,16 @@ def estimate(shape: GraphShape) -> Estimate:
     passes = math.ceil(G / R) + math.ceil(m / R)
     stages = _memory(shape, n, m, S, N)
     during = stages["prompt"] + max(stages["backward"], stages["assemble"])
-    peak = BYTES_PER_NUMBER * (stages["weights"] + max(during, stages["prune"], stages["labels"]))
+    peak = BYTES_PER_NUMBER * (stages["weights"] + max(during, stages["prune"], stages["labels"])) + RUNTIME_BYTES
     return Estimate(n, m, N, passes, peak, stages, _flops(shape, n, S, N, passes))
 
 
-def largest_fitting(shape: GraphShape, field_name: str, free_bytes: int) -> int:
-    """The largest value of ``field_name`` (e.g. "n_tokens") up to its current one whose peak fits; 0 if none."""
-    low, high = 0, getattr(shape, field_name)
+def largest_fitting(shape: GraphShape, field_name: str, free_bytes: int, lowest: int = 1) -> int | None:
+    """The largest value of ``field_name`` (e.g. "n_tokens") from ``lowest`` up to its current one whose peak
+    fits in ``free_bytes``; None when not even ``lowest`` fits."""
+    low, high = lowest, getattr(shape, field_name)
+    if estimate(replace(shape, **{field_name: low})).peak_bytes > free_bytes:
+        return None
     while low < high:
         middle = (low + high + 1) // 2
         fits = estimate(replace(shape, **{field_name: middle})).peak_bytes <= free_bytes
