@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=lambda args: command(config_from_args(ExportConfig, args)))
 
 
-def check_every_layer(folder: Path, layers: list[int], n_layers: int, run_dir: Path) -> None:
+def check_set_layers(folder: Path, layers: list[int], n_layers: int, run_dir: Path) -> None:
     """circuit-tracer loads one transcoder per layer of the model: name the layers the set lacks."""
     missing = sorted(set(range(n_layers)) - set(layers))
     if missing:
@@ -115,7 +115,7 @@ def command(args: ExportConfig) -> int:
     run_dir, out = Path(args.run), Path(args.out)
     manifest = read_manifest(activations_dir(run_dir))
     folder = resolve_set(run_dir, args.transcoders)
-    check_every_layer(folder, read_set(folder)["layers"], int(manifest.provenance["model"]["n_layers"]), run_dir)
+    check_set_layers(folder, read_set(folder)["layers"], int(manifest.provenance["model"]["n_layers"]), run_dir)
     check_out(out, folder, args.force)
     tcs = load_set(folder)
     model = hub_model_name(manifest.model_spec, str(manifest.provenance["model"]["name"]))
