@@ -9,6 +9,11 @@ estimate counts what tracing adds: model, transcoders, graph) and the tracing ti
 attribution and labels; model loading excluded, as in the estimate).
 
     PYTHONPATH=$PWD python bench/trace_memory.py --run runs/NAME [--tokens 8,32,64] [--label-contexts 16]
+
+On a CPU other jobs share, set OMP_NUM_THREADS=1: with 2 threads on an overloaded 2-core machine a
+tiny model's backward pass took 0.3-0.8 s instead of 0.06 s (threads waiting on each other), which
+says nothing about tracing. Tiny run, 1 thread, load ~8 on 2 cores (2026-12-07): peak estimate /
+measured 1.39, 1.24, 0.98 and time 0.62, 0.67, 0.42 for 8, 32 and 64 tokens.
 """
 
 from __future__ import annotations
