@@ -1,7 +1,9 @@
 """`saescope compare`: match two SAEs' features one-to-one and say how much they agree.
 
-Both SAEs must read the same model (same weights revision) at the same hook: two SAEs of one run,
-or one of the run and ``--against RUN:NAME`` from another run on the same model and hook. The
+Both SAEs must read the same model (same weights revision) at the same hook point with the same
+width, or their decoder cosines would compare directions of different spaces (refused before any
+weights load, naming both): two SAEs of one run, or one of the run and ``--against RUN:NAME`` from
+another run on the same model and hook. The
 comparison (``pipeline.features.matching``): Hungarian matching by decoder cosine, PW-MCC beside
 the same number against an untrained SAE of B's shape (the control), Pearson correlation of each
 matched pair's activations on held-out tokens of the run's cache, and split families (a latent of
@@ -20,7 +22,17 @@ from typing import NamedTuple
 import numpy as np
 
 from jobs.heldout import EvalSettings, heldout_batches
-from jobs.options import add_config_arguments, config_from_args, counted, finite_float, option, require
+from jobs.options import (
+    ConfigError,
+    add_config_arguments,
+    check_can_create,
+    check_device,
+    config_from_args,
+    counted,
+    finite_float,
+    option,
+    require,
+)
 from jobs.run import Run, check_fits_cache, open_run
 from pipeline.features.matching import (
     CONTROL_SEED,
@@ -36,6 +48,7 @@ from pipeline.features.matching import (
 )
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.model import Sae
+from pipeline.sae.saelens import sae_hook_point
 from storage.comparisons import comparison_path, write_comparison
 from storage.constants import FORMAT_VERSION
 from storage.sae_store import SaeRecord, read_sae_cfg, weights_fingerprint
@@ -111,12 +124,31 @@ def open_sides(args: CompareConfig) -> tuple[Side, Side]:
         check_same_model(a.run, b.run)
     if a.run.sae_folder.resolve() == b.run.sae_folder.resolve():
         raise ValueError(f"{a.run.sae_folder} is both SAEs: compare two different SAEs")
+    check_same_space(a, b)
     if args.control_seed in (training_seed(a.cfg), training_seed(b.cfg)):
         raise ValueError(
             f"--control-seed {args.control_seed} is the seed an SAE was trained from: its own initialization is no "
             "random control; choose another --control-seed"
         )
     return a._replace(label=a.label or a.name), b._replace(label=b.label or b.name)
+
+
+def _reads(side: Side) -> tuple[str, int, str]:
+    """(hook point, d_in, model weights revision) the SAE reads."""
+    point = sae_hook_point(side.cfg) or side.run.hook_point
+    return point.name, int(side.cfg["d_in"]), side.run.manifest.model_revision
+
+
+def check_same_space(a: Side, b: Side) -> None:
+    """Both SAEs must read the same hook point, width and model weights (ConfigError naming both otherwise)."""
+    if _reads(a) == _reads(b):
+        return
+    (point_a, d_a, rev_a), (point_b, d_b, rev_b) = _reads(a), _reads(b)
+    model_a, model_b = f"{a.run.manifest.model_spec} {rev_a[:19]}", f"{b.run.manifest.model_spec} {rev_b[:19]}"
+    raise ConfigError(
+        f"SAE {a.run.sae_folder} reads {point_a} (d_in {d_a}) of {model_a} but {b.run.sae_folder} reads {point_b} "
+        f"(d_in {d_b}) of {model_b}: their decoders live in different spaces; compare two SAEs of one hook point"
+    )
 
 
 def training_seed(cfg: dict) -> int | None:
@@ -304,11 +336,13 @@ def summary_lines(result: dict, a: Side, b: Side, examples: int) -> list[str]:
 
 
 def command(args: CompareConfig) -> int:
+    check_device("--device", args.device, allow_auto=True)
     a, b = open_sides(args)
+    saved = comparison_path(a.run.folder, a.name, b.name, b.run.folder) if args.save else None
+    if saved is not None:
+        check_can_create("--run", saved.parent)
     result = compare(a, b, args)
-    saved = None
-    if args.save:
-        saved = comparison_path(a.run.folder, a.name, b.name, b.run.folder)
+    if saved is not None:
         write_comparison(saved, result)
     if args.json:
         print(json.dumps(result, indent=2))

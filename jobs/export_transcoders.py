@@ -1,13 +1,17 @@
 """`saescope export-transcoders`: write a run's transcoder set in circuit-tracer's layout.
 
 The set (``runs/R/transcoders/NAME``, SAELens layout) is read and checked whole
-first: every layer from 0 must be there with one activation (and one k for TopK),
-which circuit-tracer needs. Then ``--out`` gets ``layer_{i}.safetensors`` per layer
-and ``config.yaml`` last (``pipeline.sae.circuit_tracer_format`` has the fields),
-each written atomically, so a killed export leaves no config pointing at missing
-files. ``config.yaml`` lists the files by absolute path (circuit-tracer's
-``load_transcoders`` opens them as given); drop that list to publish the folder
-on the Hub, where circuit-tracer finds ``layer_*.safetensors`` by itself.
+first: every layer of the model must be there (a missing one is named) with one
+activation (and one k for TopK), which circuit-tracer needs. ``--out`` is checked
+before anything is written: a folder that can be made or written, empty unless
+``--force``, and never the set's own folder, a folder inside it or one holding it
+(resolved paths), so an export can never overwrite the set it reads. Then ``--out``
+gets ``layer_{i}.safetensors`` per layer and ``config.yaml`` last
+(``pipeline.sae.circuit_tracer_format`` has the fields), each written atomically,
+so a killed export leaves no config pointing at missing files. ``config.yaml``
+lists the files by absolute path (circuit-tracer's ``load_transcoders`` opens them
+as given); drop that list to publish the folder on the Hub, where circuit-tracer
+finds ``layer_*.safetensors`` by itself.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import save as save_safetensors_bytes
 
-from jobs.options import ConfigError, add_config_arguments, config_from_args, option
+from jobs.options import ConfigError, add_config_arguments, check_can_create, config_from_args, option
 from pipeline.lm.models import DEFAULT_MODEL
 from pipeline.sae.circuit_tracer_format import circuit_tracer_config, circuit_tracer_tensors, layer_file
 from pipeline.sae.transcoder import Transcoder
@@ -53,16 +57,26 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=lambda args: command(config_from_args(ExportConfig, args)))
 
 
-def load_set(run_dir: Path, name: str | None) -> tuple[Path, dict[int, Transcoder]]:
-    """The set's folder and every layer's transcoder (SaeStoreError naming a bad layer)."""
-    folder = resolve_set(run_dir, name)
+def check_set_layers(folder: Path, layers: list[int], n_layers: int, run_dir: Path) -> None:
+    """circuit-tracer loads one transcoder per layer of the model: name the layers the set lacks."""
+    missing = sorted(set(range(n_layers)) - set(layers))
+    if missing:
+        raise ConfigError(
+            f"transcoder set {folder.name!r} lacks layer{'s' * (len(missing) > 1)} "
+            f"{', '.join(map(str, missing))} of the model's 0-{n_layers - 1}: circuit-tracer needs a transcoder at "
+            f"every layer from 0; train them with `saescope train --run {run_dir} --transcoder --layers all`"
+        )
+
+
+def load_set(folder: Path) -> dict[int, Transcoder]:
+    """Every layer's transcoder of the set (SaeStoreError naming a bad layer)."""
     tcs = {}
     for layer in read_set(folder)["layers"]:
         try:
             tcs[layer] = transcoder_from_saelens(*load_layer_files(folder, layer))
         except ValueError as error:
             raise SaeStoreError(f"{folder} layer {layer}: {error}") from error
-    return folder, tcs
+    return tcs
 
 
 def hub_model_name(spec: str, name: str) -> str:
@@ -84,18 +98,26 @@ def yaml_text(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: choose a folder")
+def check_out(out: Path, set_folder: Path, force: bool) -> None:
+    """``--out`` must be a writable folder apart from the set, and empty unless ``force``; nothing is made here."""
+    target, source = out.resolve(), set_folder.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        where = "is" if target == source else "is inside" if source in target.parents else "holds"
+        raise ConfigError(
+            f"--out {out} {where} the transcoder set {set_folder} it exports: choose a folder outside the set"
+        )
+    check_can_create("--out", out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} already holds files: choose an empty folder, or pass --force")
 
 
 def command(args: ExportConfig) -> int:
     run_dir, out = Path(args.run), Path(args.out)
-    check_out(out, args.force)
     manifest = read_manifest(activations_dir(run_dir))
-    folder, tcs = load_set(run_dir, args.transcoders)
+    folder = resolve_set(run_dir, args.transcoders)
+    check_set_layers(folder, read_set(folder)["layers"], int(manifest.provenance["model"]["n_layers"]), run_dir)
+    check_out(out, folder, args.force)
+    tcs = load_set(folder)
     model = hub_model_name(manifest.model_spec, str(manifest.provenance["model"]["name"]))
     files = [str((out / layer_file(layer)).resolve()) for layer in sorted(tcs)]
     try:

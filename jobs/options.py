@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 REQUIRED = dataclasses.MISSING
@@ -221,3 +223,59 @@ def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds (for __post_init__ checks)."""
     if not condition:
         raise ConfigError(message)
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_device(flag: str, value: str, allow_auto: bool = False) -> str:
+    """``value`` if it names a device this machine has, else a ConfigError naming ``flag`` and what to use.
+
+    Catches what torch would only report deep inside a job: names torch does not parse
+    ('bogus', 'gpu0'), 'cuda' without CUDA, 'cuda:3' on a one-GPU machine, 'mps' off Apple
+    silicon, and device types saescope does not run on ('meta', 'xla'). Imports torch when called.
+    """
+    if allow_auto and value == "auto":
+        return value
+    import torch
+
+    usable = "cpu, cuda, cuda:N or auto" if allow_auto else "cpu, cuda or cuda:N"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{flag} {value!r} is not a device: use {usable}") from None
+    if device.type not in DEVICE_KINDS:
+        raise ConfigError(f"{flag} {value!r}: saescope runs on {', '.join(DEVICE_KINDS)} only: use {usable}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} {value!r}: torch sees no MPS (Apple GPU) on this machine: use {flag} cpu")
+    if device.type == "cuda":
+        _check_cuda(flag, value, device)
+    return value
+
+
+def _check_cuda(flag: str, value: str, device) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {value!r}: torch sees no CUDA GPU on this machine: use {flag} cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        have = f"cuda:0-cuda:{count - 1}" if count > 1 else "cuda:0"
+        raise ConfigError(f"{flag} {value!r}: this machine has {count} CUDA GPU{'s' * (count > 1)}: use {have}")
+
+
+def check_can_create(flag: str, folder: Path | str) -> None:
+    """ConfigError naming ``flag`` unless ``folder`` exists as a writable folder or could be made; makes nothing.
+
+    Walks up to the nearest existing ancestor: it must be a folder (not a file) that this
+    process may write into.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"is under {existing}, a file"
+        raise ConfigError(f"{flag} {folder} {what}, not a folder: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {folder}: cannot write in {existing} (permission denied): choose a writable folder")

@@ -1,7 +1,13 @@
 """`saescope trace`: the attribution graph of one prompt through a run's transcoders, saved for the /trace page.
 
-Options are checked before the model loads (run, transcoder set, thresholds, graph
-name, the target token). The model runs in float32; the graph is pruned
+Options are checked before the model loads (device, run, transcoder set, thresholds,
+graph name, label contexts, the target token, the graph folder), and so is the graph's
+memory: ``pipeline.tracing.estimate`` gives its peak from the prompt's length and the
+options, printed on every trace, and a graph that would not fit the free memory (RAM's
+MemAvailable, or the GPU's free memory) is refused with the settings that would fit.
+A saved graph of the same name is refused without ``--force``; with it, the old
+graph's files (supernodes included, ``storage.graph_groups``) are removed once the new
+graph is traced, just before it is written. The model runs in float32; the graph is pruned
 (pipeline.tracing.pruning) and written to ``runs/R/graphs/NAME.json`` in the JSON
 Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope`` and the
 replacement and completeness scores (unpruned and pruned) in ``metadata.scores``; the
@@ -15,25 +21,44 @@ promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from jobs.console import human_count
-from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
+from jobs.console import human_count, progress
+from jobs.options import (
+    ConfigError,
+    add_config_arguments,
+    check_can_create,
+    check_device,
+    config_from_args,
+    option,
+    require,
+)
 from jobs.run import load_run_model
 from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.lm.token_text import load_tokenizer
+from pipeline.runtime.precision import linear_gflops
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
+from pipeline.tracing.estimate import Estimate, GiB, GraphShape, estimate, largest_fitting
 from pipeline.tracing.graph_json import graph_nodes, to_json
 from pipeline.tracing.graph_tensors import graph_tensors
 from pipeline.tracing.paths import strongest_paths
 from pipeline.tracing.pruning import Pruned
-from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json, write_graph_tensors
+from storage.graph_groups import (
+    check_graph_name,
+    graph_files,
+    graph_name_for,
+    graphs_dir,
+    remove_graph,
+    write_graph_json,
+    write_graph_tensors,
+)
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -62,6 +87,7 @@ class TraceConfig:
     )
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
+    force: bool = option(False, "replace a saved graph of the same name (its supernodes go with it)")
 
     def __post_init__(self):
         require(bool(self.prompt.strip()), "--prompt is empty: give the text to trace")
@@ -96,7 +122,70 @@ def label_contexts(run_dir: Path, manifest, n_contexts: int) -> tuple[torch.Tens
     return tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids)
 
 
-def _load(cfg: TraceConfig):
+@dataclass(frozen=True)
+class Plan:
+    """A trace with every option checked, before the model loads."""
+
+    run_dir: Path
+    manifest: object
+    folder: Path
+    tokenizer: object
+    target: int | None
+    ids: list[int]
+    transcoders: dict
+    name: str
+    shape: GraphShape
+
+
+def check_name_free(run_dir: Path, name: str, force: bool) -> None:
+    """A saved graph of this name (any of its files) is refused unless ``force`` replaces it."""
+    existing = graph_files(run_dir, name)
+    if existing and not force:
+        files = ", ".join(path.name for path in existing)
+        raise ConfigError(
+            f"--name: graph {name!r} is already saved in {graphs_dir(run_dir)} ({files}): choose another --name, "
+            "or pass --force to replace it and its supernodes"
+        )
+
+
+def check_label_contexts(requested: int, n_contexts: int) -> None:
+    if requested > n_contexts:
+        raise ConfigError(
+            f"--label-contexts {requested} is more than the {n_contexts} contexts the run's cache holds: "
+            f"use at most {n_contexts} (0 labels by output tokens only)"
+        )
+
+
+def active_per_token(tc, cfg: dict) -> float:
+    """k for a TopK transcoder; else twice its recorded L0 (at most d_sae), or d_sae when none is recorded."""
+    if tc.cfg.architecture == "topk":
+        return float(tc.cfg.k)
+    l0 = cfg.get("saescope", {}).get("metrics", {}).get("l0")
+    if isinstance(l0, int | float) and l0 > 0:
+        return min(2.0 * l0, float(tc.cfg.d_sae))
+    return float(tc.cfg.d_sae)
+
+
+def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_files: dict, tcs: dict, target) -> GraphShape:
+    """The estimate's inputs: the prompt, the model's record in the cache, the transcoders, the options."""
+    model = manifest.provenance["model"]
+    per_token = [active_per_token(tcs[layer], layer_files[layer][1]) for layer in tcs]
+    return GraphShape(
+        n_tokens=n_tokens,
+        n_layers=len(tcs),
+        d_model=int(model["d_model"]),
+        vocab=int(model.get("vocab_size") or 1),
+        d_sae=max(tc.cfg.d_sae for tc in tcs.values()),
+        active_per_token=sum(per_token) / len(per_token),
+        batch_size=cfg.batch_size,
+        max_feature_nodes=cfg.max_feature_nodes,
+        n_logits=1 if target is not None else 10,
+        label_tokens=cfg.label_contexts * manifest.ctx_len,
+    )
+
+
+def _load(cfg: TraceConfig) -> Plan:
+    check_device("--device", cfg.device)
     run_dir = Path(cfg.run)
     manifest = read_manifest(activations_dir(run_dir))
     folder = resolve_set(run_dir, cfg.transcoders)
@@ -105,35 +194,138 @@ def _load(cfg: TraceConfig):
         check_every_layer(folder.name, layers, int(manifest.provenance["model"]["n_layers"]), str(run_dir))
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    name = cfg.name or graph_name_for(cfg.prompt)
+    check_name_free(run_dir, name, cfg.force)
+    check_can_create("--run", graphs_dir(run_dir))
+    check_label_contexts(cfg.label_contexts, manifest.n_contexts)
     tokenizer = load_tokenizer(manifest.model_spec, converted_models_dir())
     target = target_id(tokenizer, cfg.target)
     ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
     limit = getattr(tokenizer, "model_max_length", None)
     if limit and limit < 10**9 and len(ids) > limit:
         raise ConfigError(f"--prompt is {len(ids)} tokens, beyond the model's {limit} positions")
-    tcs = {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in layers}
-    return run_dir, manifest, folder, tokenizer, target, ids, tcs
+    files = {layer: load_layer_files(folder, layer) for layer in layers}
+    tcs = {layer: transcoder_from_saelens(*files[layer]) for layer in layers}
+    shape = graph_shape(cfg, manifest, len(ids), files, tcs, target)
+    return Plan(run_dir, manifest, folder, tokenizer, target, ids, tcs, name, shape)
 
 
-def run_trace(cfg: TraceConfig) -> dict:
-    """Trace, prune, label and save; returns the graph document plus a ``summary`` for printing."""
+def free_memory(device: str) -> int | None:
+    """Bytes a trace may use: the GPU's free memory on CUDA, else MemAvailable in /proc/meminfo (None: unknown)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GiB:.1f} GiB" if n_bytes >= GiB else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _fixes(shape: GraphShape, free: int, ctx_len: int) -> list[str]:
+    """The one-option changes whose graph would fit ``free`` bytes."""
+    fixes = []
+    tokens = largest_fitting(shape, "n_tokens", free)
+    if tokens is not None:
+        fixes.append(f"a prompt of at most {tokens} tokens")
+    for flag, field_name in (("--max-feature-nodes", "max_feature_nodes"), ("--batch-size", "batch_size")):
+        fitting = largest_fitting(shape, field_name, free)
+        if fitting is not None:
+            fixes.append(f"{flag} {fitting}")
+    label_tokens = largest_fitting(shape, "label_tokens", free, lowest=0) if shape.label_tokens else None
+    if label_tokens is not None:
+        fixes.append(f"--label-contexts {label_tokens // ctx_len}")
+    return fixes
+
+
+def check_fits(plan: Plan, est: Estimate, free: int | None) -> None:
+    """Refuse a graph whose estimated peak exceeds the free memory, naming what would fit."""
+    if free is None or est.peak_bytes <= free:
+        return
+    fixes = _fixes(plan.shape, free, plan.manifest.ctx_len)
+    advice = "use " + " or ".join(fixes) if fixes else "no smaller setting fits: use a machine with more memory"
+    raise ConfigError(
+        f"--prompt: tracing {plan.shape.n_tokens} tokens would need about {_gib(est.peak_bytes)} at its peak "
+        f"({est.n_active:,} active features, {est.n_feature_nodes:,} feature nodes, {est.n_nodes:,} graph nodes) "
+        f"but {_gib(free)} is free: {advice}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def estimate_line(plan: Plan, est: Estimate, free: int | None, seconds: float) -> str:
+    """What `saescope trace` prints before it starts: the graph's size, peak memory and time."""
+    room = f" of {_gib(free)} free" if free is not None else ""
+    return (
+        f"estimate: {plan.shape.n_tokens} tokens, ~{est.n_active:,} active features, {est.n_feature_nodes:,} "
+        f"feature nodes, {est.n_backward_passes:,} backward passes; peak ~{_gib(est.peak_bytes)}{room}; "
+        f"~{_duration(seconds)} (see pipeline/tracing/estimate.py)"
+    )
+
+
+class StageBars:
+    """``on_progress(stage, done, total)`` as one progress bar per stage on stderr."""
+
+    UNITS = {"backward passes": "pass", "label contexts": "ctx"}
+
+    def __init__(self):
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = progress(total, stage, unit=self.UNITS.get(stage, "it"))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -> dict:
+    """Check, estimate, trace, prune, label and save; returns the graph document plus a ``summary`` for printing."""
     started = time.perf_counter()
-    run_dir, manifest, folder, tokenizer, target, ids, tcs = _load(cfg)
+    plan = _load(cfg)
+    est, free = estimate(plan.shape), free_memory(cfg.device)
+    check_fits(plan, est, free)
+    seconds = est.seconds(linear_gflops(torch.float32, torch.device(cfg.device)) * 1e9, plan.shape.n_layers)
+    say(estimate_line(plan, est, free, seconds))
+    run_dir, manifest, tokenizer = plan.run_dir, plan.manifest, plan.tokenizer
     loaded = load_run_model(manifest, cfg.device)
     model = loaded.model.float()
-    tcs = {layer: tc.to(cfg.device) for layer, tc in tcs.items()}
-    name = cfg.name or graph_name_for(cfg.prompt)
+    tcs = {layer: tc.to(cfg.device) for layer, tc in plan.transcoders.items()}
     model_record = manifest.provenance["model"]
-    source = set_source(name, cfg.prompt, ids, run_dir.resolve().name, folder.name, sorted(tcs), model_record)
+    source = set_source(plan.name, cfg.prompt, plan.ids, run_dir.resolve().name, plan.folder.name, sorted(tcs),
+                        model_record)  # fmt: skip
     settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
-    traced = trace_document(model, tcs, ids, tokenizer, target, settings, source, contexts)
+    bars = StageBars()
+    try:
+        traced = trace_document(model, tcs, plan.ids, tokenizer, plan.target, settings, source, contexts, bars)
+    finally:
+        bars.close()
     graph, pruned, document = traced.graph, traced.pruned, traced.document
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
-    write_graph_tensors(run_dir, name, *graph_tensors(graph))
-    path = write_graph_json(run_dir, name, to_json(document))
+    document["saescope"]["estimate"] = {"peak_bytes": est.peak_bytes, "seconds": round(seconds, 1),
+                                        "n_active": est.n_active}  # fmt: skip
+    if cfg.force:
+        remove_graph(run_dir, plan.name)
+    write_graph_tensors(run_dir, plan.name, *graph_tensors(graph))
+    path = write_graph_json(run_dir, plan.name, to_json(document))
     summary = summarize(graph, pruned, document, tokenizer, cfg.paths)
-    return {"document": document, "path": path, "name": name, "summary": summary}
+    return {"document": document, "path": path, "name": plan.name, "summary": summary}
 
 
 def _node_text(node: dict) -> str:

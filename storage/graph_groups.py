@@ -10,6 +10,10 @@ which tensors), both written atomically. Supernodes of a graph live beside it in
 
 Each entry is a group's name followed by its members' node ids, the shape of
 ``qParams.supernodes`` in Neuronpedia's graph files.
+
+A graph name is one unit: ``NAME.json``, ``NAME.safetensors`` (the unpruned graph) and
+``NAME.supernodes.json`` are found (``graph_files``), refused and removed (``remove_graph``)
+together, so a replaced graph never inherits another graph's supernodes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from storage.constants import FORMAT_VERSION, GRAPHS_DIR
 GRAPH_SUFFIX = ".json"
 TENSORS_SUFFIX = ".safetensors"
 SUPERNODES_SUFFIX = ".supernodes.json"
+UNPRUNED_SUFFIX = TENSORS_SUFFIX
+UNIT_SUFFIXES = (SUPERNODES_SUFFIX, UNPRUNED_SUFFIX, GRAPH_SUFFIX)
+"""Every file of one graph name, the graph file itself last (the order ``remove_graph`` deletes in)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -101,6 +108,20 @@ def read_graph_tensors(run: Path, name: str) -> tuple[dict, dict[str, str]]:
         raise ValueError(f"no unpruned graph {name!r} in {graphs_dir(run)}: trace the prompt again to write it")
     with safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def graph_files(run: Path, name: str) -> list[Path]:
+    """The files of graph ``name`` that exist (graph, unpruned graph, supernodes), in removal order."""
+    stem = graphs_dir(run) / check_graph_name(name)
+    return [path for path in (stem.with_name(stem.name + suffix) for suffix in UNIT_SUFFIXES) if path.is_file()]
+
+
+def remove_graph(run: Path, name: str) -> list[Path]:
+    """Delete every file of graph ``name`` (supernodes first, the graph file last); returns what was removed."""
+    removed = graph_files(run, name)
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def supernodes_path(run: Path, name: str) -> Path:

@@ -89,7 +89,7 @@ def test_trace_saves_the_unpruned_graph_and_its_scores(traced_run):
 
 @pytest.mark.parametrize("contexts", [16, 0])
 def test_feature_labels_say_what_a_feature_fires_on_and_writes(traced_run, contexts):
-    keep_all = ["--node-threshold", "1", "--edge-threshold", "1", "--label-contexts", str(contexts)]
+    keep_all = ["--node-threshold", "1", "--edge-threshold", "1", "--label-contexts", str(contexts), "--force"]
     assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat", "--name", "all", *keep_all]) == 0
     doc = read_graph_json(traced_run, "all")
     clerps = [node["clerp"] for node in doc["nodes"] if node["feature_type"] == "cross layer transcoder"]

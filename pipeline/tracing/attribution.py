@@ -47,7 +47,7 @@ are the graph's feature nodes, the others are dropped (their edges with them).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -244,10 +244,26 @@ def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Ten
 
 
 def _rows_in_batches(
-    model, rep: Replacement, sources: Sources, readouts: Readouts, batch_size: int
+    model, rep: Replacement, sources: Sources, readouts: Readouts, batch_size: int, tick: Callable[[], None]
 ) -> list[torch.Tensor]:
-    batches = range(0, len(readouts), batch_size)
-    return [_edge_rows(model, rep, sources, readouts[start : start + batch_size]) for start in batches]
+    rows = []
+    for start in range(0, len(readouts), batch_size):
+        rows.append(_edge_rows(model, rep, sources, readouts[start : start + batch_size]))
+        tick()
+    return rows
+
+
+def _counter(on_batch: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    """A tick to call after each backward pass: ``on_batch(passes done, passes in all)``."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_batch is not None:
+            on_batch(done, total)
+
+    return tick
 
 
 @torch.no_grad()
@@ -274,6 +290,7 @@ def _select_features(
     probs: torch.Tensor,
     budget: int,
     batch: int,
+    tick: Callable[[], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy: visit the unvisited features of highest influence in the partial graph, a batch at a time."""
     (n_logits, n_cols), n_feat = logit_rows.shape, sources.features_S3.shape[0]
@@ -291,6 +308,7 @@ def _select_features(
         influence = influence_from_rows(bar_RN[:filled], row_nodes[:filled], weights[:filled])
         take = influence[:n_feat].masked_fill(visited, float("-inf")).topk(min(batch, budget - done)).indices
         rows = _edge_rows(model, rep, sources, feature_readouts(rep, sources.features_S3[take])[0])
+        tick()
         raw_RS[done : done + take.numel()] = rows
         bar_RN[filled : filled + take.numel(), :n_cols] = normalized(rows)
         row_nodes[filled : filled + take.numel()] = take
@@ -308,11 +326,13 @@ def attribute(
     max_feature_nodes: int = 2000,
     batch_size: int = 32,
     constant_T: torch.Tensor | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> Graph:
     """The attribution graph of a replacement model for the given target logits (see the module docstring).
 
     ``constant_T`` [T] bool: positions without feature or error nodes (default: position 0 only;
     ``constant_mask`` adds special tokens; all False gives every position its nodes).
+    ``on_batch(done, total)``, if given, is called after each backward pass (for a progress bar).
     """
     if max_feature_nodes < 0 or batch_size < 1:
         raise ValueError(f"max_feature_nodes must be >= 0 and batch_size >= 1, got {max_feature_nodes}, {batch_size}")
@@ -325,14 +345,16 @@ def attribute(
     n_active, n_layers, T = sources.features_S3.shape[0], len(rep.acts), rep.record.ids_T.numel()
     n_errors = n_layers * sources.traced_P.numel()
     logit_read, logit_bias = logit_readouts(model, rep, logit_tokens)
-    logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size))
+    passes = -(-logit_tokens.numel() // batch_size) + -(-min(n_active, max_feature_nodes) // batch_size)
+    tick = _counter(on_batch, passes)
+    logit_rows = torch.cat(_rows_in_batches(model, rep, sources, logit_read, batch_size, tick))
     if n_active <= max_feature_nodes:
         chosen = torch.arange(n_active, device=logit_rows.device)
         readouts, _ = feature_readouts(rep, sources.features_S3)
-        feature_rows = torch.cat([logit_rows[:0], *_rows_in_batches(model, rep, sources, readouts, batch_size)])
+        feature_rows = torch.cat([logit_rows[:0], *_rows_in_batches(model, rep, sources, readouts, batch_size, tick)])
     else:
         chosen, feature_rows = _select_features(
-            model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size
+            model, rep, sources, logit_rows, logit_probs, max_feature_nodes, batch_size, tick
         )
     columns = torch.cat([chosen, n_active + torch.arange(n_errors + T, device=chosen.device)])
     n_sources = columns.numel()

@@ -5,12 +5,14 @@ the browser is the same file the command writes. Labels (``feature_labels``)
 name what each kept feature fires on over ``label_contexts`` (held-out token
 contexts and their ordinary-position mask; None to label by output tokens only)
 and what it writes. The document's ``saescope.timings`` gain ``labels_s`` and
-``wall_s`` (this function's whole time).
+``wall_s`` (this function's whole time). ``on_progress(stage, done, total)``, if given, hears
+of each backward pass (stage "backward passes") and each batch of label contexts ("label contexts").
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,12 @@ def set_source(
     return GraphSource(name, str(model["name"]), prompt, provenance, files)
 
 
+def _stage(on_progress: Callable[[str, int, int], None] | None, stage: str) -> Callable[[int, int], None] | None:
+    if on_progress is None:
+        return None
+    return lambda done, total: on_progress(stage, done, total)
+
+
 @dataclass(frozen=True)
 class TracedPrompt:
     graph: Graph
@@ -96,19 +104,22 @@ def trace_document(
     settings: TraceSettings,
     source: GraphSource,
     label_contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> TracedPrompt:
     """The graph of ``ids`` through ``transcoders`` (one per layer), pruned and labelled, as a document."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     special = SpecialTokens.from_tokenizer(tokenizer).special_ids
     graph = trace(model, torch.tensor(ids, device=device), transcoders, target, settings.max_feature_nodes,
-                  settings.batch_size, special_ids=special)  # fmt: skip
+                  settings.batch_size, special_ids=special,
+                  on_batch=_stage(on_progress, "backward passes"))  # fmt: skip
     pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
                    settings.node_threshold, settings.edge_threshold)  # fmt: skip
     labelled = time.perf_counter()
     inputs = {}
     if label_contexts is not None:
-        inputs = top_input_tokens(model, transcoders, graph_latents(graph), *label_contexts)
+        inputs = top_input_tokens(model, transcoders, graph_latents(graph), *label_contexts,
+                                  on_batch=_stage(on_progress, "label contexts"))  # fmt: skip
     document = graph_document(
         graph, pruned, lambda t: token_text(tokenizer, t), source.name, source.scan, source.prompt,
         settings.node_threshold, settings.edge_threshold, source.provenance,

@@ -15,6 +15,8 @@ unembedding (its logit lens) into the viewer's label, ``a · b → c · d``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -34,8 +36,12 @@ def top_input_tokens(
     ordinary_CT: torch.Tensor,
     top_n: int = 3,
     batch_contexts: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[tuple[int, int], list[int]]:
-    """(layer, latent) -> up to ``top_n`` distinct token ids where it fires hardest ([] if it never fires)."""
+    """(layer, latent) -> up to ``top_n`` distinct token ids where it fires hardest ([] if it never fires).
+
+    ``on_batch(contexts done, contexts in all)``, if given, is called after each batch of contexts.
+    """
     layers = sorted(layer for layer, latents in wanted.items() if latents)
     if not layers or tokens_CT.shape[0] == 0:
         return {(layer, latent): [] for layer, latents in wanted.items() for latent in latents}
@@ -52,6 +58,8 @@ def top_input_tokens(
             x_ND = captured[points[layer]][ordinary_BT].float()
             latents = torch.tensor(wanted[layer], device=device)
             acts[layer].append(transcoders[layer].encode(x_ND)[:, latents].cpu())
+        if on_batch is not None:
+            on_batch(min(start + batch_contexts, tokens_CT.shape[0]), tokens_CT.shape[0])
     tokens_N = torch.cat(token_ids)
     return {
         (layer, latent): _distinct_top(column, tokens_N, top_n)
