@@ -5,6 +5,8 @@ trace`, on the server's shared CPU model and transcoders (``trace_intervene.live
 under the hook lock. Labels search the cache's last ``LABEL_CONTEXTS`` contexts.
 The graph is written to ``RUN/graphs/NAME.json`` (NAME from the prompt unless
 given) and the page then opens it. The set must cover every layer, as tracing needs.
+A saved graph of the same name is refused unless "replace" is ticked; then all of that
+name's files (graph, unpruned graph, supernodes) are replaced together, after the trace.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import to_json
 from pipeline.tracing.graph_tensors import graph_tensors
-from storage.graph_groups import check_graph_name, graph_name_for, write_graph_json, write_graph_tensors
+from storage.graph_groups import (
+    check_graph_name,
+    graph_files,
+    graph_name_for,
+    remove_graph,
+    write_graph_json,
+    write_graph_tensors,
+)
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -41,20 +50,23 @@ def trace_form(run: Path) -> str | None:
         name = cols[1].text_input("graph name (empty: from the prompt)", "")
         max_nodes = cols[2].number_input("max feature nodes", 10, 10000, 2000, step=100)
         chosen = cols[3].selectbox("transcoders", sets)
+        replace = st.checkbox("replace a saved graph of this name (its supernodes go with it)", False)
         go = st.form_submit_button("Trace")
     if not go:
         return None
     try:
-        return _trace(run, prompt, target, name, int(max_nodes), chosen)
+        return _trace(run, prompt, target, name, int(max_nodes), chosen, replace)
     except (ValueError, OSError, SaeStoreError) as error:
         show_error(error)
         return None
 
 
-def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_name: str) -> str:
+def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_name: str, replace: bool) -> str:
     if not prompt.strip():
         raise ValueError("the prompt is empty: type the text to trace")
     graph_name = check_graph_name(name.strip() or graph_name_for(prompt))
+    if graph_files(run, graph_name) and not replace:
+        raise ValueError(f"a graph named {graph_name!r} is already saved: give another name, or tick 'replace'")
     manifest = read_manifest(activations_dir(run))
     layers = read_set(set_dir(run, set_name))["layers"]
     check_every_layer(set_name, layers, int(manifest.provenance["model"]["n_layers"]), str(run))
@@ -67,6 +79,8 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
                                 TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip
+    if replace:
+        remove_graph(run, graph_name)
     write_graph_tensors(run, graph_name, *graph_tensors(traced.graph))
     write_graph_json(run, graph_name, to_json(traced.document))
     return graph_name

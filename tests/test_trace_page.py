@@ -247,5 +247,12 @@ def test_the_prompt_box_traces_saves_and_opens_a_new_graph(transcoder_run, tmp_p
     assert doc["metadata"]["prompt"] == "The cat sat on" and doc["saescope"]["transcoders"] == "tc"
     assert doc["saescope"]["logit_error"] < 1e-3 and chart_spec(app)
     app.text_input[1].set_value("two tokens!")
+    app.text_input[2].set_value("other")
     app.button[0].click().run(timeout=120)
     assert app.error and "is" in app.error[0].value and "tokens, not one" in app.error[0].value
+    saved = (run / "graphs" / "the-cat-sat-on.json").read_bytes()
+    app.text_input[1].set_value("")
+    app.text_input[2].set_value("")
+    app.button[0].click().run(timeout=120)
+    assert app.error and "already saved" in app.error[0].value and "replace" in app.error[0].value
+    assert (run / "graphs" / "the-cat-sat-on.json").read_bytes() == saved
