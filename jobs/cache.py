@@ -55,6 +55,7 @@ from storage.shards import (
     CacheError,
     CacheManifest,
     activations_dir,
+    check_whole_shard,
     describe_points,
     read_manifest,
     write_manifest,
@@ -155,6 +156,10 @@ def _existing_cache(cfg: CacheConfig, run_dir: Path) -> tuple[CacheManifest | No
     check_same_request(existing, cfg)
     if _is_finished(existing, cfg):
         return existing, CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    # every listed shard's size was checked by read_manifest; the last one (where a killed job stopped and
+    # this one continues) is also hashed: one shard, not the whole cache
+    if existing.shards:
+        check_whole_shard(activations_dir(run_dir), existing, existing.shards[-1])
     return existing, None
 
 
@@ -179,7 +184,7 @@ def _new_points(cfg: CacheConfig, loaded: LoadedModel) -> tuple[HookPoint, ...]:
     try:
         return requested_points(cfg, loaded.info.n_layers, default)
     except ValueError as error:
-        raise CacheError(f"--{'layers' if cfg.layers else 'layer'}: {error}") from error
+        raise CacheError(f"--{'layers' if cfg.layers is not None else 'layer'}: {error}") from error
 
 
 def _resolved(cfg: CacheConfig, header: CacheManifest, points: tuple[HookPoint, ...]) -> CacheConfig:
