@@ -56,7 +56,8 @@ def command(args: ImportConfig) -> int:
     source = Path(args.path)
     run_dir = Path(args.run)
     manifest = read_manifest(activations_dir(run_dir))
-    name = check_name(args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name), "SAE or transcoder set")
+    default = re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
+    name = check_name(default if args.name is None else args.name, "SAE or transcoder set")
     if is_sparsify(source):
         return import_sparsify(source, run_dir, manifest, name, args.force)
     sae, cfg = read_sae(source)

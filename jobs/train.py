@@ -3,7 +3,10 @@
 Wires storage (the cache stream, checkpoints, the artifact) to pipeline (SAE,
 trainer, metrics). Re-running on an interrupted SAE resumes from its newest
 checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
-is left alone unless --force is given (or another --name is used).
+is left alone unless --force is given (or another --name is used). With --force the old
+SAE stays readable until the new one is written over it (its stale index and
+explanations are dropped then), so a job that fails on the way loses nothing. A
+finished SAE whose options differ from those given is refused (jobs.train_match).
 
 Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
 member is an SAE in its own folder, fed the same batches from one read of the
@@ -49,7 +52,7 @@ from jobs.train_grid import (
     train_members,
 )
 from jobs.train_match import differences, given_options, refuse_if_different, sae_recorded, sae_request
-from jobs.train_start import Member, delete_trained, newest_checkpoint, start_member
+from jobs.train_start import Member, discard_progress, drop_replaced, newest_checkpoint, start_member
 from jobs.train_transcoders import format_transcoder_summary, run_transcoders
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
@@ -209,7 +212,7 @@ def _prepare(cfg, run_dir: Path, manifest, stream, group: Group, say, dtypes: di
     """One member ready to train: resolved options, and its checkpoint's state or a fresh start."""
     folder = sae_dir(run_dir, cfg.name)
     if cfg.force and group.is_main:
-        delete_trained(folder)
+        discard_progress(folder)  # the finished SAE is replaced only when the new one is written
     cfg = resolve(cfg, manifest, stream)
     device = group.device(resolve_device(cfg.device))
     checkpoint = newest_checkpoint(folder, group)
@@ -245,6 +248,8 @@ def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, optimizer, state, s
     )
     record = _record(cfg, manifest, scale, state, metrics, saelens_name(cfg.arch))
     write_sae(folder, exported, saelens_meta(manifest), record, metrics)
+    if cfg.force:
+        drop_replaced(folder)
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
     return metrics
 

@@ -38,7 +38,7 @@ def given_options(cls: type, args) -> frozenset[str]:
 
 
 def _compared(requested: dict, given: frozenset[str] | None) -> list[str]:
-    keys = [key for key in requested if key not in IGNORED and requested[key] is not None]
+    keys = [key for key in requested if key not in IGNORED and requested[key] not in (None, "auto")]
     if given is None:
         return keys
     wanted = set(given) | ({"d_sae"} if "expansion" in given else set())

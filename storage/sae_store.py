@@ -94,10 +94,15 @@ def resolve_sae(run_dir: Path, name: str | None) -> Path:
 
 
 def save_sae(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict, metrics: dict | None = None) -> None:
-    """Write weights, then metrics, then cfg.json (which marks the SAE finished)."""
+    """Write weights, then metrics, then cfg.json (which marks the SAE finished).
+
+    Replacing an SAE, its old cfg.json goes first, once the new weights are serialized: a writer
+    killed half-way leaves an unfinished SAE, never new weights under an old cfg.json.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    (folder / SAE_CFG).unlink(missing_ok=True)
     atomic_write_bytes(folder / SAE_WEIGHTS, data)
     if metrics is not None:
         atomic_write_json(folder / SAE_METRICS, metrics)
