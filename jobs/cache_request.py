@@ -117,11 +117,11 @@ def check_layers_text(text: str, flag: str = "--layers") -> None:
     if not text.strip():
         raise ConfigError(f"{flag} is empty: give all, 5, 0-29 or 1,3,8-10")
     if not LAYERS_TEXT.fullmatch(text):
-        raise ConfigError(f"{flag} {text!r}: cannot read it as layers: use all, 5, 0-29 or 1,3,8-10")
+        raise ConfigError(f"{flag}: cannot read layers {text!r}: use all, 5, 0-29 or 1,3,8-10")
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         if last and int(first) > int(last):
-            raise ConfigError(f"{flag} {text!r}: the range {part.strip()!r} is backwards")
+            raise ConfigError(f"{flag}: layer range {part.strip()!r} is backwards")
 
 
 def requested_points(cfg: CacheConfig, n_layers: int, default: HookPoint) -> tuple[HookPoint, ...]:

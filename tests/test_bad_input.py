@@ -314,11 +314,12 @@ def test_sae_force_keeps_the_sae_when_a_check_fails(capsys, indexed_copy, no_cud
     assert "run.toml is not valid TOML: not UTF-8" in line and str(indexed_copy / "run.toml") in line
 
 
-def test_a_deleted_shard_stops_train_force_before_anything_is_deleted(capsys, indexed_copy):
-    shard = sorted((indexed_copy / "activations").glob("*.safetensors"))[-1]
+def test_a_deleted_shard_stops_train_before_anything_is_written_or_deleted(capsys, indexed_copy):
+    shard = sorted((indexed_copy / "activations").glob("*.safetensors"))[5]
     shard.unlink()
-    line = refused_unchanged(capsys, indexed_copy, "train", "--run", indexed_copy, "--force", "--device", "cpu")
-    assert shard.name in line and "missing" in line and "saescope verify" in line
+    for extra in (["--force"], ["--name", "short", "--tokens", "512", "--batch-size", "256"]):  # short: never reads it
+        line = refused_unchanged(capsys, indexed_copy, "train", "--run", indexed_copy, "--device", "cpu", *extra)
+        assert shard.name in line and "missing" in line and "saescope verify" in line
 
 
 def write_nan_saelens(folder: Path, source: Path) -> Path:
@@ -445,7 +446,7 @@ def tiny_cache_args(model: Path, corpus: str, tokens: int = 16384) -> list:
     ("extra", "message"),
     [
         (["--layers", ""], "--layers is empty: give all, 5, 0-29 or 1,3,8-10"),
-        (["--layers", "2-1"], "the range '2-1' is backwards"),
+        (["--layers", "2-1"], "--layers: layer range '2-1' is backwards"),
         (["--layers", "0-99999999999"], "layer 4 out of range: model has 4 layers (0-3)"),
         (["--layer", "30"], "layer 30 out of range: model has 4 layers (0-3)"),
     ],
@@ -540,3 +541,10 @@ def test_a_lock_leaves_nothing_behind(tmp_path):
         assert lock.is_file()  # the refused second holder removed nothing
         (lock.parent / "kept").write_text("x")
     assert not lock.exists() and (lock.parent / "kept").is_file()
+
+
+def test_binary_option_files_are_named(capsys, tmp_path, indexed_copy):
+    config = tmp_path / "options.toml"
+    config.write_bytes(b"k = 4\n\xff\xfe")
+    line = refused_unchanged(capsys, indexed_copy, "train", "--run", indexed_copy, "--config", config)
+    assert f"cannot read config file {config}: not UTF-8" in line
