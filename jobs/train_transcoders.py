@@ -389,5 +389,18 @@ def format_transcoder_summary(summary: TranscoderSummary) -> str:
             f"CE {every['ce_clean']:.3f} -> {every['ce_spliced']:.3f}"
         )
     lines.append(f"  saved {summary.folder}")
-    lines.append(f"next: saescope trace --run {Path(summary.folder).parent.parent} --prompt 'The capital of France is'")
+    lines.append(_next_step(summary))
     return "\n".join(lines)
+
+
+def _next_step(summary: TranscoderSummary) -> str:
+    """`trace` when the set covers every layer of the model (tracing needs them all), else how to train them."""
+    run = Path(summary.folder).parent.parent
+    n_layers = (summary.record.get("model") or {}).get("n_layers")
+    if n_layers is None or len(summary.record["layers"]) >= int(n_layers):
+        return f"next: saescope trace --run {run} --prompt 'The capital of France is'"
+    name = Path(summary.folder).name
+    return (
+        f"next: `saescope trace` needs a transcoder at every one of the model's {n_layers} layers: "
+        f"saescope train --run {run} --transcoder --name {name} --layers all --force"
+    )

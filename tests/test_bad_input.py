@@ -548,3 +548,13 @@ def test_binary_option_files_are_named(capsys, tmp_path, indexed_copy):
     config.write_bytes(b"k = 4\n\xff\xfe")
     line = refused_unchanged(capsys, indexed_copy, "train", "--run", indexed_copy, "--config", config)
     assert f"cannot read config file {config}: not UTF-8" in line
+
+
+@pytest.mark.parametrize(("layers", "suggested"), [([0, 1, 2], "--layers all --force"), ([0, 1, 2, 3], "trace --run")])
+def test_a_partial_transcoder_set_does_not_suggest_trace(tmp_path, layers, suggested):
+    from jobs.train_transcoders import TranscoderSummary, format_transcoder_summary
+
+    record = {"layers": layers, "model": {"n_layers": 4}, "metrics": {"layers": {}, "all_layers": {}}}
+    folder = tmp_path / "run" / "transcoders" / "tc"
+    text = format_transcoder_summary(TranscoderSummary(folder, None, record, True, 0, 0.0))
+    assert text.splitlines()[-1].startswith("next:") and suggested in text.splitlines()[-1]
