@@ -5,6 +5,9 @@ A SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) or a sparsify SAE
 checked against the cache's width and layer. sparsify transcoders (``layers.L.mlp/``
 folders with ``transcode: true``, e.g. EleutherAI's skip transcoders of SmolLM2)
 become a transcoder set of the run (``transcoders/NAME/layer-LL``), for `saescope trace`.
+Nothing is written until every check passes: a safe ``--name``, finite weights
+(NaN or infinity would give FVU nan and L0 0 downstream), well-typed cfg.json
+fields, and one width for all layers of a set.
 """
 
 from __future__ import annotations
