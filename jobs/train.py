@@ -129,7 +129,7 @@ def run_grid(
     ``--force`` deletes anything.
     """
     run_dir = Path(cfg.run)
-    manifest = read_manifest(activations_dir(run_dir)).select(cfg.layer, cfg.hook)
+    manifest = read_manifest(activations_dir(run_dir), check_files=True).select(cfg.layer, cfg.hook)
     members = grid_members(cfg)
     finished = [m for m in members if _is_done(m, run_dir)]
     for member in finished:

@@ -212,7 +212,7 @@ def run_transcoders(cfg, say=print, given: frozenset[str] | None = None) -> Tran
     cache's tokens are known good.
     """
     run_dir = Path(cfg.run)
-    manifest = read_manifest(activations_dir(run_dir))
+    manifest = read_manifest(activations_dir(run_dir), check_files=True)
     p = plan(cfg, manifest)
     if (p.folder / TRANSCODER_SET).is_file() and not cfg.force:
         record = read_set(p.folder)

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 def command(args: VerifyConfig) -> int:
     folder = activations_dir(Path(args.run))
-    manifest = read_manifest(folder, check_files=False)  # verify_cache reports every bad shard itself
+    manifest = read_manifest(folder)
     report = verify_cache(folder)
     for line in report.strays:
         print(f"note: unlisted shard file {line} (left by a killed job; the next `cache` run overwrites it)")

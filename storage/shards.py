@@ -280,12 +280,15 @@ def shard_name(writer: str, index: int) -> str:
     return f"{writer}-{index:06d}{SHARD_SUFFIX}"
 
 
-def read_manifest(folder: Path, check_files: bool = True) -> CacheManifest:
+def read_manifest(folder: Path, check_files: bool = False) -> CacheManifest:
     """Read and validate ``manifest.json`` in an activations folder.
 
-    With ``check_files`` every listed shard must exist at its recorded size (one ``stat``
-    each, so a deleted or truncated shard stops any reader before it starts); its
-    sha256 is checked by the readers that read the whole shard anyway, and by `verify`.
+    With ``check_files`` (the verbs that read the whole cache: train, and cache when it
+    extends one) every listed shard must exist at its recorded size, one ``stat`` each, so a
+    deleted or truncated shard stops the job before it starts, even one that would stop
+    before reaching that shard. Verbs that read no shard (the browser, steer, features) work
+    on a run copied without its activations; every shard a verb reads is checked as it is
+    read (size, and sha256 where the whole shard is read), and `verify` checks them all.
     """
     path = Path(folder) / MANIFEST
     run_dir = Path(folder).parent
@@ -297,9 +300,14 @@ def read_manifest(folder: Path, check_files: bool = True) -> CacheManifest:
         raise CacheError(f"no activation cache at {folder} (missing {MANIFEST}); run `saescope cache` first")
     manifest = parse_manifest_file(path)
     if check_files:
-        for record in manifest.shards:
-            _check_size(Path(folder) / record.file, record)
+        check_shard_sizes(folder, manifest)
     return manifest
+
+
+def check_shard_sizes(folder: Path, manifest: CacheManifest) -> None:
+    """CorruptShardError naming the first listed shard that is missing or not of its recorded size."""
+    for record in manifest.shards:
+        _check_size(Path(folder) / record.file, record)
 
 
 def parse_manifest_file(path: Path) -> CacheManifest:
@@ -484,7 +492,7 @@ class VerifyReport:
 
 def verify_cache(folder: Path) -> VerifyReport:
     """Check every listed shard's size, sha256 and shapes (every point's, in a cache of several)."""
-    manifest = read_manifest(folder, check_files=False)
+    manifest = read_manifest(folder)
     problems = []
     for record in manifest.shards:
         try:

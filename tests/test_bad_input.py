@@ -558,3 +558,12 @@ def test_a_partial_transcoder_set_does_not_suggest_trace(tmp_path, layers, sugge
     folder = tmp_path / "run" / "transcoders" / "tc"
     text = format_transcoder_summary(TranscoderSummary(folder, None, record, True, 0, 0.0))
     assert text.splitlines()[-1].startswith("next:") and suggested in text.splitlines()[-1]
+
+
+def test_verbs_that_read_no_shard_work_without_the_activations(capsys, indexed_copy):
+    for shard in (indexed_copy / "activations").glob("*.safetensors"):
+        shard.unlink()  # e.g. a run copied to a laptop with its SAE and index only
+    assert main(["features", "--run", str(indexed_copy)]) == 0
+    assert main(["show", "--run", str(indexed_copy), "--feature", "1"]) == 0
+    code, err = run_cli(capsys, "train", "--run", indexed_copy, "--name", "other", "--device", "cpu")
+    assert "is listed in the manifest but missing" in one_line_error(code, err)
