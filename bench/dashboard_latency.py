@@ -129,7 +129,12 @@ def large_run(folder: Path, n_tokens: int, n_features: int) -> Path:
     con.close()
     from storage.shards import CacheManifest, activations_dir, write_manifest
 
-    provenance = {"model": {"spec": "synthetic", "name": "synthetic"}, "hook": {"layer": 0, "name": "synthetic"}}
+    provenance = {
+        "model": {"spec": "synthetic", "name": "synthetic", "revision": "none", "n_layers": 1},
+        "hook": {"layer": 0, "name": "synthetic"},
+        "corpus": {"description": "synthetic"},
+        "model_dtype": {"name": "float32"},
+    }
     manifest = CacheManifest(provenance, d, index_speed.CTX_LEN, "float16", (), 1, complete=True)
     write_manifest(activations_dir(folder), manifest)  # an empty cache: the app reads only the index
     return folder

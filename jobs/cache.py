@@ -55,6 +55,8 @@ from storage.shards import (
     CacheError,
     CacheManifest,
     activations_dir,
+    check_shard_sizes,
+    check_whole_shard,
     describe_points,
     read_manifest,
     write_manifest,
@@ -155,6 +157,11 @@ def _existing_cache(cfg: CacheConfig, run_dir: Path) -> tuple[CacheManifest | No
     check_same_request(existing, cfg)
     if _is_finished(existing, cfg):
         return existing, CacheSummary(run_dir, existing, 0, 0.0, True, existing.extra.get("corpus_exhausted", False))
+    # every listed shard must be there at its size; the last one (where a killed job stopped and this one
+    # continues) is also hashed: one shard, not the whole cache
+    check_shard_sizes(activations_dir(run_dir), existing)
+    if existing.shards:
+        check_whole_shard(activations_dir(run_dir), existing, existing.shards[-1])
     return existing, None
 
 
@@ -179,7 +186,7 @@ def _new_points(cfg: CacheConfig, loaded: LoadedModel) -> tuple[HookPoint, ...]:
     try:
         return requested_points(cfg, loaded.info.n_layers, default)
     except ValueError as error:
-        raise CacheError(f"--{'layers' if cfg.layers else 'layer'}: {error}") from error
+        raise CacheError(f"--{'layers' if cfg.layers is not None else 'layer'}: {error}") from error
 
 
 def _resolved(cfg: CacheConfig, header: CacheManifest, points: tuple[HookPoint, ...]) -> CacheConfig:

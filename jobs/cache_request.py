@@ -9,10 +9,11 @@ points, ctx-len, corpus, dtype or shard size, naming each difference.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.options import config_to_mapping, option, require
+from jobs.options import ConfigError, config_to_mapping, option, require
 from pipeline.lm.corpus import CorpusSpec
 from pipeline.lm.hook_points import KINDS, HookPoint, parse_layers
 from pipeline.lm.hooks import check_layer
@@ -78,10 +79,8 @@ class CacheConfig:
             require(kind in KINDS, f"--hooks {self.hooks!r}: {kind!r} is unknown: use {known}, comma-separated")
         kinds = self.hook_kinds or ()
         require(len(set(kinds)) == len(kinds), f"--hooks {self.hooks!r} names a kind twice")
-        try:
-            parse_layers(self.layers or "0", 10**6)
-        except ValueError as error:
-            require(False, f"--layers: {error}")
+        if self.layers is not None:
+            check_layers_text(self.layers)
 
     @property
     def hook_kinds(self) -> tuple[str, ...] | None:
@@ -105,6 +104,24 @@ class CacheConfig:
     @property
     def corpus(self) -> CorpusSpec:
         return CorpusSpec(self.dataset, self.dataset_config, self.split, self.text_column)
+
+
+LAYERS_TEXT = re.compile(r"\s*(all|\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*)\s*")
+
+
+def check_layers_text(text: str, flag: str = "--layers") -> None:
+    """A ConfigError naming ``flag`` unless ``text`` reads as all, 5, 0-29 or 1,3,8-10 with no backwards range.
+
+    Only the form is checked here, before any model loads; the range is checked against the model's layers.
+    """
+    if not text.strip():
+        raise ConfigError(f"{flag} is empty: give all, 5, 0-29 or 1,3,8-10")
+    if not LAYERS_TEXT.fullmatch(text):
+        raise ConfigError(f"{flag}: cannot read layers {text!r}: use all, 5, 0-29 or 1,3,8-10")
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if last and int(first) > int(last):
+            raise ConfigError(f"{flag}: layer range {part.strip()!r} is backwards")
 
 
 def requested_points(cfg: CacheConfig, n_layers: int, default: HookPoint) -> tuple[HookPoint, ...]:

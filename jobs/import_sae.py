@@ -5,6 +5,9 @@ A SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) or a sparsify SAE
 checked against the cache's width and layer. sparsify transcoders (``layers.L.mlp/``
 folders with ``transcode: true``, e.g. EleutherAI's skip transcoders of SmolLM2)
 become a transcoder set of the run (``transcoders/NAME/layer-LL``), for `saescope trace`.
+Nothing is written until every check passes: a safe ``--name``, finite weights
+(NaN or infinity would give FVU nan and L0 0 downstream), well-typed cfg.json
+fields, and one width for all layers of a set.
 """
 
 from __future__ import annotations
@@ -14,13 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
-from jobs.run import as_read_by, at_point, cache_hook_point, check_fits_cache, read_sae, saelens_meta, write_sae
+from jobs.run import (
+    as_read_by,
+    at_point,
+    cache_hook_point,
+    check_finite,
+    check_fits_cache,
+    read_sae,
+    saelens_meta,
+    write_sae,
+)
 from pipeline.sae.sparsify import coder_from_sparsify, hook_point_of
 from pipeline.sae.transcoder_format import transcoder_cfg_dict, transcoder_tensors
 from storage.constants import TRANSCODER_SET
-from storage.sae_store import SaeStoreError, is_finished, sae_dir, save_sae
+from storage.sae_store import SaeStoreError, check_name, is_finished, sae_dir, save_sae
 from storage.shards import activations_dir, read_manifest
-from storage.sparsify_files import coder_folders, is_sparsify, load_coder
+from storage.sparsify_files import SPARSIFY_WEIGHTS, coder_folders, is_sparsify, load_coder
 from storage.transcoder_store import layer_dir, set_dir, write_set
 
 
@@ -47,7 +59,8 @@ def command(args: ImportConfig) -> int:
     source = Path(args.path)
     run_dir = Path(args.run)
     manifest = read_manifest(activations_dir(run_dir))
-    name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
+    default = re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
+    name = check_name(default if args.name is None else args.name, "SAE or transcoder set")
     if is_sparsify(source):
         return import_sparsify(source, run_dir, manifest, name, args.force)
     sae, cfg = read_sae(source)
@@ -77,6 +90,7 @@ def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: boo
     coders = {}
     for hookpoint, folder in coder_folders(source).items():
         tensors, cfg = load_coder(folder)
+        check_finite(tensors, folder / SPARSIFY_WEIGHTS)
         try:
             point = hook_point_of(hookpoint, bool(cfg.get("transcode", False)))
             coders[point] = coder_from_sparsify(tensors, cfg)
@@ -110,6 +124,13 @@ def _import_transcoders(source, run_dir, manifest, name, force, tcs: dict) -> in
     beyond = [layer for layer in tcs if layer >= n_layers]
     if beyond:
         raise SaeStoreError(f"{source} has transcoders for layer {beyond[0]} but the model has {n_layers} layers")
+    widths = {layer: tc.cfg.d_sae for layer, tc in sorted(tcs.items())}
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"layer {layer}: {width}" for layer, width in widths.items())
+        raise SaeStoreError(
+            f"{source}: a transcoder set has one width, but these layers differ ({shown}): "
+            "import the layers of one width into a folder of their own"
+        )
     folder = set_dir(run_dir, name)
     if (folder / TRANSCODER_SET).is_file() and not force:
         raise SaeStoreError(f"{run_dir} already has a transcoder set named {name!r}: pass --name or --force")

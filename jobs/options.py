@@ -151,6 +151,8 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
                 values.update(config_from_mapping(dict, tomllib.load(handle), path, names, fields_of=cls))
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"cannot read config file {path}: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"cannot read config file {path}: not UTF-8 text ({error.reason})") from error
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
     values.update(overrides)
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f))

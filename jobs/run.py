@@ -18,6 +18,7 @@ from pipeline.lm.hook_points import HookPoint
 from pipeline.lm.models import LoadedModel, load_model
 from pipeline.sae.model import Sae
 from pipeline.sae.saelens import hook_layer_of, sae_cfg_dict, sae_from_saelens, sae_hook_point, sae_tensors
+from storage.constants import SAE_CFG, SAE_WEIGHTS
 from storage.explanations import ExplanationReader, open_explanations
 from storage.home import converted_models_dir
 from storage.index_queries import FeatureIndex, open_sae_index
@@ -25,6 +26,7 @@ from storage.sae_store import (
     SaeStoreError,
     load_sae_files,
     read_sae_cfg,
+    repair_hint,
     resolve_sae,
     save_sae,
     weights_fingerprint,
@@ -39,13 +41,66 @@ def write_sae(folder: Path, sae: Sae, meta: dict, record: dict, metrics: dict | 
     return cfg
 
 
+CFG_TYPES = {
+    "d_in": int,
+    "d_sae": int,
+    "k": (int, type(None)),
+    "architecture": str,
+    "dtype": str,
+    "hook_name": str,
+    "hook_layer": int,
+    "apply_b_dec_to_input": bool,
+    "rescale_acts_by_decoder_norm": bool,
+    "normalize_activations": (str, type(None)),
+    "matryoshka_widths": list,
+    "meta": dict,
+    "saescope": dict,
+}
+"""cfg.json keys every reader relies on and their JSON types (each checked when present)."""
+META_TYPES = {"hook_name": str, "hook_layer": int, "context_size": int, "model_name": str}
+
+
+def _type_problem(table: dict, types: dict, where: str) -> str | None:
+    for key, kind in types.items():
+        if key not in table:
+            continue
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            return f"{where}{key} is {value!r}, not {names}"
+    return None
+
+
+def check_sae_cfg(cfg: dict, folder: Path) -> None:
+    """A SaeStoreError naming cfg.json when a field has the wrong type (``"d_in": "32"``, a string hook_layer)."""
+    problem = _type_problem(cfg, CFG_TYPES, "") or _type_problem(cfg.get("meta") or {}, META_TYPES, "meta.")
+    if problem is not None:
+        raise SaeStoreError(f"{Path(folder) / SAE_CFG} is damaged ({problem}): {repair_hint(folder)}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """A SaeStoreError naming the weights file when a tensor holds NaN or infinity (they give FVU nan and L0 0)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SaeStoreError(
+                f"{weights} is damaged: {name} holds {bad} NaN or infinite value(s): {repair_hint(weights.parent)}"
+            )
+
+
 def read_sae(folder: Path) -> tuple[Sae, dict]:
-    """Load an SAE folder (saescope or SAELens) into an inference SAE taking raw activations."""
+    """Load an SAE folder (saescope or SAELens) into an inference SAE taking raw activations.
+
+    The cfg.json fields' types and the weights' finiteness are checked (one pass over the weights).
+    """
     tensors, cfg = load_sae_files(folder)
+    check_sae_cfg(cfg, folder)
+    check_finite(tensors, Path(folder) / SAE_WEIGHTS)
     try:
         return sae_from_saelens(tensors, cfg), cfg
     except ValueError as error:
-        raise SaeStoreError(f"{folder}: {error}") from error
+        raise SaeStoreError(f"{Path(folder) / SAE_CFG}: {error}") from error
 
 
 def cache_hook_point(manifest: CacheManifest) -> HookPoint:

@@ -3,7 +3,10 @@
 Wires storage (the cache stream, checkpoints, the artifact) to pipeline (SAE,
 trainer, metrics). Re-running on an interrupted SAE resumes from its newest
 checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
-is left alone unless --force is given (or another --name is used).
+is left alone unless --force is given (or another --name is used). With --force the old
+SAE stays readable until the new one is written over it (its stale index and
+explanations are dropped then), so a job that fails on the way loses nothing. A
+finished SAE whose options differ from those given is refused (jobs.train_match).
 
 Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
 member is an SAE in its own folder, fed the same batches from one read of the
@@ -48,7 +51,8 @@ from jobs.train_grid import (
     grid_members,
     train_members,
 )
-from jobs.train_start import Member, delete_trained, newest_checkpoint, start_member
+from jobs.train_match import differences, given_options, refuse_if_different, sae_recorded, sae_request
+from jobs.train_start import Member, discard_progress, drop_replaced, newest_checkpoint, start_member
 from jobs.train_transcoders import format_transcoder_summary, run_transcoders
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
@@ -62,8 +66,8 @@ from storage.constants import (
     CHECKPOINTS_DIR,
     TRAIN_LOCK,
 )
-from storage.run_config import update_run_config
-from storage.sae_store import SaeRecord, is_finished, load_sae_files, sae_dir
+from storage.run_config import read_run_config, update_run_config
+from storage.sae_store import SaeRecord, is_finished, load_sae_files, read_sae_cfg, sae_dir
 from storage.shards import CacheManifest, activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts
 
@@ -103,27 +107,40 @@ def _record(
     }
 
 
-def run_train(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> TrainSummary:
-    """Train (or resume, or skip) the one SAE described by ``cfg``; ``say`` receives progress notes."""
-    summaries = run_grid(cfg, say)
+def run_train(
+    cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None, given: frozenset[str] | None = None
+) -> TrainSummary:
+    """Train (or resume, or skip) the one SAE described by ``cfg``; ``say`` receives progress notes.
+
+    ``given``: the options the user set, compared with a finished SAE's (jobs.train_match).
+    """
+    summaries = run_grid(cfg, say, given)
     if len(summaries) != 1:
         raise ConfigError(f"the lists in these options make a grid of {len(summaries)} SAEs: use run_grid")
     return summaries[0]
 
 
-def run_grid(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -> list[TrainSummary]:
-    """Train every SAE of ``cfg``'s grid (one SAE without lists) from one read of the cache; skip finished ones."""
+def run_grid(
+    cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None, given: frozenset[str] | None = None
+) -> list[TrainSummary]:
+    """Train every SAE of ``cfg``'s grid (one SAE without lists) from one read of the cache; skip finished ones.
+
+    Every check (options, finished SAEs matching ``given``, run.toml, the device) passes before
+    ``--force`` deletes anything.
+    """
     run_dir = Path(cfg.run)
-    manifest = read_manifest(activations_dir(run_dir)).select(cfg.layer, cfg.hook)
+    manifest = read_manifest(activations_dir(run_dir), check_files=True).select(cfg.layer, cfg.hook)
     members = grid_members(cfg)
     finished = [m for m in members if _is_done(m, run_dir)]
     for member in finished:
         check_reads_point(sae_dir(run_dir, member.name), manifest)
+        _check_matches(member, manifest, sae_dir(run_dir, member.name), given)
     done = {m.name: _already_done(m, sae_dir(run_dir, m.name)) for m in finished}
     todo = [m for m in members if m.name not in done]
     for member in todo:
         resolve(member, manifest)  # validate shapes before touching anything
     if todo:
+        read_run_config(run_dir)  # a damaged run.toml stops the job before --force deletes anything
         group = from_environment(resolve_device(cfg.device))
         if cfg.batch_size < group.world:
             raise ConfigError(
@@ -140,6 +157,13 @@ def run_grid(cfg: TrainJobConfig, say: Callable[[str], None] = lambda _: None) -
 
 def _is_done(cfg: TrainJobConfig, run_dir: Path) -> bool:
     return is_finished(sae_dir(run_dir, cfg.name)) and not cfg.force
+
+
+def _check_matches(member: TrainJobConfig, manifest: CacheManifest, folder: Path, given) -> None:
+    """A finished SAE counts as this member only when the options given match its own (else ConfigError)."""
+    requested = sae_request(resolve(member, manifest), member.batch_size)
+    lines = differences(requested, sae_recorded(read_sae_cfg(folder)), given)
+    refuse_if_different(lines, folder, "SAE")
 
 
 def _already_done(cfg: TrainJobConfig, folder: Path) -> TrainSummary:
@@ -188,7 +212,7 @@ def _prepare(cfg, run_dir: Path, manifest, stream, group: Group, say, dtypes: di
     """One member ready to train: resolved options, and its checkpoint's state or a fresh start."""
     folder = sae_dir(run_dir, cfg.name)
     if cfg.force and group.is_main:
-        delete_trained(folder)
+        discard_progress(folder)  # the finished SAE is replaced only when the new one is written
     cfg = resolve(cfg, manifest, stream)
     device = group.device(resolve_device(cfg.device))
     checkpoint = newest_checkpoint(folder, group)
@@ -224,6 +248,8 @@ def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, optimizer, state, s
     )
     record = _record(cfg, manifest, scale, state, metrics, saelens_name(cfg.arch))
     write_sae(folder, exported, saelens_meta(manifest), record, metrics)
+    if cfg.force:
+        drop_replaced(folder)
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
     return metrics
 
@@ -257,10 +283,11 @@ def register(subparsers) -> None:
 def command(args) -> int:
     started = time.perf_counter()
     cfg = config_from_args(TrainJobConfig, args)
+    given = given_options(TrainJobConfig, args)
     if cfg.transcoder:
-        print(format_transcoder_summary(run_transcoders(cfg, say=print)))
+        print(format_transcoder_summary(run_transcoders(cfg, say=print, given=given)))
         return 0
-    summaries = run_grid(cfg, say=print)
+    summaries = run_grid(cfg, say=print, given=given)
     if is_main_process():
         grid = len(summaries) > 1
         print(format_grid_summary(summaries, time.perf_counter() - started) if grid else format_summary(summaries[0]))

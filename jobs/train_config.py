@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from jobs.cache_request import check_layers_text
 from jobs.options import ConfigError, auto_or, option, require
 from jobs.train_grid import architecture, as_tuple, grid_members, listed, one_value
 from pipeline.sae.matryoshka import check_widths, default_widths
@@ -120,6 +121,8 @@ class TrainJobConfig:
 
     def __post_init__(self):
         require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
+        if self.layers is not None:
+            check_layers_text(self.layers)
         require(
             not self.transcoder or (self.hook is None and self.layer is None),
             "--transcoder reads mlp-in and mlp-out of the live model: pick blocks with --layers, not --hook/--layer",

@@ -20,7 +20,7 @@ from pipeline.sae.initialization import init_sae, normalization_factor
 from pipeline.sae.model import Sae, SaeConfig
 from pipeline.sae.training import TrainConfig, TrainState, make_optimizer, restore_state_tree
 from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incomplete
-from storage.constants import CHECKPOINTS_DIR, EXPLANATIONS, FEATURE_INDEX, SAE_CFG, SAE_METRICS, SAE_WEIGHTS, TRAIN_LOG
+from storage.constants import CHECKPOINTS_DIR, EXPLANATIONS, FEATURE_INDEX
 from storage.train_log import log_path, truncate_log
 from storage.training_data import TrainingStream
 
@@ -116,7 +116,15 @@ def start_member(
     return Member(cfg, folder, sae, optimizer, state, scale, tcfg, state.step)
 
 
-def delete_trained(folder: Path) -> None:
-    for name in (SAE_CFG, SAE_WEIGHTS, SAE_METRICS, TRAIN_LOG, FEATURE_INDEX, EXPLANATIONS):
-        (folder / name).unlink(missing_ok=True)
+def discard_progress(folder: Path) -> None:
+    """--force, before training: drop an interrupted run's checkpoints; a finished SAE stays readable.
+
+    (A fresh start replaces the train log once its first batch is read: ``start_member``.)
+    """
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def drop_replaced(folder: Path) -> None:
+    """--force, once the new SAE is written: the old SAE's index and explanations describe other weights."""
+    for name in (FEATURE_INDEX, EXPLANATIONS):
+        (folder / name).unlink(missing_ok=True)

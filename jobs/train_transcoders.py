@@ -30,6 +30,7 @@ from jobs.console import human_count, progress
 from jobs.options import ConfigError, config_to_mapping
 from jobs.run import load_run_model, saelens_meta
 from jobs.torchrun import agreed_dtype
+from jobs.train_match import differences, refuse_if_different
 from jobs.train_start import weights_config
 from jobs.transcoder_eval import evaluate_set
 from pipeline.lm.activations import mlp_io
@@ -203,29 +204,46 @@ def _resume(tree: dict, cfg, p: TranscoderPlan, d_model: int, tcfg: TrainConfig,
     return trainees, scales
 
 
-def run_transcoders(cfg, say=print) -> TranscoderSummary:
-    """Train (or resume, or skip) the transcoder set of ``cfg``: validated before the model loads."""
+def run_transcoders(cfg, say=print, given: frozenset[str] | None = None) -> TranscoderSummary:
+    """Train (or resume, or skip) the transcoder set of ``cfg``: validated before the model loads.
+
+    A finished set is skipped only when it matches the options ``given`` (jobs.train_match).
+    ``--force`` deletes the old set only once the options, the device, the model and the
+    cache's tokens are known good.
+    """
     run_dir = Path(cfg.run)
-    manifest = read_manifest(activations_dir(run_dir))
+    manifest = read_manifest(activations_dir(run_dir), check_files=True)
     p = plan(cfg, manifest)
     if (p.folder / TRANSCODER_SET).is_file() and not cfg.force:
-        return TranscoderSummary(p.folder, p, read_set(p.folder), True, 0, 0.0)
-    p.folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(p.folder / TRAIN_LOCK, f"transcoder set {cfg.name!r} of {run_dir}"):
-        if cfg.force:
-            for child in p.folder.iterdir():
-                if child.name != TRAIN_LOCK:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return _train(cfg, run_dir, manifest, p, say)
-
-
-def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) -> TranscoderSummary:
+        record = read_set(p.folder)
+        refuse_if_different(differences(_set_request(cfg, p), _set_recorded(record), given), p.folder, "set")
+        return TranscoderSummary(p.folder, p, record, True, 0, 0.0)
     device = resolve_device(cfg.device)
-    remove_incomplete(p.folder / CHECKPOINTS_DIR)
-    newest = latest_checkpoint(p.folder / CHECKPOINTS_DIR)
-    tree = load_checkpoint(newest) if newest else None
-    requested = tree["job"]["dtype"] if tree else cfg.dtype
-    compute = agreed_dtype(SINGLE, requested, device)
+    with exclusive(p.folder / TRAIN_LOCK, f"transcoder set {cfg.name!r} of {run_dir}"):
+        return _train(cfg, run_dir, manifest, p, say, device)
+
+
+def _set_request(cfg, p: TranscoderPlan) -> dict:
+    return {**config_to_mapping(cfg), "layers": list(p.layers), "d_sae": p.d_sae}
+
+
+def _set_recorded(record: dict) -> dict:
+    """What a finished set was trained with (its options as given, its layers and width as resolved)."""
+    training = record.get("training") if isinstance(record.get("training"), dict) else {}
+    recorded = {**training, "layers": list(record["layers"])}
+    if "d_sae" in record:
+        recorded["d_sae"] = record["d_sae"]
+    return recorded
+
+
+def _clear(folder: Path) -> None:
+    """--force: everything of the old set but the lock (called once every input is known good)."""
+    for child in folder.iterdir():
+        if child.name != TRAIN_LOCK:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say, device) -> TranscoderSummary:
     # the model computes in the cache's dtype, for training data and evaluation alike
     stream_model = load_run_model(manifest, device).model.to(getattr(torch, manifest.model_dtype))
     batches = ContextBatches(
@@ -235,6 +253,13 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say) 
         cfg.seed,
         manifest.special_token_ids,
     )
+    if cfg.force:
+        _clear(p.folder)
+    remove_incomplete(p.folder / CHECKPOINTS_DIR)
+    newest = latest_checkpoint(p.folder / CHECKPOINTS_DIR)
+    tree = load_checkpoint(newest) if newest else None
+    requested = tree["job"]["dtype"] if tree else cfg.dtype
+    compute = agreed_dtype(SINGLE, requested, device)
     tokens_per_step = p.contexts_per_step * manifest.ctx_len
     tcfg = trainer_config(cfg, p, compute.dtype, tokens_per_step)
     first_step = 0
@@ -364,5 +389,18 @@ def format_transcoder_summary(summary: TranscoderSummary) -> str:
             f"CE {every['ce_clean']:.3f} -> {every['ce_spliced']:.3f}"
         )
     lines.append(f"  saved {summary.folder}")
-    lines.append(f"next: saescope trace --run {Path(summary.folder).parent.parent} --prompt 'The capital of France is'")
+    lines.append(_next_step(summary))
     return "\n".join(lines)
+
+
+def _next_step(summary: TranscoderSummary) -> str:
+    """`trace` when the set covers every layer of the model (tracing needs them all), else how to train them."""
+    run = Path(summary.folder).parent.parent
+    n_layers = (summary.record.get("model") or {}).get("n_layers")
+    if n_layers is None or len(summary.record["layers"]) >= int(n_layers):
+        return f"next: saescope trace --run {run} --prompt 'The capital of France is'"
+    name = Path(summary.folder).name
+    return (
+        f"next: `saescope trace` needs a transcoder at every one of the model's {n_layers} layers: "
+        f"saescope train --run {run} --transcoder --name {name} --layers all --force"
+    )

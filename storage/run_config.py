@@ -27,7 +27,9 @@ def read_run_config(run_dir: Path) -> dict:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
-        raise RunConfigError(f"{path} is not valid TOML: {error}") from error
+        raise RunConfigError(f"{path} is not valid TOML: {error}; fix or delete it") from error
+    except UnicodeDecodeError as error:
+        raise RunConfigError(f"{path} is not valid TOML: not UTF-8 text ({error.reason}); fix or delete it") from error
 
 
 def _without_none(table: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
-from storage.constants import SAE_CFG, SAE_METRICS, SAE_WEIGHTS, SAES_DIR
+from storage.constants import SAE_CFG, SAE_METRICS, SAE_WEIGHTS, SAES_DIR, TRANSCODER_SET, TRANSCODERS_DIR
 from storage.errors import first_line
 
 
@@ -34,10 +35,24 @@ def saes_dir(run_dir: Path) -> Path:
     return Path(run_dir) / SAES_DIR
 
 
-def check_name(name: str, what: str = "SAE") -> str:
-    """A name usable as one folder inside the run, or a SaeStoreError saying what is allowed."""
-    if not name or "/" in name or name.startswith("."):
-        raise SaeStoreError(f"invalid {what} name {name!r}: use letters, digits, '-' or '_'")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A safe folder name on every file system: letters, digits, '_', '-', '.' (not first)."""
+NAME_MAX = 100
+"""Longest name accepted (file systems allow 255 bytes; the name also prefixes temp and grid member names)."""
+
+
+def check_name(name: str, what: str = "SAE", flag: str = "--name") -> str:
+    """A name usable as one folder inside the run, or a SaeStoreError naming the option and what is allowed.
+
+    The one check of every verb's name of something it writes (SAEs, transcoder sets, graphs).
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise SaeStoreError(
+            f"{flag} {name!r} is not a valid {what} name: use letters, digits, '_', '-' and '.' (not first), "
+            "with no spaces, slashes or line breaks"
+        )
+    if len(name) > NAME_MAX:
+        raise SaeStoreError(f"{flag} is {len(name)} characters long: a {what} name may have at most {NAME_MAX}")
     return name
 
 
@@ -66,7 +81,7 @@ def resolve_sae(run_dir: Path, name: str | None) -> Path:
         raise SaeStoreError(f"--run {run_dir} is a file, not a run folder")
     names = finished_sae_names(run_dir)
     if name is not None:
-        folder = sae_dir(run_dir, name)
+        folder = saes_dir(run_dir) / check_name(name, flag="--sae")
         if not (folder / SAE_CFG).is_file():
             known = ", ".join(names) or "none"
             raise SaeStoreError(f"{run_dir} has no trained SAE named {name!r} (trained: {known})")
@@ -79,14 +94,46 @@ def resolve_sae(run_dir: Path, name: str | None) -> Path:
 
 
 def save_sae(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict, metrics: dict | None = None) -> None:
-    """Write weights, then metrics, then cfg.json (which marks the SAE finished)."""
+    """Write weights, then metrics, then cfg.json (which marks the SAE finished).
+
+    Replacing an SAE, its old cfg.json goes first, once the new weights are serialized: a writer
+    killed half-way leaves an unfinished SAE, never new weights under an old cfg.json.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    (folder / SAE_CFG).unlink(missing_ok=True)
     atomic_write_bytes(folder / SAE_WEIGHTS, data)
     if metrics is not None:
         atomic_write_json(folder / SAE_METRICS, metrics)
     atomic_write_json(folder / SAE_CFG, cfg)
+
+
+def repair_hint(folder: Path) -> str:
+    """What to run when the SAE files in ``folder`` are damaged: a command for a run's SAE or transcoder layer,
+    else (an import source) a note that the folder itself must be fixed."""
+    folder = Path(folder)
+    if folder.parent.name == SAES_DIR:
+        run = folder.parent.parent
+        return f"retrain with `saescope train --run {run} --name {folder.name} --force`, or import it again"
+    if folder.parent.parent.name == TRANSCODERS_DIR and folder.name.startswith("layer-"):
+        return set_repair_hint(folder.parent)
+    return "this folder is not an SAE of a run: fix it or download it again, then import it"
+
+
+def set_repair_hint(set_folder: Path) -> str:
+    """The command that replaces a damaged transcoder set (its layers from set.json when readable)."""
+    set_folder = Path(set_folder)
+    layers = ""
+    try:
+        listed = json.loads((set_folder / TRANSCODER_SET).read_text(encoding="utf-8"))["layers"]
+        layers = " --layers " + ",".join(str(int(layer)) for layer in listed)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (
+        f"retrain the set with `saescope train --run {set_folder.parent.parent} --transcoder "
+        f"--name {set_folder.name}{layers} --force`"
+    )
 
 
 def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -94,10 +141,7 @@ def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     weights, cfg_path = folder / SAE_WEIGHTS, folder / SAE_CFG
     if cfg_path.is_file() and not weights.is_file():
-        raise SaeStoreError(
-            f"{weights} is missing (deleted?): retrain with `saescope train --name {folder.name} --force`, "
-            "or import the SAE again"
-        )
+        raise SaeStoreError(f"{weights} is missing (deleted?): {repair_hint(folder)}")
     if not weights.is_file() or not cfg_path.is_file():
         raise SaeStoreError(f"{folder} is not an SAE folder: it needs {SAE_WEIGHTS} and {SAE_CFG}")
     try:
@@ -105,15 +149,11 @@ def load_sae_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as error:
-        raise SaeStoreError(
-            f"{cfg_path} is damaged ({error}): retrain with `saescope train --name {folder.name} --force`"
-        ) from error
+        raise SaeStoreError(f"{cfg_path} is damaged ({error}): {repair_hint(folder)}") from error
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as error:  # safetensors raises its own error types
-        raise SaeStoreError(
-            f"{weights} is damaged ({first_line(error)}): retrain with `saescope train --name {folder.name} --force`"
-        ) from error
+        raise SaeStoreError(f"{weights} is damaged ({first_line(error)}): {repair_hint(folder)}") from error
     return tensors, cfg
 
 
@@ -130,7 +170,7 @@ def weights_fingerprint(folder: Path) -> str:
     """sha256 of the SAE's weights file (memoized per path, size and modification time)."""
     path = Path(folder) / SAE_WEIGHTS
     if not path.is_file():
-        raise SaeStoreError(f"{path} is missing: retrain with `saescope train --force` or import the SAE again")
+        raise SaeStoreError(f"{path} is missing: {repair_hint(Path(folder))}")
     stat = path.stat()
     return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 

@@ -171,15 +171,77 @@ class CacheManifest:
 
     @classmethod
     def from_dict(cls, payload: dict) -> CacheManifest:
+        """The manifest of a parsed ``manifest.json``; ValueError naming the first missing or mistyped key."""
+        if not isinstance(payload, dict):
+            raise ValueError("not a JSON object")
         payload = dict(payload)
         payload.pop("n_contexts", None)
         payload.pop("n_tokens", None)
         version = payload.get("format_version")
         if version != FORMAT_VERSION:
-            raise CacheError(f"manifest format version {version} is not supported (expected {FORMAT_VERSION})")
-        payload["shards"] = tuple(ShardRecord(**record) for record in payload.get("shards", []))
+            raise ValueError(f"format version {version!r} is not supported (expected {FORMAT_VERSION})")
+        _check_fields(payload)
+        payload["shards"] = tuple(ShardRecord(**_checked_record(record)) for record in payload["shards"])
         payload["special_token_ids"] = tuple(payload["special_token_ids"])
         return cls(**payload)
+
+
+MANIFEST_TYPES = {
+    "provenance": dict,
+    "d_model": int,
+    "ctx_len": int,
+    "dtype": str,
+    "special_token_ids": list,
+    "shard_contexts": int,
+    "shards": list,
+    "complete": bool,
+    "extra": dict,
+}
+"""Every top-level key of manifest.json and its JSON type (all are written by every writer)."""
+PROVENANCE_KEYS = {
+    "model": {"spec": str, "name": str, "revision": str, "n_layers": int},
+    "hook": {"layer": int, "name": str},
+    "corpus": {"description": str},
+    "model_dtype": {"name": str},
+}
+"""The provenance every reader relies on: (part, key) -> JSON type."""
+RECORD_TYPES = {"file": str, "writer": str, "index": int, "first_context": int, "n_ctx": int, "sha256": str,
+                "n_bytes": int}  # fmt: skip
+
+
+def _is_a(value, kind: type) -> bool:
+    """JSON type check (an int is not a bool; a list may come as a tuple from ``asdict``)."""
+    if kind is list:
+        return isinstance(value, list | tuple)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _check_fields(payload: dict) -> None:
+    unknown = sorted(set(payload) - set(MANIFEST_TYPES) - {"format_version"})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}")
+    for key, kind in MANIFEST_TYPES.items():
+        if key not in payload:
+            raise ValueError(f"missing key {key!r}")
+        if not _is_a(payload[key], kind):
+            raise ValueError(f"{key!r} is {payload[key]!r}, not a JSON {kind.__name__}")
+    for part, keys in PROVENANCE_KEYS.items():
+        table = payload["provenance"].get(part)
+        for key, kind in keys.items():
+            if not isinstance(table, dict) or not _is_a(table.get(key), kind):
+                raise ValueError(f"provenance.{part}.{key} is missing or not a JSON {kind.__name__}")
+    if payload["dtype"] not in STORAGE_DTYPES:
+        raise ValueError(f"dtype {payload['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
+
+
+def _checked_record(record) -> dict:
+    if not isinstance(record, dict) or set(record) != set(RECORD_TYPES):
+        raise ValueError(f"shard entry {record!r} does not hold exactly {', '.join(RECORD_TYPES)}")
+    for key, kind in RECORD_TYPES.items():
+        if not _is_a(record[key], kind):
+            shown = f"{key} is {record[key]!r}, not a JSON {kind.__name__}"
+            raise ValueError(f"shard entry {record.get('file')!r}: {shown}")
+    return record
 
 
 def describe_points(points: tuple[dict, ...]) -> str:
@@ -218,8 +280,16 @@ def shard_name(writer: str, index: int) -> str:
     return f"{writer}-{index:06d}{SHARD_SUFFIX}"
 
 
-def read_manifest(folder: Path) -> CacheManifest:
-    """Read and validate ``manifest.json`` in an activations folder."""
+def read_manifest(folder: Path, check_files: bool = False) -> CacheManifest:
+    """Read and validate ``manifest.json`` in an activations folder.
+
+    With ``check_files`` (the verbs that read the whole cache: train, and cache when it
+    extends one) every listed shard must exist at its recorded size, one ``stat`` each, so a
+    deleted or truncated shard stops the job before it starts, even one that would stop
+    before reaching that shard. Verbs that read no shard (the browser, steer, features) work
+    on a run copied without its activations; every shard a verb reads is checked as it is
+    read (size, and sha256 where the whole shard is read), and `verify` checks them all.
+    """
     path = Path(folder) / MANIFEST
     run_dir = Path(folder).parent
     if not run_dir.exists():
@@ -228,14 +298,23 @@ def read_manifest(folder: Path) -> CacheManifest:
         raise CacheError(f"--run {run_dir} is a file, not a run folder")
     if not path.is_file():
         raise CacheError(f"no activation cache at {folder} (missing {MANIFEST}); run `saescope cache` first")
-    return parse_manifest_file(path)
+    manifest = parse_manifest_file(path)
+    if check_files:
+        check_shard_sizes(folder, manifest)
+    return manifest
+
+
+def check_shard_sizes(folder: Path, manifest: CacheManifest) -> None:
+    """CorruptShardError naming the first listed shard that is missing or not of its recorded size."""
+    for record in manifest.shards:
+        _check_size(Path(folder) / record.file, record)
 
 
 def parse_manifest_file(path: Path) -> CacheManifest:
     """One manifest file (the merged one or a writer's), or a CacheError naming it."""
     try:
         return CacheManifest.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSON and Unicode errors are ValueErrors
         raise CacheError(
             f"{path} is unreadable ({error}); delete the activations folder and re-run `saescope cache`"
         ) from error
@@ -378,6 +457,11 @@ def iter_shards(
     """Stream shards one at a time (bounded memory: one shard in RAM)."""
     for record in manifest.shards if records is None else records:
         yield load_shard(folder, manifest, record, verify=verify)
+
+
+def check_whole_shard(folder: Path, manifest: CacheManifest, record: ShardRecord) -> None:
+    """CorruptShardError unless the shard's size, sha256 and every tensor's shape match the manifest."""
+    _check_whole_shard(Path(folder), manifest, record)
 
 
 def _check_whole_shard(folder: Path, manifest: CacheManifest, record: ShardRecord) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from storage.atomic import atomic_write_json
 from storage.constants import SAE_CFG, TRANSCODER_SET, TRANSCODERS_DIR
-from storage.sae_store import SaeStoreError, check_name, load_sae_files
+from storage.sae_store import SaeStoreError, check_name, load_sae_files, set_repair_hint
 
 
 def transcoders_dir(run_dir: Path) -> Path:
@@ -49,9 +49,7 @@ def read_set(folder: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
         layers = [int(layer) for layer in record["layers"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise SaeStoreError(
-            f"{path} is damaged ({error}): retrain with `saescope train --transcoder --force`"
-        ) from error
+        raise SaeStoreError(f"{path} is damaged ({error}): {set_repair_hint(folder)}") from error
     return {**record, "layers": layers}
 
 
@@ -59,7 +57,7 @@ def resolve_set(run_dir: Path, name: str | None) -> Path:
     """The folder of set ``name``, or of the run's only finished set."""
     names = finished_sets(run_dir)
     if name is not None:
-        folder = set_dir(run_dir, name)
+        folder = transcoders_dir(run_dir) / check_name(name, "transcoder set", "--transcoders")
         if not (folder / TRANSCODER_SET).is_file():
             raise SaeStoreError(
                 f"{run_dir} has no trained transcoder set {name!r} (trained: {', '.join(names) or 'none'})"

@@ -18,7 +18,12 @@ from storage.shards import (
 
 def _manifest(ctx_len=5, d_model=4):
     return CacheManifest(
-        provenance={"model": {}},
+        provenance={
+            "model": {"spec": "tiny", "name": "tiny", "revision": "local:0", "n_layers": 2},
+            "hook": {"layer": 1, "name": "blocks.1.hook_resid_post"},
+            "corpus": {"description": "test"},
+            "model_dtype": {"name": "float32"},
+        },
         d_model=d_model,
         ctx_len=ctx_len,
         dtype="float16",
