@@ -373,18 +373,20 @@ def export_clt(clt: CrossLayerTranscoder, input_scale_L, output_scale_L) -> Cros
     becomes a JumpReLU one with each layer's global threshold on every latent of that layer.
     """
     cfg = clt.cfg
-    s_in = torch.as_tensor(input_scale_L, dtype=torch.float64).tolist()
-    s_out = torch.as_tensor(output_scale_L, dtype=torch.float64).tolist()
+    s_in = torch.as_tensor(input_scale_L).double().tolist()
+    s_out = torch.as_tensor(output_scale_L).double().tolist()
     if len(s_in) != cfg.n_layers or len(s_out) != cfg.n_layers:
         raise ValueError(f"export_clt needs one input and one output scale per layer ({cfg.n_layers})")
     arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
-    exported = CrossLayerTranscoder(dataclasses.replace(cfg, architecture=arch)).to(clt.b_dec_LD.device)
+    like = clt.b_dec_LD
+    exported = CrossLayerTranscoder(dataclasses.replace(cfg, architecture=arch)).to(like.device, like.dtype)
     with torch.no_grad():
         for layer in range(cfg.n_layers):
             exported.W_enc[layer].copy_(clt.W_enc[layer])
             exported.b_enc_LF[layer].copy_(clt.b_enc_LF[layer] / s_in[layer])
-            ratio_O = torch.tensor([s_in[layer] / s_out[out] for out in range(layer, cfg.n_layers)])
-            exported.decoder(layer).copy_(clt.decoder(layer) * ratio_O.to(clt.b_dec_LD)[None, :, None])
+            ratios = [s_in[layer] / s_out[out] for out in range(layer, cfg.n_layers)]
+            ratio_O = torch.tensor(ratios, dtype=torch.float64)
+            exported.decoder(layer).copy_(clt.decoder(layer) * ratio_O.to(like)[None, :, None])
             exported.b_dec_LD[layer].copy_(clt.b_dec_LD[layer] / s_out[layer])
             if cfg.skip:
                 exported.W_skip[layer].copy_(clt.W_skip[layer] * (s_in[layer] / s_out[layer]))
