@@ -36,6 +36,7 @@ from pipeline.sae.training import TrainConfig
 from pipeline.sae.transcoder import Transcoder
 from pipeline.tracing.attribution import active_features, attribute, feature_readouts, logit_readouts, target_logits
 from pipeline.tracing.replacement import build_replacement, record_prompt, replacement_forward, replacement_logits
+from pipeline.tracing.trace import trace
 from tests.conftest import make_tiny_llama
 
 N_LAYERS, D, F, K = 4, 32, 16, 4
@@ -362,6 +363,12 @@ def test_a_diagonal_clt_gives_the_per_layer_transcoders_graph(model, ids, clt):
     assert torch.equal(ours.features, theirs.features) and ours.n_features == 10
     for name in ("adjacency", "values", "constants", "activations"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=1e-12, msg=name)
+
+
+def test_trace_takes_a_clt_whole(model, ids, clt, graph):
+    traced = trace(model, ids, clt, max_feature_nodes=graph.n_features, batch_size=16)
+    assert traced.logit_error < 1e-12
+    torch.testing.assert_close(traced.adjacency, graph.adjacency, rtol=0, atol=1e-12)
 
 
 def test_a_clt_over_the_wrong_number_of_layers_is_refused(model, ids):

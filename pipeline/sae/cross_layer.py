@@ -25,8 +25,9 @@ Codes stay sparse end to end: the decoder never multiplies a dense [N, F] matrix
 
 Memory (``training_bytes``): the decoders hold F * D * L(L+1)/2 weights. For
 SmolLM2-135M (L=30, D=576), float32 master weights, their gradients, two optimizer
-tensors per weight (Adam: m, v; schedule-free signum: z, x), one copy for the
-schedule-free evaluation swap, and the activations of a 1024-token batch:
+tensors per weight (Adam: m, v; schedule-free signum: z, x), one more copy (the
+schedule-free step's sign temporary, or the evaluation swap), and the activations of a
+1024-token batch (measured at 2304: peak resident 13.5 GiB, ``bench/clt_step.py``):
 
     F per layer   decoder params   all params   training bytes
     1152 (2x)     0.31 B           0.33 B       ~6.6 GiB
@@ -122,7 +123,7 @@ def decoder_parameters(n_layers: int, d_model: int, d_sae: int) -> int:
 
 
 def training_bytes(n_layers: int, d_model: int, d_sae: int, batch: int = 1024, skip: bool = False) -> int:
-    """Bytes to train a CLT in float32: weights, gradients, two optimizer tensors, one evaluation copy, activations.
+    """Bytes to train a CLT in float32: weights, gradients, two optimizer tensors, one temporary copy, activations.
 
     Activations: x and y [L, N, D], the reconstruction and its gradient, and the [L, N, F]
     pre-activations (held for selection and AuxK).

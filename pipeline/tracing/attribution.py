@@ -247,8 +247,25 @@ def _source_effects(rep: Replacement, source: int, raw, g_writes, pos_n: torch.T
     (only those the targets' backward reached: a target reading MLP input L sees no write after MLP >= L)."""
     D = g_writes[0].shape[-1]
     outputs = [out for out in rep.output_layers(source) if raw[out] is not None] or [source]
-    g_RTX = g_writes[outputs[0]] if len(outputs) == 1 else torch.cat([g_writes[out] for out in outputs], dim=-1)
-    return _write_effects(g_RTX, pos_n, write_nX[:, : len(outputs) * D])
+    if len(outputs) == 1:
+        return _write_effects(g_writes[outputs[0]], pos_n, write_nX[:, :D])
+    g_RTX = torch.cat([g_writes[out] for out in outputs], dim=-1)
+    return _write_effects_by_position(g_RTX, pos_n, write_nX[:, : len(outputs) * D])
+
+
+def _write_effects_by_position(g_RTX: torch.Tensor, pos_n: torch.Tensor, write_nX: torch.Tensor) -> torch.Tensor:
+    """[R, n]: g[r, pos_n[i]] . write_nX[i], one product per position (``pos_n`` ascending, as the sources are).
+
+    For wide writes (a CLT feature's, X = (L - l) * D): the all-positions product of
+    ``_write_effects`` would cost T times the flops.
+    """
+    out_Rn = g_RTX.new_zeros(g_RTX.shape[0], pos_n.numel())
+    positions, counts = torch.unique_consecutive(pos_n, return_counts=True)
+    start = 0
+    for pos, count in zip(positions.tolist(), counts.tolist(), strict=True):
+        out_Rn[:, start : start + count] = g_RTX[:, pos] @ write_nX[start : start + count].T
+        start += count
+    return out_Rn
 
 
 def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Tensor) -> torch.Tensor:
