@@ -134,6 +134,27 @@ def training_bytes(n_layers: int, d_model: int, d_sae: int, batch: int = 1024, s
     return 4 * (5 * weights + activations)
 
 
+class _ShiftedSum(torch.autograd.Function):
+    """y[:, l'] = sum over sources s <= l' of writes[s][:, l' - s]  ->  [N, L, D].
+
+    The gradient of each source's [N, L - s, D] block is a view of y's gradient. (Summed
+    through autograd slicing instead, every (source, output) pair's backward fills a zero
+    tensor of the whole block: ~15 s of a 45 s CPU step at L=30, F=2304.)
+    """
+
+    @staticmethod
+    def forward(ctx, *writes):
+        ctx.n_layers = len(writes)
+        y_NLD = writes[0].new_zeros(writes[0].shape[0], len(writes), writes[0].shape[2])
+        for source, write_NOD in enumerate(writes):
+            y_NLD[:, source:] += write_NOD
+        return y_NLD
+
+    @staticmethod
+    def backward(ctx, grad_NLD):
+        return tuple(grad_NLD[:, source:] for source in range(ctx.n_layers))
+
+
 class CrossLayerTranscoder(nn.Module):
     """The CLT of the module docstring; parameters in training units, inputs already normalized."""
 
@@ -240,8 +261,7 @@ class CrossLayerTranscoder(nn.Module):
             sparse_matmul(a_NK, i_NK, W).view(a_NK.shape[0], L - source, D)
             for source, (a_NK, i_NK, W) in enumerate(zip(acts, idx, self.W_dec, strict=True))
         ]
-        rows = [sum((writes[s][:, out - s] for s in range(1, out + 1)), writes[0][:, out]) for out in range(L)]
-        y_hat_LND = torch.stack(rows) + self.b_dec_LD[:, None]
+        y_hat_LND = _ShiftedSum.apply(*writes).transpose(0, 1) + self.b_dec_LD[:, None]
         return self._plus_skip(y_hat_LND, x_LND)
 
     def _plus_skip(self, y_hat_LND: torch.Tensor, x_LND: torch.Tensor | None) -> torch.Tensor:
