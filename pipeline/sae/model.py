@@ -163,6 +163,11 @@ def jumprelu_step(pre_NF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: fl
     return _Step.apply(pre_NF, threshold_F, bandwidth)
 
 
+def jumprelu(pre_NF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """pre * H(pre - threshold) with a straight-through gradient to the threshold (rectangle kernel)."""
+    return _JumpReLU.apply(pre_NF, threshold_F, bandwidth)
+
+
 def batch_topk_select(pre_NF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latents among the k*N largest positive pre-activations of the batch.
 

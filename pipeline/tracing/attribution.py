@@ -20,6 +20,10 @@ their writes into ``constants``. The other positions' edges are the same either 
 
 A source writes into the residual stream: feature f of layer L writes act * W_dec[f]
 after layer L's MLP, an error node its frozen error vector there, a token its embedding.
+A cross-layer transcoder's feature (l, p, f) writes act * W_dec[l][f, l' - l] after every
+MLP l' >= l, so its edge into a target is the sum of those writes' direct effects,
+sum over l' >= l of gradient(target at the output of MLP l', p) . act * W_dec[l][f, l' - l]
+(as circuit-tracer sums a CLT feature's decoder vectors over output layers).
 A target reads a direction: logit token v reads ``W_U[v] - mean_u W_U[u]`` on the final
 normed residual at the last position (its value is the logit minus the mean logit, as
 circuit-tracer does); feature f of layer L at pos p reads ``W_enc[f]`` on layer L's MLP
@@ -176,19 +180,20 @@ class Sources:
     """(layer, pos, latent), sorted."""
     acts_S: torch.Tensor
     writes: tuple[torch.Tensor, ...]
-    """Per layer [n_L, D]: act * W_dec[latent] of that layer's active features, in ``features_S3`` order."""
+    """Per source layer [n_L, n_out * D]: act * ``rep.decoder_rows``[latent] of that layer's active features, in
+    ``features_S3`` order (n_out = 1 for a per-layer transcoder, L - layer for a cross-layer one)."""
 
 
 @torch.no_grad()
 def active_features(rep: Replacement, constant_T: torch.Tensor) -> Sources:
     """Every (layer, pos, latent) with a positive activation outside ``constant_T``, its activation and its write."""
     features, acts, writes = [], [], []
-    for layer, (acts_TF, tc) in enumerate(zip(rep.acts, rep.transcoders, strict=True)):
+    for layer, acts_TF in enumerate(rep.acts):
         pos_latent = ((acts_TF > 0) & ~constant_T[:, None]).nonzero()
         values = acts_TF[pos_latent[:, 0], pos_latent[:, 1]]
         features.append(torch.cat([torch.full_like(pos_latent[:, :1], layer), pos_latent], 1))
         acts.append(values)
-        writes.append(values[:, None] * tc.W_dec[pos_latent[:, 1]].to(values.dtype))
+        writes.append(values[:, None] * rep.decoder_rows(layer)[pos_latent[:, 1]].to(values.dtype))
     return Sources((~constant_T).nonzero().flatten(), torch.cat(features), torch.cat(acts), tuple(writes))
 
 
@@ -223,18 +228,44 @@ def _edge_rows(model: nn.Module, rep: Replacement, sources: Sources, readouts: R
         leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
         out = replacement_forward(model, rep, leaves[0], leaves[1:], None if last == n_layers else last)
         total = _read(out, readouts, torch.arange(R, device=like["device"])).sum()
-        grads = torch.autograd.grad(total, leaves, allow_unused=True)
-    grads = [torch.zeros(R, T, D, **like) if g is None else g for g in grads]
+        raw = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros(R, T, D, **like) if g is None else g for g in raw]
     g_embed, g_writes = grads[0], grads[1:]
     feature_cols = [
-        _write_effects(g_writes[layer], sources.features_S3[sources.features_S3[:, 0] == layer, 1], write_nD)
-        for layer, write_nD in enumerate(sources.writes)
+        _source_effects(rep, layer, raw[1:], g_writes, sources.features_S3[sources.features_S3[:, 0] == layer, 1], w)
+        for layer, w in enumerate(sources.writes)
     ]
     error_cols = [
         torch.einsum("rtd,td->rt", g_writes[layer], rep.errors[layer])[:, sources.traced_P] for layer in range(n_layers)
     ]
     token_cols = torch.einsum("rtd,td->rt", g_embed, rep.record.embed_TD)
     return torch.cat([*feature_cols, *error_cols, token_cols], 1)
+
+
+def _source_effects(rep: Replacement, source: int, raw, g_writes, pos_n: torch.Tensor, write_nX: torch.Tensor):
+    """[R, n]: the effects of source layer ``source``'s features, summed over the outputs they write
+    (only those the targets' backward reached: a target reading MLP input L sees no write after MLP >= L)."""
+    D = g_writes[0].shape[-1]
+    outputs = [out for out in rep.output_layers(source) if raw[out] is not None] or [source]
+    if len(outputs) == 1:
+        return _write_effects(g_writes[outputs[0]], pos_n, write_nX[:, :D])
+    g_RTX = torch.cat([g_writes[out] for out in outputs], dim=-1)
+    return _write_effects_by_position(g_RTX, pos_n, write_nX[:, : len(outputs) * D])
+
+
+def _write_effects_by_position(g_RTX: torch.Tensor, pos_n: torch.Tensor, write_nX: torch.Tensor) -> torch.Tensor:
+    """[R, n]: g[r, pos_n[i]] . write_nX[i], one product per position (``pos_n`` ascending, as the sources are).
+
+    For wide writes (a CLT feature's, X = (L - l) * D): the all-positions product of
+    ``_write_effects`` would cost T times the flops.
+    """
+    out_Rn = g_RTX.new_zeros(g_RTX.shape[0], pos_n.numel())
+    positions, counts = torch.unique_consecutive(pos_n, return_counts=True)
+    start = 0
+    for pos, count in zip(positions.tolist(), counts.tolist(), strict=True):
+        out_Rn[:, start : start + count] = g_RTX[:, pos] @ write_nX[start : start + count].T
+        start += count
+    return out_Rn
 
 
 def _write_effects(g_RTD: torch.Tensor, pos_n: torch.Tensor, write_nD: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,14 @@ in the residual stream frozen at its recorded value:
     skip ``W_skip`` of the (linearized) MLP input, and a frozen error
     ``mlp_out - transcoder(mlp_in)`` per layer and position.
 
+Per-layer transcoders and a cross-layer transcoder (``pipeline.sae.cross_layer``) share
+one interface: ``Replacement.output_layers(l)`` and ``decoder_rows(l)`` say where the
+features of source layer l write (layer l alone; or l..L-1, the rows concatenated), and
+``feature_writes(l')`` sums the writes of every source into output layer l'. A CLT's
+features are frozen per layer like a transcoder's; the output of MLP l' is replaced by
+``b_dec[l'] + skip + sum_{l <= l'} acts_l @ W_dec[l][:, l' - l]`` plus its frozen error
+``mlp_out[l'] - that``, so completeness holds the same way.
+
 The result is affine in the embeddings and in whatever is written after each MLP;
 with every feature and error written, its logits equal the model's own.
 
@@ -35,6 +43,7 @@ window or q/k norms); anything else raises a ValueError naming what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -44,6 +53,7 @@ from torch import nn
 
 from pipeline.lm.hook_points import attention_module, mlp_module
 from pipeline.lm.hooks import decoder_blocks
+from pipeline.sae.cross_layer import CltLayer, CrossLayerTranscoder
 
 
 @dataclass(frozen=True)
@@ -90,14 +100,33 @@ class Replacement:
 
     record: PromptRecord
     transcoders: tuple[nn.Module, ...]
+    """Per layer, a transcoder or the ``CltLayer`` view of a cross-layer transcoder."""
     acts: tuple[torch.Tensor, ...]
     """Per layer, dense feature activations [T, F] at the prompt."""
     errors: tuple[torch.Tensor, ...]
     """Per layer, mlp_out - transcoder(mlp_in) [T, D]."""
 
+    def output_layers(self, source: int) -> range:
+        """The MLP outputs that the features of layer ``source`` write into."""
+        tc = self.transcoders[source]
+        return tc.output_layers if isinstance(tc, CltLayer) else range(source, source + 1)
+
+    def decoder_rows(self, source: int) -> torch.Tensor:
+        """[F, n_out * D]: each feature's writes into ``output_layers(source)``, concatenated."""
+        tc = self.transcoders[source]
+        return tc.decoder_rows if isinstance(tc, CltLayer) else tc.W_dec
+
     def feature_writes(self, layer: int) -> torch.Tensor:
-        """What layer ``layer``'s active features write into the residual stream [T, D] (no bias)."""
-        return self.acts[layer] @ _as(self.transcoders[layer].W_dec, self.acts[layer])
+        """What the active features of every source write into MLP output ``layer`` [T, D] (no bias)."""
+        D = self.record.embed_TD.shape[1]
+        total_TD = self.record.embed_TD.new_zeros(self.record.embed_TD.shape)
+        for source in range(layer + 1):
+            outputs = self.output_layers(source)
+            if layer in outputs:
+                j = layer - outputs.start
+                W_FD = _as(self.decoder_rows(source)[:, j * D : (j + 1) * D], self.acts[source])
+                total_TD = total_TD + self.acts[source] @ W_FD
+        return total_TD
 
 
 def _as(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -214,23 +243,39 @@ def record_prompt(model: nn.Module, ids_T: torch.Tensor) -> PromptRecord:
     )
 
 
+def _per_layer(n_layers: int, transcoders) -> list:
+    if isinstance(transcoders, CrossLayerTranscoder):
+        if transcoders.cfg.n_layers != n_layers:
+            raise ValueError(
+                f"the cross-layer transcoder spans {transcoders.cfg.n_layers} layers, the model has {n_layers}"
+            )
+        return [transcoders.layer_view(layer) for layer in range(n_layers)]
+    if isinstance(transcoders, Mapping):
+        return [transcoders[layer] for layer in range(n_layers)]
+    return list(transcoders)
+
+
 @torch.no_grad()
-def build_replacement(record: PromptRecord, transcoders: Mapping[int, nn.Module] | Sequence[nn.Module]) -> Replacement:
-    """Attach one transcoder per layer: their codes on the prompt and the frozen errors."""
+def build_replacement(
+    record: PromptRecord, transcoders: Mapping[int, nn.Module] | Sequence[nn.Module] | CrossLayerTranscoder
+) -> Replacement:
+    """Attach one transcoder per layer (or one cross-layer transcoder): their codes on the prompt and the
+    frozen errors."""
     n_layers = len(record.layers)
-    per_layer = (
-        [transcoders[layer] for layer in range(n_layers)] if isinstance(transcoders, Mapping) else list(transcoders)
-    )
+    per_layer = _per_layer(n_layers, transcoders)
     if len(per_layer) != n_layers:
         raise ValueError(f"tracing needs one transcoder per layer: the model has {n_layers}, got {len(per_layer)}")
-    acts, errors = [], []
-    for layer, tc in zip(record.layers, per_layer, strict=True):
+    acts = tuple(
+        tc.encode(layer.mlp_in_TD.to(tc.W_dec.dtype)).to(layer.mlp_in_TD.dtype)
+        for layer, tc in zip(record.layers, per_layer, strict=True)
+    )
+    partial = Replacement(record, tuple(per_layer), acts, ())
+    errors = []
+    for out, (layer, tc) in enumerate(zip(record.layers, per_layer, strict=True)):
         x_TD = layer.mlp_in_TD
-        acts_TF = tc.encode(x_TD.to(tc.W_dec.dtype)).to(x_TD.dtype)
-        out_TD = acts_TF @ _as(tc.W_dec, x_TD) + _as(tc.b_dec, x_TD) + _skip(tc, x_TD)
-        acts.append(acts_TF)
+        out_TD = partial.feature_writes(out) + _as(tc.b_dec, x_TD) + _skip(tc, x_TD)
         errors.append(layer.mlp_out_TD - out_TD)
-    return Replacement(record, tuple(per_layer), tuple(acts), tuple(errors))
+    return dataclasses.replace(partial, errors=tuple(errors))
 
 
 def _skip(tc: nn.Module, x_BTD: torch.Tensor) -> torch.Tensor:
