@@ -45,7 +45,8 @@ def _config(optimizer: str) -> TrainConfig:
 def _eager(members, batches, cfg):
     stats = []
     for pairs in batches:
-        stats.append([train_step(tc, opt, x, st, cfg, target_ND=y) for (tc, opt, st), (x, y) in zip(members, pairs)])
+        row = zip(members, pairs, strict=True)
+        stats.append([train_step(tc, opt, x, st, cfg, target_ND=y) for (tc, opt, st), (x, y) in row])
     return stats
 
 
@@ -92,8 +93,8 @@ def test_stacked_step_equals_per_layer_steps(optimizer):
     for want_row, got_row in zip(eager_stats, stacked_stats, strict=True):
         for want, got in zip(want_row, got_row, strict=True):
             assert got.step == want.step
-            for field in ("loss", "mse", "fvu", "l0", "aux_loss", "lr"):
-                assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-6, abs=1e-9), field  # stats: float32
+            for field in ("loss", "mse", "fvu", "l0", "aux_loss", "lr"):  # statistics are float32
+                assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-6, abs=1e-9), field
 
 
 def test_float32_stays_close_to_the_per_layer_path():

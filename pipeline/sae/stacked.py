@@ -290,9 +290,7 @@ def unstack_members(tcs: StackedTranscoders, optimizer: torch.optim.Optimizer, s
                     "param_groups": full["param_groups"],
                 }
             )
-        members.append(
-            (tc, opt, TrainState(state.tokens_since_fired_LF[layer].clone(), state.step, state.tokens_seen))
-        )
+        members.append((tc, opt, TrainState(state.tokens_since_fired_LF[layer].clone(), state.step, state.tokens_seen)))
     return members
 
 
