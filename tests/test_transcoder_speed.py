@@ -120,3 +120,33 @@ def test_resume_through_per_layer_checkpoint_gives_the_same_result():
     resumed = stack_members(unstack_members(*first, cfg), cfg)
     _stacked(resumed, batches[3:], cfg)
     _assert_members_equal(unstack_members(*resumed, cfg), unstack_members(*straight, cfg), rtol=0, atol=0)
+
+
+def test_the_job_trains_the_same_set_on_either_path(run_copy, tmp_path, monkeypatch):
+    """``train --transcoder`` on the stacked path (topk, the default) and forced onto the per-layer one."""
+    import shutil
+
+    from conftest import tiny_train_config
+
+    import jobs.train_transcoders as job
+    from storage.transcoder_store import load_layer_files, set_dir
+
+    def train(run):
+        cfg = tiny_train_config(
+            run, transcoder=True, layers="0,2", name="tc", tokens=256 * 6, lm_eval_contexts=4, dtype="float32"
+        )
+        job.run_transcoders(cfg, say=lambda _: None)
+        return {layer: load_layer_files(set_dir(run, "tc"), layer)[0] for layer in (0, 2)}
+
+    used = []
+    real = job._train_stacked
+    monkeypatch.setattr(job, "_train_stacked", lambda *a: used.append(True) or real(*a))
+    other = tmp_path / "per-layer"
+    shutil.copytree(run_copy, other)
+    stacked = train(run_copy)
+    assert used, "the default set did not take the stacked path"
+    monkeypatch.setattr(job, "_stacks", lambda members, p: False)
+    per_layer = train(other)
+    for layer in (0, 2):
+        for name, tensor in per_layer[layer].items():
+            torch.testing.assert_close(stacked[layer][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{layer} {name}")
