@@ -137,14 +137,11 @@ def stacked_forward(tcs: StackedTranscoders, x_LND: torch.Tensor, dtype: torch.d
 
 
 def stacked_auxk(
-    tcs: StackedTranscoders,
-    x_LND: torch.Tensor,
-    out: StackedOutput,
-    residual_LND: torch.Tensor,
-    variance_L: torch.Tensor,
-    dead_LF: torch.Tensor,
+    tcs: StackedTranscoders, x_LND: torch.Tensor, out: StackedOutput, error_LND: torch.Tensor, dead_LF: torch.Tensor
 ) -> torch.Tensor:
     """Every layer's AuxK loss [L] (``pipeline.sae.auxk.auxk_loss``), 0 where a layer has no dead latent.
+
+    ``error_LND`` is y_hat - y, detached: the residual AuxK reconstructs is its negative.
 
     k_aux = min(D / 2, dead latents of the layer); all layers select the top
     min(D / 2, most dead latents of any layer) of their pre-activations masked to
@@ -162,7 +159,8 @@ def stacked_auxk(
     pre_LNK = _EncodeSelectedStacked.apply(x_LND, tcs.W_enc_FD, tcs.b_enc, idx_LNK, out.pre_LNF)
     acts_LNK = torch.relu(pre_LNK) * keep_LNK
     e_hat_LND = _decode(acts_LNK, idx_LNK, tcs.W_dec).float()
-    loss_L = (e_hat_LND - residual_LND).pow(2).sum((1, 2)) / variance_L.clamp_min(1e-12)
+    variance_L = _centered_sum_of_squares_L(error_LND)
+    loss_L = (e_hat_LND + error_LND).pow(2).sum((1, 2)) / variance_L.clamp_min(1e-12)
     return torch.where(n_dead_L > 0, loss_L, torch.zeros_like(loss_L))
 
 
@@ -176,7 +174,8 @@ class StackedState:
 
 
 def _centered_sum_of_squares_L(v_LND: torch.Tensor) -> torch.Tensor:
-    return (v_LND - v_LND.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    """sum over n, d of (v - mean_n v)^2, per layer [L] (one pass)."""
+    return v_LND.var(dim=1, correction=0).sum(1) * v_LND.shape[1]
 
 
 def stacked_step(
@@ -195,10 +194,8 @@ def stacked_step(
     out = stacked_forward(tcs, x_LND, cfg.compute_dtype)
     error_LND = out.y_hat_LND.float() - y_LND  # .float() as train_step: the loss is never below float32
     mse_L = error_LND.pow(2).sum((1, 2)) / n_tokens
-    residual_LND = error_LND.detach().neg().float()
-    residual_variance_L = _centered_sum_of_squares_L(residual_LND)
     dead_LF = state.tokens_since_fired_LF >= cfg.auxk_dead_tokens
-    aux_L = stacked_auxk(tcs, x_LND, out, residual_LND, residual_variance_L, dead_LF)
+    aux_L = stacked_auxk(tcs, x_LND, out, error_LND.detach(), dead_LF)
     loss_L = mse_L + cfg.auxk_coef * aux_L
     optimizer.zero_grad(set_to_none=True)
     loss_L.sum().backward()
