@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,17 @@ def _decode(acts_LNK: torch.Tensor, idx_LNK: torch.Tensor, W_LFD: torch.Tensor) 
     return flat.view(L, N, D)
 
 
-class StackedOutput:
-    """What the stacked forward computed (the per-layer SaeOutput fields, stacked)."""
+class StackedOutput(NamedTuple):
+    """What the stacked forward computed (``SaeOutput``'s fields for the topk case, stacked over layers)."""
 
-    def __init__(self, y_hat_LND, acts_LNK, idx_LNK, pre_LNF):
-        self.y_hat_LND, self.acts_LNK, self.idx_LNK, self.pre_LNF = y_hat_LND, acts_LNK, idx_LNK, pre_LNF
+    y_hat_LND: torch.Tensor
+    """Reconstruction of each layer's target (sparse decode + b_dec + skip)."""
+    acts_LNK: torch.Tensor
+    """Values of the active latents (ReLU of the selected pre-activations)."""
+    idx_LNK: torch.Tensor
+    """Per-layer latent ids matching ``acts_LNK``."""
+    pre_LNF: torch.Tensor
+    """Pre-activations in the compute dtype, detached."""
 
 
 def stacked_forward(tcs: StackedTranscoders, x_LND: torch.Tensor, dtype: torch.dtype) -> StackedOutput:
