@@ -7,7 +7,8 @@ in one run and interleaved rep by rep so drifts in machine speed touch all alike
     MLP input and output captured), the part of a step no transcoder change can remove;
   * per-layer: today's loop, one forward then ``train_step`` for each layer in turn
     (what ``train_many`` does in ``saescope train --transcoder``);
-  * stacked: one forward then ``pipeline.sae.stacked.stacked_step`` for all layers;
+  * stacked: one forward into [L, N, D] buffers (``mlp_io_stacked``) then
+    ``pipeline.sae.stacked.stacked_step`` for all layers (what the job runs for a TopK set);
   * the matmul peak (a 2048^3 GEMM) in float32 and bfloat16, the FLOPs per token of the
     forward through all blocks plus the transcoders' forward and backward, and the limit
     peak / FLOPs (tokens/s at the best dtype's peak).
@@ -36,7 +37,7 @@ import pipeline.sae.stacked as stacked_module
 import pipeline.sae.training as training
 from jobs.run import load_run_model
 from jobs.train_transcoders import ContextBatches, training_tokens
-from pipeline.lm.activations import mlp_io
+from pipeline.lm.activations import mlp_io, mlp_io_stacked
 from pipeline.lm.hooks import decoder_blocks
 from pipeline.runtime.precision import choose_dtype
 from pipeline.sae.initialization import init_transcoder, normalization_factor
@@ -103,18 +104,10 @@ def per_layer_step(members, scales, batch, layers, cfg) -> None:
         train_step(tc, opt, x * s_in, state, cfg, target_ND=y * s_out)
 
 
-def stacked_inputs(batch, layers, scales) -> tuple[torch.Tensor, torch.Tensor]:
-    s_in_L = torch.tensor([s for s, _ in scales]).view(-1, 1, 1)
-    s_out_L = torch.tensor([s for _, s in scales]).view(-1, 1, 1)
-    x_LND = torch.stack([batch[layer][0] for layer in layers]).mul_(s_in_L)
-    y_LND = torch.stack([batch[layer][1] for layer in layers]).mul_(s_out_L)
-    return x_LND, y_LND
-
-
-def stacked_train_step(stacked, scales, batch, layers, cfg) -> None:
-    x_LND, y_LND = stacked_inputs(batch, layers, scales)
+def stacked_train_step(stacked, batch, cfg) -> None:
+    """``batch``: the scaled (x_LND, y_LND) of ``mlp_io_stacked``, as the job feeds it."""
     tcs, optimizer, state = stacked
-    stacked_step(tcs, optimizer, x_LND, y_LND, state, cfg)
+    stacked_step(tcs, optimizer, *batch, state, cfg)
 
 
 def _phase(event) -> str:
@@ -163,12 +156,12 @@ def labelled_auxk():
         training.auxk_loss, stacked_module.stacked_auxk = real_many, real_stacked
 
 
-def profiled(step_fn, model, ids, ordinary, layers) -> tuple[float, dict]:
+def profiled(forward_fn, step_fn) -> tuple[float, dict]:
     """Wall seconds of one forward + step, and each phase's seconds."""
     with labelled_auxk(), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         with record_function("model forward"):
-            batch = mlp_io(model, ids, layers, ordinary)
+            batch = forward_fn()
         step_fn(batch)
         wall = time.perf_counter() - start
     phases: dict[str, float] = defaultdict(float)
@@ -217,6 +210,10 @@ def main() -> None:
         ids, ordinary = batches.contexts(step)
         return mlp_io(model, ids, layers, ordinary)
 
+    def stacked_at(step):
+        ids, ordinary = batches.contexts(step)
+        return mlp_io_stacked(model, ids, layers, ordinary, scales)
+
     old, scales = fresh_members(batch_at(0), layers, d, cfg)
     new = stack_members(copy.deepcopy(old), cfg)
     print(
@@ -232,11 +229,12 @@ def main() -> None:
         for label in ("forward", "per-layer", "stacked"):
             start = time.perf_counter()
             for offset in range(args.steps):
+                if label == "stacked":
+                    stacked_train_step(new, stacked_at(step + offset), cfg)
+                    continue
                 batch = batch_at(step + offset)
                 if label == "per-layer":
                     per_layer_step(old, scales, batch, layers, cfg)
-                elif label == "stacked":
-                    stacked_train_step(new, scales, batch, layers, cfg)
             times[label].append(args.steps * per_step * manifest.ctx_len / (time.perf_counter() - start))
         step += args.steps
     rate = {label: statistics.median(values) for label, values in times.items()}
@@ -254,13 +252,10 @@ def main() -> None:
         print(f"  {label:10} {rate[label]:7.0f} tokens/s (median of {values}) = {rate[label] / limit:.0%} of the limit")
     print(f"stacked / per-layer: {rate['stacked'] / rate['per-layer']:.2f}x")
 
-    ids, ordinary = batches.contexts(step)
-    rows = {}
-    for label, fn in (
-        ("per-layer", lambda b: per_layer_step(old, scales, b, layers, cfg)),
-        ("stacked", lambda b: stacked_train_step(new, scales, b, layers, cfg)),
-    ):
-        rows[label] = profiled(fn, model, ids, ordinary, layers)
+    rows = {
+        "per-layer": profiled(lambda: batch_at(step), lambda b: per_layer_step(old, scales, b, layers, cfg)),
+        "stacked": profiled(lambda: stacked_at(step), lambda b: stacked_train_step(new, b, cfg)),
+    }
     step += 1
     print("one profiled step (ms): " + " ".join(f"{p:>13}" for p in ("wall", *PHASES)))
     for label, (wall, phases) in rows.items():

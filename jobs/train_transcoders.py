@@ -14,6 +14,11 @@ the training contexts seeded by (seed, e), C = batch size / context length, so a
 resumed run re-reads exactly the batches it would have seen. Checkpoints hold every
 layer's weights, optimizer and counters; the set is finished when ``set.json`` is
 written after every layer's SAELens-format folder and the held-out evaluation.
+
+A TopK set takes one stacked step for all layers per batch (``pipeline.sae.stacked``:
+batched GEMMs over [L, N, D] inputs, one optimizer call), the same steps as one
+``train_step`` per layer, which other architectures take; both write the same
+per-layer checkpoints, so a set resumes on either.
 """
 
 from __future__ import annotations
@@ -284,17 +289,24 @@ def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype
         save_checkpoint(p.folder / CHECKPOINTS_DIR, step, tree)
 
     with bar:
-        if _stacks(members, p):
+        if _stacks(members, p, tokens_per_step):
             _train_stacked(p, members, scales, tcfg, batches, model, device, show, checkpoint)
         else:
             _train_per_layer(p, members, scales, tcfg, batches, model, first_step, device, show, checkpoint)
 
 
-def _stacks(members: dict, p: TranscoderPlan) -> bool:
-    """Whether the stacked step (pipeline.sae.stacked) can train this set: topk skip transcoders, one step."""
+STACKED_MAX_PRE_BYTES = 4 << 30
+"""The stacked step holds every layer's pre-activations [L, N, F] at once (twice with AuxK); above this
+many bytes (float32 count) the set trains layer by layer instead."""
+
+
+def _stacks(members: dict, p: TranscoderPlan, tokens_per_step: int) -> bool:
+    """Whether the stacked step (pipeline.sae.stacked) trains this set: topk skip transcoders at one step,
+    pre-activations within ``STACKED_MAX_PRE_BYTES``."""
     tc = members[p.layers[0]][0]
     steps = {state.step for _, _, state in members.values()}
-    return stackable(tc.cfg, tc.W_skip is not None) is None and len(steps) == 1
+    fits = len(p.layers) * tokens_per_step * p.d_sae * 4 <= STACKED_MAX_PRE_BYTES
+    return stackable(tc.cfg, tc.W_skip is not None) is None and len(steps) == 1 and fits
 
 
 def _train_stacked(p, members, scales, tcfg, batches, model, device, show, checkpoint) -> None:

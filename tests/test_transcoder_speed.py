@@ -145,7 +145,7 @@ def test_the_job_trains_the_same_set_on_either_path(run_copy, tmp_path, monkeypa
     shutil.copytree(run_copy, other)
     stacked = train(run_copy)
     assert used, "the default set did not take the stacked path"
-    monkeypatch.setattr(job, "_stacks", lambda members, p: False)
+    monkeypatch.setattr(job, "_stacks", lambda *_: False)
     per_layer = train(other)
     for layer in (0, 2):
         for name, tensor in per_layer[layer].items():
