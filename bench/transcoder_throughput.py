@@ -4,7 +4,8 @@ On the real model of a run (its cache gives the token stream), at the demo's siz
 (every layer, d_sae 2304, TopK k 32, 1024 tokens per step, schedule-free signum),
 in one run and interleaved rep by rep so drifts in machine speed touch all alike:
   * bare forward: tokens/s of ``mlp_io`` (the model through all blocks, every layer's
-    MLP input and output captured), the part of a step no transcoder change can remove;
+    MLP input and output captured), the part of a step no transcoder change can remove,
+    and of ``mlp_io_stacked`` (the same into [L, N, D] buffers: "forward-stacked");
   * per-layer: today's loop, one forward then ``train_step`` for each layer in turn
     (what ``train_many`` does in ``saescope train --transcoder``);
   * stacked: one forward into [L, N, D] buffers (``mlp_io_stacked``) then
@@ -16,7 +17,9 @@ Then a per-phase profile (torch.profiler) of one step of each path, and the qual
 check: both paths start from the same weights and train on the same batches during the
 timed reps; their held-out FVU on the next batches is printed per layer.
 
-    python bench/transcoder_throughput.py --run /tmp/speedrun [--reps 3] [--steps 3] [--dtype auto]
+    python bench/transcoder_throughput.py --run /tmp/speedrun [--reps 6] [--steps 1] [--dtype auto]
+
+On a shared machine keep --steps 1: the paths then alternate step by step.
 """
 
 from __future__ import annotations
@@ -185,8 +188,8 @@ def heldout_fvu(members, scales, batch, layers) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="steps of each path per rep")
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=1, help="steps of each path per rep")
     parser.add_argument("--dtype", default="auto", help="SAE compute dtype: auto, float32 or bfloat16")
     parser.add_argument("--heldout-batches", type=int, default=2)
     args = parser.parse_args()
@@ -226,9 +229,12 @@ def main() -> None:
     times: dict[str, list[float]] = defaultdict(list)
     step = 0
     for _ in range(args.reps):
-        for label in ("forward", "per-layer", "stacked"):
+        for label in ("forward", "forward-stacked", "per-layer", "stacked"):
             start = time.perf_counter()
             for offset in range(args.steps):
+                if label == "forward-stacked":
+                    stacked_at(step + offset)
+                    continue
                 if label == "stacked":
                     stacked_train_step(new, stacked_at(step + offset), cfg)
                     continue
@@ -247,10 +253,14 @@ def main() -> None:
         f"{flops['transcoders'] / 1e9:.3f} G = {flops['total'] / 1e9:.3f} G"
     )
     print(f"limit at the {best_peak:.0f} GFLOP/s peak: {limit:.0f} tokens/s")
-    for label in ("forward", "per-layer", "stacked"):
+    for label in ("forward", "forward-stacked", "per-layer", "stacked"):
         values = ", ".join(f"{v:.0f}" for v in times[label])
-        print(f"  {label:10} {rate[label]:7.0f} tokens/s (median of {values}) = {rate[label] / limit:.0%} of the limit")
-    print(f"stacked / per-layer: {rate['stacked'] / rate['per-layer']:.2f}x")
+        print(f"  {label:15} {rate[label]:7.0f} tokens/s (median of {values}) = {rate[label] / limit:.0%} of the limit")
+    ratios = [new / old for new, old in zip(times["stacked"], times["per-layer"], strict=True)]
+    print(
+        f"stacked / per-layer: {rate['stacked'] / rate['per-layer']:.2f}x (ratio of medians); "
+        f"{statistics.median(ratios):.2f}x (median of the per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
     rows = {
         "per-layer": profiled(lambda: batch_at(step), lambda b: per_layer_step(old, scales, b, layers, cfg)),
