@@ -17,9 +17,10 @@ Then a per-phase profile (torch.profiler) of one step of each path, and the qual
 check: both paths start from the same weights and train on the same batches during the
 timed reps; their held-out FVU on the next batches is printed per layer.
 
-    python bench/transcoder_throughput.py --run /tmp/speedrun [--reps 6] [--steps 1] [--dtype auto]
+    python bench/transcoder_throughput.py --run /tmp/speedrun [--reps 6] [--dtype auto]
 
-On a shared machine keep --steps 1: the paths then alternate step by step.
+The paths alternate step by step; each step is timed in wall and in CPU (process) seconds,
+the latter less sensitive to other jobs on a shared machine.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def stacked_train_step(stacked, batch, cfg) -> None:
     stacked_step(tcs, optimizer, *batch, state, cfg)
 
 
+def timed(seconds: dict, label: str, fn):
+    """fn(), recording its wall and CPU seconds under ``label``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    seconds[label].append({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu})
+    return result
+
+
 def _phase(event) -> str:
     names, node = [], event
     while node is not None:
@@ -188,8 +197,7 @@ def heldout_fvu(members, scales, batch, layers) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo")
-    parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=1, help="steps of each path per rep")
+    parser.add_argument("--reps", type=int, default=6, help="timed steps of each path (alternating)")
     parser.add_argument("--dtype", default="auto", help="SAE compute dtype: auto, float32 or bfloat16")
     parser.add_argument("--heldout-batches", type=int, default=2)
     args = parser.parse_args()
@@ -203,7 +211,7 @@ def main() -> None:
     tokens = training_tokens(activations_dir(run_dir), manifest)
     batches = ContextBatches(tokens, tokens.shape[0], per_step, 0, manifest.special_token_ids)
     compute = choose_dtype(args.dtype, torch.device("cpu"))
-    total_steps = args.reps * args.steps + 2
+    total_steps = args.reps + 2
     cfg = TrainConfig(
         total_steps=1000, lr=signum_sf_lr(D_SAE), warmup_steps=max(1, total_steps // 20),
         auxk_dead_tokens=10 * BATCH, compute_dtype=compute.dtype,
@@ -226,24 +234,14 @@ def main() -> None:
     )
     peaks = {dt: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
     flops = flops_per_token(model, manifest.ctx_len, n_layers, d)
-    times: dict[str, list[float]] = defaultdict(list)
-    step = 0
-    for _ in range(args.reps):
-        for label in ("forward", "forward-stacked", "per-layer", "stacked"):
-            start = time.perf_counter()
-            for offset in range(args.steps):
-                if label == "forward-stacked":
-                    stacked_at(step + offset)
-                    continue
-                if label == "stacked":
-                    stacked_train_step(new, stacked_at(step + offset), cfg)
-                    continue
-                batch = batch_at(step + offset)
-                if label == "per-layer":
-                    per_layer_step(old, scales, batch, layers, cfg)
-            times[label].append(args.steps * per_step * manifest.ctx_len / (time.perf_counter() - start))
-        step += args.steps
-    rate = {label: statistics.median(values) for label, values in times.items()}
+    seconds: dict[str, list[float]] = defaultdict(list)  # per step: wall and CPU (process) seconds of each part
+    for step in range(args.reps):
+        batch = timed(seconds, "forward", lambda s=step: batch_at(s))
+        stacked_batch = timed(seconds, "forward-stacked", lambda s=step: stacked_at(s))
+        timed(seconds, "per-layer SAE", lambda b=batch: per_layer_step(old, scales, b, layers, cfg))
+        timed(seconds, "stacked SAE", lambda b=stacked_batch: stacked_train_step(new, b, cfg))
+    step = args.reps
+    tokens = per_step * manifest.ctx_len
     best_peak = max(peaks.values())
     limit = best_peak * 1e9 / flops["total"]
     print(
@@ -253,14 +251,28 @@ def main() -> None:
         f"{flops['transcoders'] / 1e9:.3f} G = {flops['total'] / 1e9:.3f} G"
     )
     print(f"limit at the {best_peak:.0f} GFLOP/s peak: {limit:.0f} tokens/s")
-    for label in ("forward", "forward-stacked", "per-layer", "stacked"):
-        values = ", ".join(f"{v:.0f}" for v in times[label])
-        print(f"  {label:15} {rate[label]:7.0f} tokens/s (median of {values}) = {rate[label] / limit:.0%} of the limit")
-    ratios = [new / old for new, old in zip(times["stacked"], times["per-layer"], strict=True)]
-    print(
-        f"stacked / per-layer: {rate['stacked'] / rate['per-layer']:.2f}x (ratio of medians); "
-        f"{statistics.median(ratios):.2f}x (median of the per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
+    for clock in ("wall", "cpu"):
+        per = {label: [v[clock] for v in values] for label, values in seconds.items()}
+        runs = {
+            "forward": per["forward"],
+            "per-layer": [f + t for f, t in zip(per["forward"], per["per-layer SAE"], strict=True)],
+            "stacked": [f + t for f, t in zip(per["forward-stacked"], per["stacked SAE"], strict=True)],
+        }
+        print(f"{clock} clock, median over {args.reps} steps (each path's forward + its SAE step):")
+        for label, values in {**per, **runs}.items():
+            median = statistics.median(values)
+            rate = tokens / median
+            share = f" = {rate / limit:.0%} of the limit" if label in runs else ""  # the limit counts whole steps
+            print(f"  {label:16} {median:7.2f} s/step {rate:6.0f} tokens/s{share}")
+        for what, new_s, old_s in (
+            ("training", runs["stacked"], runs["per-layer"]),
+            ("SAE step alone", per["stacked SAE"], per["per-layer SAE"]),
+        ):
+            ratios = [o / n for n, o in zip(new_s, old_s, strict=True)]
+            print(
+                f"  stacked / per-layer tokens/s, {what}: median {statistics.median(ratios):.2f}x "
+                f"(per step {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
 
     rows = {
         "per-layer": profiled(lambda: batch_at(step), lambda b: per_layer_step(old, scales, b, layers, cfg)),
