@@ -14,6 +14,11 @@ the training contexts seeded by (seed, e), C = batch size / context length, so a
 resumed run re-reads exactly the batches it would have seen. Checkpoints hold every
 layer's weights, optimizer and counters; the set is finished when ``set.json`` is
 written after every layer's SAELens-format folder and the held-out evaluation.
+
+A TopK set takes one stacked step for all layers per batch (``pipeline.sae.stacked``:
+batched GEMMs over [L, N, D] inputs, one optimizer call), the same steps as one
+``train_step`` per layer, which other architectures take; both write the same
+per-layer checkpoints, so a set resumes on either.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from jobs.torchrun import agreed_dtype
 from jobs.train_match import differences, refuse_if_different
 from jobs.train_start import weights_config
 from jobs.transcoder_eval import evaluate_set
-from pipeline.lm.activations import mlp_io
+from pipeline.lm.activations import mlp_io, mlp_io_stacked
 from pipeline.lm.hook_points import parse_layers
 from pipeline.lm.packing import special_mask
 from pipeline.runtime.distributed import SINGLE
@@ -42,6 +47,7 @@ from pipeline.sae.initialization import init_transcoder, normalization_factor
 from pipeline.sae.model import SaeConfig
 from pipeline.sae.optimizers import eval_weights
 from pipeline.sae.schedule import auto_lr_for, default_warmup_steps
+from pipeline.sae.stacked import stack_members, stackable, stacked_step, unstack_members
 from pipeline.sae.training import (
     TrainConfig,
     Trainee,
@@ -295,32 +301,79 @@ def _train_loop(cfg, p, members, scales, tcfg, batches, model, first_step, dtype
     tokens_per_step = p.contexts_per_step * batches.tokens_CT.shape[1]
     bar = progress(p.steps * tokens_per_step, f"train {len(members)} transcoders", initial=first_step * tokens_per_step)
 
-    def on_log(layer):
-        def log(stats, state):
-            if layer == p.layers[-1]:
-                bar.update(state.step * tokens_per_step - bar.n)
-                bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}", refresh=False)
+    def show(stats, state):
+        bar.update(state.step * tokens_per_step - bar.n)
+        bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}", refresh=False)
 
-        return log
+    def checkpoint(step):
+        tree = {
+            "job": {"weights_config": weights_config(cfg), "dtype": dtype_name},
+            "layers": {str(L): state_tree(*members[L]) for L in p.layers},
+            "scales": {str(L): list(scales[L]) for L in p.layers},
+        }
+        save_checkpoint(p.folder / CHECKPOINTS_DIR, step, tree)
+
+    with bar:
+        if _stacks(members, p, tokens_per_step):
+            _train_stacked(p, members, scales, tcfg, batches, model, device, show, checkpoint)
+        else:
+            _train_per_layer(p, members, scales, tcfg, batches, model, first_step, device, show, checkpoint)
+
+
+STACKED_MAX_PRE_BYTES = 4 << 30
+"""The stacked step holds every layer's pre-activations [L, N, F] at once (twice with AuxK); above this
+many bytes (float32 count) the set trains layer by layer instead."""
+
+
+def _stacks(members: dict, p: TranscoderPlan, tokens_per_step: int) -> bool:
+    """Whether the stacked step (pipeline.sae.stacked) trains this set: topk skip transcoders at one step,
+    pre-activations within ``STACKED_MAX_PRE_BYTES``."""
+    tc = members[p.layers[0]][0]
+    steps = {state.step for _, _, state in members.values()}
+    fits = len(p.layers) * tokens_per_step * p.d_sae * 4 <= STACKED_MAX_PRE_BYTES
+    return stackable(tc.cfg, tc.W_skip is not None) is None and len(steps) == 1 and fits
+
+
+def _train_stacked(p, members, scales, tcfg, batches, model, device, show, checkpoint) -> None:
+    """Every layer in one stacked step per batch: the steps ``train_many`` would take, layer by layer.
+
+    Checkpoints hold the per-layer trees (``members`` is refreshed from the stack before each
+    and at the end), so a set resumes on either path.
+    """
+    tcs, optimizer, state = stack_members([members[L] for L in p.layers], tcfg)
+    layer_scales = [scales[L] for L in p.layers]
+
+    def write_back():
+        for layer, member in zip(p.layers, unstack_members(tcs, optimizer, state, tcfg), strict=True):
+            members[layer] = member
+
+    while state.step < tcfg.total_steps:
+        ids, ordinary = batches.contexts(state.step)
+        x_LND, y_LND = mlp_io_stacked(model, ids.to(device), p.layers, ordinary.to(device), layer_scales)
+        stats = stacked_step(tcs, optimizer, x_LND, y_LND, state, tcfg)
+        is_last = state.step == tcfg.total_steps
+        if state.step % tcfg.log_every == 0 or is_last:
+            show(stats[-1], state)
+        if tcfg.checkpoint_every and (state.step % tcfg.checkpoint_every == 0 or is_last):
+            write_back()
+            checkpoint(state.step)
+    write_back()
+
+
+def _train_per_layer(p, members, scales, tcfg, batches, model, first_step, device, show, checkpoint) -> None:
+    """One ``train_step`` per layer per batch (``train_many``): any architecture, layers at any step."""
+
+    def on_log(layer):
+        return (lambda stats, state: show(stats, state)) if layer == p.layers[-1] else None
 
     def on_checkpoint(layer):
-        def save(state, _opt):
-            if layer == p.layers[-1]:
-                tree = {
-                    "job": {"weights_config": weights_config(cfg), "dtype": dtype_name},
-                    "layers": {str(L): state_tree(*members[L]) for L in p.layers},
-                    "scales": {str(L): list(scales[L]) for L in p.layers},
-                }
-                save_checkpoint(p.folder / CHECKPOINTS_DIR, state.step, tree)
-
-        return save
+        return (lambda state, _opt: checkpoint(state.step)) if layer == p.layers[-1] else None
 
     trainees = [
         Trainee(tc, opt, state, tcfg, on_log(layer), on_checkpoint(layer), pick=_picker(layer, scales[layer]))
         for layer, (tc, opt, state) in members.items()
     ]
-    with bar:
-        train_many(trainees, _stream(model, batches, p.layers, first_step, device), first_step)
+    train_many(trainees, _stream(model, batches, p.layers, first_step, device), first_step)
 
 
 def _exported(tc: Transcoder, optimizer, scale: tuple[float, float]) -> Transcoder:

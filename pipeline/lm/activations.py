@@ -87,3 +87,30 @@ def mlp_io(
         )
         for layer in layers
     }
+
+
+@torch.no_grad()
+def mlp_io_stacked(
+    model: nn.Module,
+    ids_BT: torch.Tensor,
+    layers: tuple[int, ...],
+    ordinary_BT: torch.Tensor,
+    scales: Sequence[tuple[float, float]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mlp_io`` for every layer at once: (inputs x s_in, outputs x s_out), float32 [L, N, D] each.
+
+    The same values as ``mlp_io`` times each layer's (input, output) scale, written
+    straight into two stacked buffers (no per-layer float copies to stack afterwards).
+    Ordinary tensors, not inference ones: autograd may save them for backward.
+    """
+    points = [HookPoint(layer, kind) for layer in layers for kind in ("mlp-in", "mlp-out")]
+    acts = capture(model, ids_BT, points)
+    rows_N = ordinary_BT.reshape(-1).nonzero().squeeze(1)
+    d = acts[points[0]].shape[-1]
+    x_LND = torch.empty(len(layers), rows_N.numel(), d, device=ids_BT.device)
+    y_LND = torch.empty_like(x_LND)
+    for i, layer in enumerate(layers):
+        for kind, out_LND, scale in (("mlp-in", x_LND, scales[i][0]), ("mlp-out", y_LND, scales[i][1])):
+            out_LND[i].copy_(acts[HookPoint(layer, kind)].reshape(-1, d).index_select(0, rows_N))
+            out_LND[i].mul_(scale)
+    return x_LND, y_LND

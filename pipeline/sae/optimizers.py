@@ -63,13 +63,15 @@ class ScheduleFreeSignum(torch.optim.Optimizer):
                     self.state[p]["x"] = p.detach().clone()
             zs = [self.state[p]["z"] for p in params]
             xs = [self.state[p]["x"] for p in params]
-            torch._foreach_add_(zs, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            grads = [p.grad for p in params]
+            torch._foreach_sign_(grads)  # in place: the gradients are spent after this step
+            torch._foreach_add_(zs, grads, alpha=-lr)
             if group["unit_rows"]:
                 for z in zs:
                     z.div_(z.norm(dim=-1, keepdim=True).clamp_min(1e-8))
             torch._foreach_lerp_(xs, zs, weight)
-            torch._foreach_copy_(params, zs)
-            torch._foreach_lerp_(params, xs, beta)
+            for p, z, x in zip(params, zs, xs, strict=True):
+                torch.lerp(z, x, beta, out=p)  # y = (1 - beta) z + beta x in one pass
         return None
 
     def eval_point(self, p: torch.Tensor) -> torch.Tensor:
