@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 import jobs.train as train
 import pipeline.sae.training as training
 from jobs.console import quiet_libraries, tune_allocator
-from jobs.train_grid import grid_members, listed
+from jobs.training.config import grid_members
+from jobs.training.values import listed
 from storage.training_data import TrainingStream
 
 SPENT: dict[str, float] = defaultdict(float)

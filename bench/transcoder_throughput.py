@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import pipeline.sae.stacked as stacked_module
 import pipeline.sae.training as training
 from jobs.run import load_run_model
-from jobs.train_transcoders import ContextBatches, training_tokens
+from jobs.training.transcoders import ContextBatches, training_tokens
 from pipeline.lm.activations import mlp_io, mlp_io_stacked
 from pipeline.lm.hooks import decoder_blocks
 from pipeline.runtime.precision import choose_dtype
@@ -98,7 +98,7 @@ def flops_per_token(model: nn.Module, ctx_len: int, n_layers: int, d: int) -> di
 
 
 def fresh_members(first: dict, layers, d: int, cfg: TrainConfig):
-    """Per-layer (transcoder, optimizer, state) as ``jobs.train_transcoders._fresh`` makes them, and scales."""
+    """Per-layer (transcoder, optimizer, state) as ``jobs.training.transcoders._fresh`` makes them, and scales."""
     members, scales = [], []
     for layer in layers:
         x, y = first[layer]

@@ -19,7 +19,7 @@ from pathlib import Path
 from jobs import cache, explain, features, index, serve, trace, train
 from jobs.features import render_example
 from jobs.options import add_config_arguments, config_from_args, counted, option
-from jobs.train_transcoders import format_transcoder_summary, run_transcoders
+from jobs.training.transcoders import format_transcoder_summary, run_transcoders
 from storage.constants import DEFAULT_SAE_NAME
 from storage.index_builder import INDEX_FORMAT_VERSION, index_path
 from storage.index_queries import open_sae_index

@@ -6,11 +6,11 @@ checkpoint and reaches the same weights as an uninterrupted run; a finished SAE
 is left alone unless --force is given (or another --name is used). With --force the old
 SAE stays readable until the new one is written over it (its stale index and
 explanations are dropped then), so a job that fails on the way loses nothing. A
-finished SAE whose options differ from those given is refused (jobs.train_match).
+finished SAE whose options differ from those given is refused (jobs.training.match).
 
 Comma lists in --arch, --k, --d-sae/--expansion and --lr train a grid: every
 member is an SAE in its own folder, fed the same batches from one read of the
-cache (jobs.train_grid), and ends exactly where it would trained alone.
+cache (jobs.training.grid), and ends exactly where it would trained alone.
 
 ``--arch matryoshka`` trains a Matryoshka BatchTopK SAE (SAELens: matryoshka_batchtopk)
 whose nested prefixes are ``--matryoshka-widths`` (default d_sae/16, /8, /4, /2, d_sae);
@@ -31,7 +31,6 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.console import format_metrics, human_count
@@ -44,16 +43,16 @@ from jobs.options import (
 )
 from jobs.run import check_reads_point, saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
-from jobs.train_config import TrainJobConfig, resolve, sae_shape, trainer_config
-from jobs.train_grid import (
+from jobs.training.config import TrainJobConfig, grid_members, resolve, sae_shape, trainer_config
+from jobs.training.grid import (
     announce,
     format_grid_summary,
-    grid_members,
     train_members,
 )
-from jobs.train_match import differences, given_options, refuse_if_different, sae_recorded, sae_request
-from jobs.train_start import Member, discard_progress, drop_replaced, newest_checkpoint, start_member
-from jobs.train_transcoders import format_transcoder_summary, run_transcoders
+from jobs.training.match import differences, given_options, refuse_if_different, sae_recorded, sae_request
+from jobs.training.results import TrainSummary
+from jobs.training.start import Member, discard_progress, drop_replaced, newest_checkpoint, start_member
+from jobs.training.transcoders import format_transcoder_summary, run_transcoders
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
 from pipeline.runtime.precision import resolve_device
 from pipeline.sae.model import export_sae
@@ -70,17 +69,6 @@ from storage.run_config import read_run_config, update_run_config
 from storage.sae_store import SaeRecord, is_finished, load_sae_files, read_sae_cfg, sae_dir
 from storage.shards import CacheManifest, activations_dir, read_manifest
 from storage.training_data import StreamSpec, TrainingStream, default_heldout_contexts
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    folder: Path
-    config: TrainJobConfig
-    metrics: dict
-    already_done: bool
-    resumed_from: int
-    seconds: float
-    epochs: float
 
 
 def _stream(cfg: TrainJobConfig, manifest: CacheManifest) -> TrainingStream:
@@ -112,7 +100,7 @@ def run_train(
 ) -> TrainSummary:
     """Train (or resume, or skip) the one SAE described by ``cfg``; ``say`` receives progress notes.
 
-    ``given``: the options the user set, compared with a finished SAE's (jobs.train_match).
+    ``given``: the options the user set, compared with a finished SAE's (jobs.training.match).
     """
     summaries = run_grid(cfg, say, given)
     if len(summaries) != 1:

@@ -188,7 +188,7 @@ def _offline(monkeypatch, tmp_path):
 
 def tiny_train_config(run, **overrides):
     """The small float32 CPU training run the tiny-model tests share (64 latents, k 4, 24 batches of 256)."""
-    from jobs.train_config import TrainJobConfig
+    from jobs.training.config import TrainJobConfig
 
     values = dict(
         run=str(run),
@@ -209,7 +209,7 @@ def transcoder_run(tmp_path_factory, tiny_run) -> Path:
     """The tiny run with a transcoder set ``tc`` at every layer; copy before writing into it."""
     import shutil
 
-    from jobs.train_transcoders import run_transcoders
+    from jobs.training.transcoders import run_transcoders
 
     run = tmp_path_factory.mktemp("transcoders") / "run"
     shutil.copytree(tiny_run, run)

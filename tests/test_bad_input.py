@@ -552,7 +552,7 @@ def test_binary_option_files_are_named(capsys, tmp_path, indexed_copy):
 
 @pytest.mark.parametrize(("layers", "suggested"), [([0, 1, 2], "--layers all --force"), ([0, 1, 2, 3], "trace --run")])
 def test_a_partial_transcoder_set_does_not_suggest_trace(tmp_path, layers, suggested):
-    from jobs.train_transcoders import TranscoderSummary, format_transcoder_summary
+    from jobs.training.transcoders import TranscoderSummary, format_transcoder_summary
 
     record = {"layers": layers, "model": {"n_layers": 4}, "metrics": {"layers": {}, "all_layers": {}}}
     folder = tmp_path / "run" / "transcoders" / "tc"

@@ -21,7 +21,7 @@ KILLED = -signal.SIGKILL
 
 KILL_POINTS = {
     "cache": [("jobs.cache_shards", "write_shard", 3), ("jobs.cache_shards", "write_manifest", 6)],
-    "train": [("pipeline.sae.training", "train_step", 9), ("jobs.train_grid", "save_checkpoint", 2)],
+    "train": [("pipeline.sae.training", "train_step", 9), ("jobs.training.grid", "save_checkpoint", 2)],
     "index": [
         ("storage.index_builder", "IndexBuilder.add_contexts", 5),
         ("storage.index_builder", "IndexBuilder.finish", 1),

@@ -92,7 +92,7 @@ def test_circuit_tracer_itself_loads_a_jumprelu_export_when_installed(tiny_run, 
     hf_utils = pytest.importorskip("circuit_tracer.utils.hf_utils")
     from conftest import tiny_train_config
 
-    from jobs.train_transcoders import run_transcoders
+    from jobs.training.transcoders import run_transcoders
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -166,7 +166,7 @@ def two_sae_run(indexed_run, tmp_path_factory):
     """The indexed tiny run plus a second, larger SAE ``other`` (128 latents, seed 1), compared once."""
     from jobs.cli import main
     from jobs.train import run_train
-    from jobs.train_config import TrainJobConfig
+    from jobs.training.config import TrainJobConfig
 
     run = tmp_path_factory.mktemp("compare") / "run"
     shutil.copytree(indexed_run[0], run)

@@ -134,7 +134,7 @@ def test_batches_reach_the_gpu_unchanged():
 def test_cache_and_train_jobs_on_cuda_match_the_cpu(tiny_run, tiny_model_dir, tmp_path):
     from jobs.cache import run_cache
     from jobs.train import run_train
-    from jobs.train_config import TrainJobConfig
+    from jobs.training.config import TrainJobConfig
 
     cuda_run = tmp_path / "cuda-run"
     run_cache(tiny_cache_config(cuda_run, tiny_model_dir, tiny_run.parent / "corpus.txt", device=DEVICE))

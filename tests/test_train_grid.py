@@ -11,7 +11,7 @@ from test_train_job import crash_training_at
 from jobs.cli import main
 from jobs.options import ConfigError
 from jobs.train import run_grid, run_train
-from jobs.train_grid import grid_members
+from jobs.training.config import grid_members
 
 GRID = dict(k=(4, 8), arch=("topk", "jumprelu"))
 NAMES = ["topk-d64-k4", "topk-d64-k8", "jumprelu-d64"]
@@ -100,12 +100,12 @@ def test_a_killed_grid_resumes_every_member_exactly(run_copy, tmp_path, monkeypa
 
 
 def test_chunks_of_one_batch_give_the_same_grid(run_copy, tmp_path, monkeypatch):
-    import jobs.train_grid
+    import jobs.training.grid
 
     other = tmp_path / "chunk1"
     shutil.copytree(run_copy, other)
     run_grid(_cfg(run_copy, **GRID))
-    monkeypatch.setattr(jobs.train_grid, "GRID_CHUNK_MAX", 1)
+    monkeypatch.setattr(jobs.training.grid, "GRID_CHUNK_MAX", 1)
     run_grid(_cfg(other, **GRID))
     for name in NAMES:
         _assert_same_weights(run_copy, name, other, name)

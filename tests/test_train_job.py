@@ -140,7 +140,7 @@ def test_optimizer_option_round_trips_through_the_cli_and_config(run_copy, capsy
 
     from jobs.options import config_from_args, config_from_mapping, config_to_mapping
     from jobs.train import register
-    from jobs.train_config import TrainJobConfig, trainer_config
+    from jobs.training.config import TrainJobConfig, trainer_config
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -158,7 +158,7 @@ def test_optimizer_option_round_trips_through_the_cli_and_config(run_copy, capsy
 
 
 def test_auto_optimizer_is_signum_sf_for_short_runs_and_adam_for_long_ones():
-    from jobs.train_config import auto_optimizer
+    from jobs.training.config import auto_optimizer
 
     assert auto_optimizer("auto", 1.0) == "signum-sf"
     assert auto_optimizer("auto", 10.0) == "adam"

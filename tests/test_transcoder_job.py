@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_train_config
 
 from jobs.cli import main
-from jobs.train_transcoders import run_transcoders
+from jobs.training.transcoders import run_transcoders
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from storage.transcoder_store import load_layer_files, read_set, set_dir
 
@@ -52,8 +52,8 @@ def test_a_set_holds_each_layer_with_metrics_and_all_layers_replaced(trained):
 
 def test_loaded_transcoders_reproduce_the_recorded_fvu(trained, tiny_model):
     """Round trip: the saved files, loaded back, give the held-out FVU the job recorded."""
-    from jobs.train_transcoders import training_tokens
-    from jobs.transcoder_eval import reconstruction_by_layer
+    from jobs.training.transcoder_eval import reconstruction_by_layer
+    from jobs.training.transcoders import training_tokens
     from storage.shards import activations_dir, read_manifest
     from storage.training_data import heldout_range
 
@@ -69,7 +69,7 @@ def test_loaded_transcoders_reproduce_the_recorded_fvu(trained, tiny_model):
 
 
 def test_a_killed_set_resumes_to_the_same_weights(trained, run_copy, monkeypatch):
-    import jobs.train_transcoders as job
+    import jobs.training.transcoders as job
 
     real_save = job.save_checkpoint
 
@@ -105,7 +105,7 @@ def test_a_finished_set_is_left_alone(trained):
     ],
 )
 def test_bad_options_are_one_line_before_the_model_loads(capsys, run_copy, monkeypatch, args, message):
-    import jobs.train_transcoders as job
+    import jobs.training.transcoders as job
 
     monkeypatch.setattr(job, "load_run_model", lambda *_: pytest.fail("the model loaded before the check"))
     code = main(["train", "--run", str(run_copy), "--transcoder", *args])

@@ -128,7 +128,7 @@ def test_the_job_trains_the_same_set_on_either_path(run_copy, tmp_path, monkeypa
 
     from conftest import tiny_train_config
 
-    import jobs.train_transcoders as job
+    import jobs.training.transcoders as job
     from storage.transcoder_store import load_layer_files, set_dir
 
     def train(run):

@@ -3,12 +3,19 @@
 ``TrainJobConfig`` is the command line (every option, its help and its checks);
 ``resolve`` fills what the cache decides (width, held-out split, hook point, token
 budget, optimizer, learning rate, warm-up, dead window, checkpoint interval);
-``trainer_config`` turns a resolved member into the trainer's own config.
+``trainer_config`` turns a resolved member into the trainer's own config;
+``grid_members`` splits a config with comma lists into one scalar config per SAE.
+
+Naming (``member_name``): ``{name}-{arch}-x{expansion}-k{k}`` (``d{d_sae}`` when
+--d-sae is given, no ``-k`` for relu/jumprelu, ``-lr{lr}`` when --lr is a list);
+the ``{name}-`` prefix is dropped when --name is left at "default". A config
+without lists is one SAE named --name, trained exactly as before grids existed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +24,7 @@ import torch
 
 from jobs.cache_request import check_layers_text
 from jobs.options import ConfigError, auto_or, option, require
-from jobs.train_grid import architecture, as_tuple, grid_members, listed, one_value
+from jobs.training.values import architecture, as_tuple, listed, one_value
 from pipeline.sae.matryoshka import check_widths, default_widths
 from pipeline.sae.model import ARCHITECTURES, SPARSE_ARCHITECTURES, SaeConfig
 from pipeline.sae.schedule import auto_lr_for, default_warmup_steps
@@ -243,3 +250,34 @@ def trainer_config(cfg: TrainJobConfig, compute_dtype: torch.dtype) -> TrainConf
         log_every=max(1, min(50, steps // 100)),
         checkpoint_every=cfg.checkpoint_every,
     )
+
+
+def member_name(prefix: str, member: TrainJobConfig, lr_listed: bool) -> str:
+    """The folder name of one grid member (see the module docstring)."""
+    parts = [member.arch, f"d{member.d_sae}" if member.d_sae is not None else f"x{member.expansion}"]
+    if member.arch in SPARSE_ARCHITECTURES:
+        parts.append(f"k{member.k}")
+    if lr_listed:
+        parts.append("lrauto" if member.lr is None else f"lr{member.lr:g}")
+    name = "-".join(parts)
+    return name if prefix == DEFAULT_SAE_NAME else f"{prefix}-{name}"
+
+
+def grid_members(cfg: TrainJobConfig) -> list[TrainJobConfig]:
+    """One scalar config per SAE; a config without lists gives itself (with scalars) under its own name."""
+    if isinstance(cfg.d_sae, tuple) and isinstance(cfg.expansion, tuple):
+        raise ConfigError("--d-sae and --expansion are both lists: give the sizes with one of them")
+    sizes = [(d, cfg.expansion) for d in as_tuple(cfg.d_sae)] if cfg.d_sae is not None else []
+    sizes = sizes or [(None, e) for e in as_tuple(cfg.expansion)]
+    ks, lrs = as_tuple(cfg.k), as_tuple(cfg.lr)
+    members: dict[str, TrainJobConfig] = {}
+    for arch, (d_sae, expansion), lr in itertools.product(as_tuple(cfg.arch), sizes, lrs):
+        for k in ks if arch in SPARSE_ARCHITECTURES else ks[:1]:
+            widths = cfg.matryoshka_widths if arch == "matryoshka" else None
+            member = dataclasses.replace(
+                cfg, arch=arch, k=k, d_sae=d_sae, expansion=expansion, lr=lr, matryoshka_widths=widths
+            )
+            members.setdefault(member_name(cfg.name, member, len(lrs) > 1), member)
+    if len(members) == 1:
+        return list(members.values())
+    return [dataclasses.replace(member, name=name) for name, member in members.items()]

@@ -1,4 +1,4 @@
-"""Many SAEs from one read of the cache: the grid's members, their shared batch loop, its progress and table.
+"""Many SAEs from one read of the cache: the grid's shared batch loop, its progress and table.
 
 Comma lists in ``--arch``, ``--k``, ``--d-sae``/``--expansion`` and ``--lr`` make a
 grid: every combination is one member, an SAE in its own folder with its own
@@ -7,114 +7,25 @@ stream is read, decoded, shuffled and normalized once per batch and each member
 takes its own ``train_step`` on it, so a member ends exactly where the same SAE
 trained alone ends. ``k`` is ignored by relu and jumprelu, so those members are
 made once per size and lr; ``--matryoshka-widths`` applies to the matryoshka members only.
-
-Naming (``member_name``): ``{name}-{arch}-x{expansion}-k{k}`` (``d{d_sae}`` when
---d-sae is given, no ``-k`` for relu/jumprelu, ``-lr{lr}`` when --lr is a list);
-the ``{name}-`` prefix is dropped when --name is left at "default". A config
-without lists is one SAE named --name, trained exactly as before grids existed.
+The members and their names come from ``jobs.training.config.grid_members``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import itertools
 import time
-from typing import TYPE_CHECKING
 
 from jobs.console import human_count, progress
 from jobs.options import ConfigError
-from jobs.train_start import Member, weights_config
+from jobs.training.config import TrainJobConfig
+from jobs.training.results import TrainSummary
+from jobs.training.start import Member, weights_config
 from pipeline.runtime.distributed import Group
-from pipeline.sae.model import ARCHITECTURES, SPARSE_ARCHITECTURES
+from pipeline.sae.model import SPARSE_ARCHITECTURES
 from pipeline.sae.training import StepStats, Trainee, TrainState, state_tree, train_many
 from storage.checkpoints import save_checkpoint
-from storage.constants import CHECKPOINTS_DIR, DEFAULT_SAE_NAME
+from storage.constants import CHECKPOINTS_DIR
 from storage.train_log import append_log
 from storage.training_data import TrainingStream
-
-if TYPE_CHECKING:
-    from jobs.train import TrainSummary
-    from jobs.train_config import TrainJobConfig
-
-GRID_FLAGS = "--arch, --k, --d-sae, --expansion and --lr"
-"""The options that take comma lists; every other option is shared by all members."""
-
-
-def as_tuple(value) -> tuple:
-    """A grid option's values: a tuple stays, a single value becomes a 1-tuple."""
-    return value if isinstance(value, tuple) else (value,)
-
-
-def listed(kind):
-    """An argparse type: one value of ``kind``, or a comma list of them (a tuple: a grid)."""
-
-    def parse(text: str):
-        parts = [part.strip() for part in text.split(",")]
-        if not all(parts):
-            raise argparse.ArgumentTypeError(f"expected a value or a comma list without blanks, got {text!r}")
-        values = tuple(kind(part) for part in parts)
-        return values[0] if len(values) == 1 else values
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-def one_value(kind):
-    """An argparse type for an option all grid members share: a comma list is refused in one line."""
-
-    def parse(text: str):
-        if "," in text:
-            raise argparse.ArgumentTypeError(
-                f"takes one value, got {text!r}: every SAE of a grid reads the same batches "
-                f"(comma lists are for {GRID_FLAGS})"
-            )
-        return kind(text)
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-ARCHITECTURE_ALIASES = {"matryoshka_batchtopk": "matryoshka"}
-"""SAELens' names accepted by --arch for the saescope architecture that trains them."""
-
-
-def architecture(text: str) -> str:
-    text = ARCHITECTURE_ALIASES.get(text, text)
-    if text not in ARCHITECTURES:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(ARCHITECTURES)})")
-    return text
-
-
-def member_name(prefix: str, member: TrainJobConfig, lr_listed: bool) -> str:
-    """The folder name of one grid member (see the module docstring)."""
-    parts = [member.arch, f"d{member.d_sae}" if member.d_sae is not None else f"x{member.expansion}"]
-    if member.arch in SPARSE_ARCHITECTURES:
-        parts.append(f"k{member.k}")
-    if lr_listed:
-        parts.append("lrauto" if member.lr is None else f"lr{member.lr:g}")
-    name = "-".join(parts)
-    return name if prefix == DEFAULT_SAE_NAME else f"{prefix}-{name}"
-
-
-def grid_members(cfg: TrainJobConfig) -> list[TrainJobConfig]:
-    """One scalar config per SAE; a config without lists gives itself (with scalars) under its own name."""
-    if isinstance(cfg.d_sae, tuple) and isinstance(cfg.expansion, tuple):
-        raise ConfigError("--d-sae and --expansion are both lists: give the sizes with one of them")
-    sizes = [(d, cfg.expansion) for d in as_tuple(cfg.d_sae)] if cfg.d_sae is not None else []
-    sizes = sizes or [(None, e) for e in as_tuple(cfg.expansion)]
-    ks, lrs = as_tuple(cfg.k), as_tuple(cfg.lr)
-    members: dict[str, TrainJobConfig] = {}
-    for arch, (d_sae, expansion), lr in itertools.product(as_tuple(cfg.arch), sizes, lrs):
-        for k in ks if arch in SPARSE_ARCHITECTURES else ks[:1]:
-            widths = cfg.matryoshka_widths if arch == "matryoshka" else None
-            member = dataclasses.replace(
-                cfg, arch=arch, k=k, d_sae=d_sae, expansion=expansion, lr=lr, matryoshka_widths=widths
-            )
-            members.setdefault(member_name(cfg.name, member, len(lrs) > 1), member)
-    if len(members) == 1:
-        return list(members.values())
-    return [dataclasses.replace(member, name=name) for name, member in members.items()]
 
 
 def announce(cfg: TrainJobConfig, stream: TrainingStream, compute, group: Group, say, grid: bool, first: bool) -> None:

@@ -35,9 +35,9 @@ from jobs.console import human_count, progress
 from jobs.options import ConfigError, config_to_mapping
 from jobs.run import load_run_model, saelens_meta
 from jobs.torchrun import agreed_dtype
-from jobs.train_match import differences, refuse_if_different
-from jobs.train_start import weights_config
-from jobs.transcoder_eval import evaluate_set
+from jobs.training.match import differences, refuse_if_different
+from jobs.training.start import weights_config
+from jobs.training.transcoder_eval import evaluate_set
 from pipeline.lm.activations import mlp_io, mlp_io_stacked
 from pipeline.lm.hook_points import parse_layers
 from pipeline.lm.packing import special_mask
@@ -213,7 +213,7 @@ def _resume(tree: dict, cfg, p: TranscoderPlan, d_model: int, tcfg: TrainConfig,
 def run_transcoders(cfg, say=print, given: frozenset[str] | None = None) -> TranscoderSummary:
     """Train (or resume, or skip) the transcoder set of ``cfg``: validated before the model loads.
 
-    A finished set is skipped only when it matches the options ``given`` (jobs.train_match).
+    A finished set is skipped only when it matches the options ``given`` (jobs.training.match).
     ``--force`` deletes the old set only once the options, the device, the model and the
     cache's tokens are known good.
     """

@@ -10,11 +10,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from jobs.options import ConfigError, config_to_mapping
+from jobs.training.config import TrainJobConfig
 from pipeline.runtime.distributed import SINGLE, Group
 from pipeline.sae.initialization import init_sae, normalization_factor
 from pipeline.sae.model import Sae, SaeConfig
@@ -23,9 +23,6 @@ from storage.checkpoints import latest_checkpoint, load_checkpoint, remove_incom
 from storage.constants import CHECKPOINTS_DIR, EXPLANATIONS, FEATURE_INDEX
 from storage.train_log import log_path, truncate_log
 from storage.training_data import TrainingStream
-
-if TYPE_CHECKING:
-    from jobs.train_config import TrainJobConfig
 
 INIT_SAMPLE_TOKENS = 16384
 """Activations sampled for the normalization factor and the geometric-median init of b_dec."""
