@@ -116,3 +116,23 @@ def test_bad_options_are_one_line_before_the_model_loads(capsys, run_copy, monke
 def test_layers_without_transcoder_is_refused(capsys, run_copy):
     code = main(["train", "--run", str(run_copy), "--layers", "1"])
     assert code == 2 and "--layers applies to --transcoder only" in capsys.readouterr().err
+
+
+def test_no_skip_without_transcoder_is_refused(capsys, run_copy):
+    code = main(["train", "--run", str(run_copy), "--no-skip"])
+    assert code == 2 and "--no-skip applies to --transcoder only" in capsys.readouterr().err
+
+
+def test_a_plain_set_has_no_skip_path_and_traces_complete(run_copy, tiny_model):
+    """--no-skip: plain transcoders (no W_skip), saved as such, and a graph through them is complete."""
+    from pipeline.tracing.trace import trace
+
+    summary = run_transcoders(_config(run_copy, name="plain", skip=False, layers="all"), say=lambda _: None)
+    record = read_set(summary.folder)
+    assert record["training"]["skip"] is False and 0 < record["metrics"]["layers"]["1"]["fvu"] < 1.0
+    tensors, cfg = load_layer_files(summary.folder, 1)
+    assert "W_skip" not in tensors and cfg["architecture"] == "topk_transcoder"
+    tcs = {layer: transcoder_from_saelens(*load_layer_files(summary.folder, layer)) for layer in record["layers"]}
+    assert all(tc.W_skip is None for tc in tcs.values())
+    graph = trace(tiny_model.float(), torch.tensor([0, 5, 6, 7, 8]), tcs, max_feature_nodes=50)
+    assert graph.logit_error < 1e-4

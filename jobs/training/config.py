@@ -119,6 +119,9 @@ class TrainJobConfig:
         "--name names the set (runs/R/transcoders/NAME), --tokens defaults to one pass over the cache's tokens",
     )
     layers: str | None = option(None, "layers for --transcoder: all, 5, 0-29 or 1,3,8-10 (default: all)")
+    skip: bool = option(
+        True, "with --transcoder: a linear skip path W_skip beside the features (--no-skip: plain transcoders)"
+    )
     hook: Literal["resid-post", "attn-out", "mlp-in", "mlp-out"] | None = option(
         None, "in a cache of several hook points, the kind to train on (default: the cache's primary point's)"
     )
@@ -128,6 +131,7 @@ class TrainJobConfig:
 
     def __post_init__(self):
         require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
+        require(self.skip or self.transcoder, "--no-skip applies to --transcoder only (SAEs have no skip path)")
         if self.layers is not None:
             check_layers_text(self.layers)
         require(

@@ -1,4 +1,5 @@
-"""`saescope train --transcoder`: a skip transcoder per layer, all layers fed from one forward of the model.
+"""`saescope train --transcoder`: a transcoder per layer (skip by default, plain with ``--no-skip``), all
+layers fed from one forward of the model.
 
 Transcoders read each MLP's input and reconstruct its output. Their training data
 comes straight from the live model, not from the activation cache: every step runs
@@ -188,7 +189,7 @@ def _fresh(cfg, p: TranscoderPlan, first: dict, d_model: int, device) -> tuple[d
     for layer in p.layers:
         x, y = first[layer]
         s_in, s_out = normalization_factor(x.cpu()), normalization_factor(y.cpu())
-        tcs[layer] = init_transcoder(shape, (y * s_out).cpu(), cfg.seed + layer).to(device)
+        tcs[layer] = init_transcoder(shape, (y * s_out).cpu(), cfg.seed + layer, skip=cfg.skip).to(device)
         scales[layer] = (s_in, s_out)
     return tcs, scales
 
@@ -202,7 +203,7 @@ def _resume(tree: dict, cfg, p: TranscoderPlan, d_model: int, tcfg: TrainConfig,
     shape = SaeConfig(d_model, p.d_sae, cfg.arch, cfg.k)
     trainees, scales = {}, {}
     for layer in p.layers:
-        tc = Transcoder(shape).to(device)
+        tc = Transcoder(shape, skip=cfg.skip).to(device)
         opt = make_optimizer(tc, tcfg)
         state = restore_state_tree(tree["layers"][str(layer)], tc, opt)
         trainees[layer] = (tc, opt, state)
