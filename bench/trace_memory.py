@@ -59,7 +59,8 @@ def child(args) -> dict:
     prompt = prompt_of(load_tokenizer(manifest.model_spec, converted_models_dir()), args.child)
     name = NAME.format(args.child)
     cfg = job.TraceConfig(run=args.run, prompt=prompt, name=name, force=True, label_contexts=args.label_contexts,
-                          device=args.device, max_feature_nodes=args.max_feature_nodes)  # fmt: skip
+                          device=args.device, max_feature_nodes=args.max_feature_nodes,
+                          transcoders=args.transcoders)  # fmt: skip
     before = _rss_bytes()
     started = time.perf_counter()
     result = job.run_trace(cfg, say=lambda _line: None)
@@ -82,6 +83,8 @@ def child(args) -> dict:
 def measure(args, n_tokens: int) -> dict:
     options = ["--device", args.device, "--label-contexts", str(args.label_contexts),
                "--max-feature-nodes", str(args.max_feature_nodes)]  # fmt: skip
+    if args.transcoders:
+        options += ["--transcoders", args.transcoders]
     command = [sys.executable, __file__, "--run", args.run, "--child", str(n_tokens), *options]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=3600)
     if done.returncode != 0:
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--label-contexts", type=int, default=16)
     parser.add_argument("--max-feature-nodes", type=int, default=2000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--transcoders", default=None, help="the run's transcoder set (default: its only one)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:

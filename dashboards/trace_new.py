@@ -25,7 +25,7 @@ from storage.graph_groups import (
     check_graph_name,
     graph_files,
     graph_name_for,
-    remove_graph,
+    supernodes_path,
     write_graph_json,
     write_graph_tensors,
 )
@@ -79,8 +79,8 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
                                 TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip
-    if replace:
-        remove_graph(run, graph_name)
-    write_graph_tensors(run, graph_name, *graph_tensors(traced.graph))
+    write_graph_tensors(run, graph_name, *graph_tensors(traced.graph))  # each write replaces the old file atomically
     write_graph_json(run, graph_name, to_json(traced.document))
+    if replace:
+        supernodes_path(run, graph_name).unlink(missing_ok=True)  # grouped the old graph's nodes
     return graph_name

@@ -21,6 +21,7 @@ from jobs.features import render_example
 from jobs.options import add_config_arguments, config_from_args, counted, option
 from jobs.training.transcoders import format_transcoder_summary, run_transcoders
 from storage.constants import DEFAULT_SAE_NAME
+from storage.graph_groups import graph_files
 from storage.index_builder import INDEX_FORMAT_VERSION, index_path
 from storage.index_queries import open_sae_index
 from storage.sae_store import sae_dir
@@ -106,7 +107,11 @@ def run_tracing_stages(run: str, stage) -> None:
     print(format_transcoder_summary(run_transcoders(tc_cfg, say=print)))
     stage(6, "tracing the demo prompts through the transcoders")
     for prompt, name in DEMO_PROMPTS:
-        print(trace.format_trace(trace.run_trace(trace.TraceConfig(run=run, prompt=prompt, name=name))))
+        if graph_files(Path(run), name):
+            print(f"  graph {name!r} already traced: reusing it (saescope trace --name {name} --force redoes it)")
+            continue
+        cfg = trace.TraceConfig(run=run, prompt=prompt, name=name, transcoders=DEMO_TRANSCODERS)
+        print(trace.format_trace(trace.run_trace(cfg)))
 
 
 def index_is_current(sae_folder) -> bool:

@@ -64,7 +64,8 @@ def check_set_layers(folder: Path, layers: list[int], n_layers: int, run_dir: Pa
         raise ConfigError(
             f"transcoder set {folder.name!r} lacks layer{'s' * (len(missing) > 1)} "
             f"{', '.join(map(str, missing))} of the model's 0-{n_layers - 1}: circuit-tracer needs a transcoder at "
-            f"every layer from 0; train them with `saescope train --run {run_dir} --transcoder --layers all`"
+            f"every layer from 0; retrain it with `saescope train --run {run_dir} --transcoder --name {folder.name} "
+            "--layers all --force`"
         )
 
 

@@ -5,11 +5,11 @@ graph name, label contexts, the target token, the graph folder), and so is the g
 memory: ``pipeline.tracing.estimate`` gives its peak from the prompt's length and the
 options, printed on every trace, and a graph that would not fit the free memory (RAM's
 MemAvailable, or the GPU's free memory) is refused with the settings that would fit.
-A saved graph of the same name is refused without ``--force``; with it, the old
-graph's files (supernodes included, ``storage.graph_groups``) are removed once the new
-graph is traced, just before it is written. The model runs in float32; the graph is pruned
-(pipeline.tracing.pruning) and written to ``runs/R/graphs/NAME.json`` in the JSON
-Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope`` and the
+A saved graph of the same name is refused without ``--force``; with it, the new graph's
+files replace the old ones (each written atomically) once it is traced, and only then are
+the old graph's supernodes removed: a failed trace or write leaves the old graph whole.
+The model runs in float32; the graph is pruned (pipeline.tracing.pruning) and written to
+``runs/R/graphs/NAME.json`` in the JSON Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope`` and the
 replacement and completeness scores (unpruned and pruned) in ``metadata.scores``; the
 unpruned graph goes beside it in ``runs/R/graphs/NAME.safetensors``.
 Feature labels (the viewer's "clerp") say what each feature reads and writes:
@@ -55,7 +55,7 @@ from storage.graph_groups import (
     graph_files,
     graph_name_for,
     graphs_dir,
-    remove_graph,
+    supernodes_path,
     write_graph_json,
     write_graph_tensors,
 )
@@ -320,10 +320,10 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     document["saescope"]["timings"]["wall_s"] = time.perf_counter() - started
     document["saescope"]["estimate"] = {"peak_bytes": est.peak_bytes, "seconds": round(seconds, 1),
                                         "n_active": est.n_active}  # fmt: skip
-    if cfg.force:
-        remove_graph(run_dir, plan.name)
-    write_graph_tensors(run_dir, plan.name, *graph_tensors(graph))
+    write_graph_tensors(run_dir, plan.name, *graph_tensors(graph))  # each write replaces the old file atomically
     path = write_graph_json(run_dir, plan.name, to_json(document))
+    if cfg.force:
+        supernodes_path(run_dir, plan.name).unlink(missing_ok=True)  # grouped the old graph's nodes
     summary = summarize(graph, pruned, document, tokenizer, cfg.paths)
     return {"document": document, "path": path, "name": plan.name, "summary": summary}
 

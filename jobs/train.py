@@ -144,7 +144,11 @@ def run_grid(
 
 
 def _is_done(cfg: TrainJobConfig, run_dir: Path) -> bool:
-    return is_finished(sae_dir(run_dir, cfg.name)) and not cfg.force
+    """Finished, not --force, and no interrupted retrain in it: a killed ``--force`` run leaves the old SAE
+    readable beside its checkpoints, and re-running (with or without --force) continues or restarts it."""
+    folder = sae_dir(run_dir, cfg.name)
+    in_progress = (folder / CHECKPOINTS_DIR).is_dir() and any((folder / CHECKPOINTS_DIR).iterdir())
+    return is_finished(folder) and not cfg.force and not in_progress
 
 
 def _check_matches(member: TrainJobConfig, manifest: CacheManifest, folder: Path, given) -> None:
@@ -235,9 +239,9 @@ def _finish(cfg, run_dir: Path, manifest, folder: Path, sae, optimizer, state, s
         training_tokens_per_second=speed,
     )
     record = _record(cfg, manifest, scale, state, metrics, saelens_name(cfg.arch))
-    write_sae(folder, exported, saelens_meta(manifest), record, metrics)
     if cfg.force:
-        drop_replaced(folder)
+        drop_replaced(folder)  # the old weights' index and labels; before the write, so none outlives them
+    write_sae(folder, exported, saelens_meta(manifest), record, metrics)
     shutil.rmtree(folder / CHECKPOINTS_DIR, ignore_errors=True)  # a finished SAE needs no optimizer state
     return metrics
 

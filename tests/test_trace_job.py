@@ -136,4 +136,5 @@ def test_a_set_missing_a_layer_is_refused_with_how_to_train_one(traced_run, tmp_
     set_json.write_text(json.dumps({**json.loads(set_json.read_text()), "layers": [0, 1, 2]}))
     assert main(["trace", "--run", str(run), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "covers layers 0-2 (3 of 4): tracing needs every layer" in err and "--transcoder --layers all" in err
+    assert "covers layers 0-2 (3 of 4): tracing needs every layer" in err
+    assert "--transcoder --name tc --layers all --force" in err

@@ -255,3 +255,18 @@ def test_matryoshka_trains_from_the_cli_saves_its_widths_and_reports_each_prefix
     assert prefixes[-1]["fvu"] == pytest.approx(cfg["saescope"]["metrics"]["fvu"], rel=1e-6)
     assert prefixes[-1]["l0"] == pytest.approx(cfg["saescope"]["metrics"]["l0"])
     assert prefixes[0]["fvu"] > prefixes[-1]["fvu"] and prefixes[0]["l0"] < prefixes[-1]["l0"]
+
+
+def test_a_killed_forced_retrain_keeps_the_old_sae_and_resumes(run_copy, monkeypatch):
+    run_train(_cfg(run_copy))
+    old = load_file(run_copy / "saes" / "default" / "sae_weights.safetensors")
+    undo = crash_training_at(monkeypatch, 13)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_cfg(run_copy, force=True, seed=1))
+    undo()
+    kept = load_file(run_copy / "saes" / "default" / "sae_weights.safetensors")
+    assert all(torch.equal(kept[name], old[name]) for name in old)  # still the finished SAE
+    summary = run_train(_cfg(run_copy, seed=1))  # without --force: the interrupted retrain continues
+    assert not summary.already_done and summary.resumed_from == 10
+    new = load_file(run_copy / "saes" / "default" / "sae_weights.safetensors")
+    assert not torch.equal(new["W_dec"], old["W_dec"])

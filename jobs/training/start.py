@@ -57,13 +57,19 @@ def newest_checkpoint(folder: Path, group: Group = SINGLE) -> dict | None:
     return load_checkpoint(newest) if newest is not None else None
 
 
+def saved_weights_config(saved: dict, wanted: dict) -> dict:
+    """A checkpoint's options with those older versions did not record filled in: checkpoints from
+    before --optimizer were Adam; from before --hook/--layer, on the cache's one point; from before
+    --no-skip, skip transcoders."""
+    return {"optimizer": "adam", "hook": wanted.get("hook"), "layer": wanted.get("layer"), "skip": True, **saved}
+
+
 def resume(tree: dict | None, folder: Path, cfg, sae_shape: SaeConfig, device, tcfg: TrainConfig):
     """(sae, optimizer, state, scale) from a checkpoint tree, or None when there is none."""
     if tree is None:
         return None
     wanted = weights_config(cfg)
-    # checkpoints from before --optimizer were Adam; from before --hook/--layer, on the cache's one point
-    saved = {"optimizer": "adam", "hook": wanted["hook"], "layer": wanted["layer"], **tree["job"]["weights_config"]}
+    saved = saved_weights_config(tree["job"]["weights_config"], wanted)
     if saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {wanted.get(k)!r}" for k in changed)

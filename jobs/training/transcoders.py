@@ -37,7 +37,7 @@ from jobs.options import ConfigError, config_to_mapping
 from jobs.run import load_run_model, saelens_meta
 from jobs.torchrun import agreed_dtype
 from jobs.training.match import differences, refuse_if_different
-from jobs.training.start import weights_config
+from jobs.training.start import saved_weights_config, weights_config
 from jobs.training.transcoder_eval import evaluate_set
 from pipeline.lm.activations import mlp_io, mlp_io_stacked
 from pipeline.lm.hook_points import parse_layers
@@ -195,7 +195,8 @@ def _fresh(cfg, p: TranscoderPlan, first: dict, d_model: int, device) -> tuple[d
 
 
 def _resume(tree: dict, cfg, p: TranscoderPlan, d_model: int, tcfg: TrainConfig, device):
-    if tree["job"]["weights_config"] != weights_config(cfg):
+    wanted = weights_config(cfg)
+    if saved_weights_config(tree["job"]["weights_config"], wanted) != wanted:
         raise ConfigError(
             f"{p.folder} holds an interrupted set trained with other options: use the same options, "
             "or --force to start again"
@@ -237,7 +238,7 @@ def _set_request(cfg, p: TranscoderPlan) -> dict:
 def _set_recorded(record: dict) -> dict:
     """What a finished set was trained with (its options as given, its layers and width as resolved)."""
     training = record.get("training") if isinstance(record.get("training"), dict) else {}
-    recorded = {**training, "layers": list(record["layers"])}
+    recorded = {"skip": True, **training, "layers": list(record["layers"])}  # sets before --no-skip had W_skip
     if "d_sae" in record:
         recorded["d_sae"] = record["d_sae"]
     return recorded

@@ -67,7 +67,7 @@ def check_every_layer(set_name: str, layers: list[int], n_layers: int, run: str)
         covered = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
         raise ValueError(
             f"transcoder set {set_name!r} covers {covered} ({len(layers)} of {n_layers}): tracing needs every "
-            f"layer; train one with `saescope train --run {run} --transcoder --layers all`"
+            f"layer; retrain it with `saescope train --run {run} --transcoder --name {set_name} --layers all --force`"
         )
 
 
