@@ -9,9 +9,10 @@ A saved graph of the same name is refused without ``--force``; with it, the new 
 files replace the old ones (each written atomically) once it is traced, and only then are
 the old graph's supernodes removed: a failed trace or write leaves the old graph whole.
 The model runs in float32; the graph is pruned (pipeline.tracing.pruning) and written to
-``runs/R/graphs/NAME.json`` in the JSON Neuronpedia's graph viewer uploads, with saescope's provenance under ``saescope`` and the
-replacement and completeness scores (unpruned and pruned) in ``metadata.scores``; the
-unpruned graph goes beside it in ``runs/R/graphs/NAME.safetensors``.
+``runs/R/graphs/NAME.json`` in the JSON Neuronpedia's graph viewer uploads, with
+saescope's provenance under ``saescope`` and the replacement and completeness scores
+(unpruned and pruned) in ``metadata.scores``; the unpruned graph goes beside it in
+``runs/R/graphs/NAME.safetensors``.
 Feature labels (the viewer's "clerp") say what each feature reads and writes:
 the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
 contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
