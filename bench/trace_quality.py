@@ -7,7 +7,8 @@ grammar, sequences, three other languages) is traced exactly as `saescope trace`
 the default thresholds, and scored by circuit-tracer's definitions (``pipeline.tracing.scores``).
 One row per set: its kind, activation, width, k, training tokens and minutes (from its
 ``set.json``), mean per-layer FVU and dead %, all-layers CE-loss recovered and KL, mean
-replacement and completeness scores unpruned and pruned, and mean kept nodes. Nothing is
+replacement and completeness scores unpruned and pruned, and mean kept nodes (features, errors,
+tokens and logits). Nothing is
 written into the run.
 
     python bench/trace_quality.py --run runs/demo [--sets transcoders,plain] [--max-feature-nodes 2000]
@@ -80,7 +81,7 @@ def graph_row(model, tcs: dict, tokenizer, prompts: list[dict], max_nodes: int) 
         "compl": mean("unpruned", "completeness"),
         "repl_pruned": mean("pruned", "replacement"),
         "compl_pruned": mean("pruned", "completeness"),
-        "kept": statistics.mean(kept),
+        "kept_nodes": statistics.mean(kept),
         "max_logit_error": max(errors),
     }
 
@@ -110,7 +111,7 @@ def main() -> None:
         seconds = (time.perf_counter() - started) / len(prompts)
         rows.append({"set": name, **set_row(record), **graphs, "trace_s": seconds})
     head = ("set", "kind", "activation", "width", "k", "tokens", "minutes", "fvu", "dead_pct", "ce_rec", "kl",
-            "repl", "compl", "repl_pruned", "compl_pruned", "kept", "max_logit_error", "trace_s")  # fmt: skip
+            "repl", "compl", "repl_pruned", "compl_pruned", "kept_nodes", "max_logit_error", "trace_s")  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
