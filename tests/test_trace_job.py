@@ -28,6 +28,9 @@ def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
     assert graph_names(traced_run) == ["cat"]
     doc = read_graph_json(traced_run, "cat")
     assert set(doc) >= {"metadata", "qParams", "nodes", "links", "saescope"}
+    from jobs.demo import traced_with  # the demo reuses a graph only when its own set traced it
+
+    assert traced_with(traced_run, "cat") == "tc" and traced_with(traced_run, "dog") is None
     kinds = {node["feature_type"] for node in doc["nodes"]}
     assert {"embedding", "logit"} <= kinds
     ids = {node["node_id"] for node in doc["nodes"]}
