@@ -102,7 +102,7 @@ class TraceConfig:
             try:
                 check_graph_name(self.name)
             except ValueError as error:
-                raise ConfigError(f"--name: {error}") from error
+                raise ConfigError(str(error)) from error
 
 
 def target_id(tokenizer, text: str | None) -> int | None:

@@ -27,6 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from storage.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from storage.constants import FORMAT_VERSION, GRAPHS_DIR
+from storage.sae_store import check_name
 
 GRAPH_SUFFIX = ".json"
 TENSORS_SUFFIX = ".safetensors"
@@ -34,7 +35,6 @@ SUPERNODES_SUFFIX = ".supernodes.json"
 UNPRUNED_SUFFIX = TENSORS_SUFFIX
 UNIT_SUFFIXES = (SUPERNODES_SUFFIX, UNPRUNED_SUFFIX, GRAPH_SUFFIX)
 """Every file of one graph name, the graph file itself last (the order ``remove_graph`` deletes in)."""
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def graphs_dir(run: Path) -> Path:
@@ -42,9 +42,11 @@ def graphs_dir(run: Path) -> Path:
 
 
 def check_graph_name(name: str) -> str:
-    """The name if it is a plain file stem (letters, digits, ``._-``), else a ValueError."""
-    if not _NAME.match(name or "") or name.endswith(SUPERNODES_SUFFIX.removesuffix(GRAPH_SUFFIX)):
-        raise ValueError(f"bad graph name {name!r}: use letters, digits, '.', '_' and '-'")
+    """The name if it is a valid run name (``sae_store.check_name``) that no other graph file could end in,
+    else a ValueError naming ``--name``."""
+    check_name(name, "graph")
+    if name.endswith(SUPERNODES_SUFFIX.removesuffix(GRAPH_SUFFIX)):
+        raise ValueError(f"--name {name!r} is not a valid graph name: it may not end in '.supernodes'")
     return name
 
 

@@ -113,7 +113,8 @@ def test_json_prints_the_document(traced_run, capsys):
     [
         (["--prompt", "  "], "--prompt is empty"),
         (["--prompt", "x", "--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
-        (["--prompt", "x", "--name", "../up"], "--name: bad graph name"),
+        (["--prompt", "x", "--name", "../up"], "--name '../up' is not a valid graph name"),
+        (["--prompt", "x", "--name", "cat\n"], "--name 'cat\\n' is not a valid graph name"),
         (["--prompt", "x", "--transcoders", "nope"], "has no trained transcoder set 'nope'"),
         (["--prompt", "x", "--target", "sat on the mat"], "--target 'sat on the mat' is"),
     ],
