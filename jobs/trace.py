@@ -17,6 +17,9 @@ Feature labels (the viewer's "clerp") say what each feature reads and writes:
 the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
 contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
 promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
+Suggested supernodes (``pipeline.tracing.supernodes``) go into the graph file's ``qParams`` and
+``saescope.suggested_supernodes`` unless ``--no-group``; a person's saved groups (NAME.supernodes.json) are
+another file, which a trace never writes.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class TraceConfig:
     label_contexts: int = option(
         16, "cached contexts searched for the tokens each feature fires on, for its label (0: output tokens only)"
     )
+    group: bool = option(True, "suggest supernodes in the graph file (qParams.supernodes); --no-group leaves them out")
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     force: bool = option(False, "replace a saved graph of the same name (its supernodes go with it)")
@@ -310,7 +314,8 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     model_record = manifest.provenance["model"]
     source = set_source(plan.name, cfg.prompt, plan.ids, run_dir.resolve().name, plan.folder.name, sorted(tcs),
                         model_record)  # fmt: skip
-    settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
+    settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size,
+                             group=cfg.group)  # fmt: skip
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     bars = StageBars()
     try:

@@ -7,6 +7,8 @@ contexts and their ordinary-position mask; None to label by output tokens only)
 and what it writes. The document's ``saescope.timings`` gain ``labels_s`` and
 ``wall_s`` (this function's whole time). ``on_progress(stage, done, total)``, if given, hears
 of each backward pass (stage "backward passes") and each batch of label contexts ("label contexts").
+Unless ``settings.group`` is off, suggested supernodes (``supernodes.with_suggestions``) go into
+``qParams`` and ``saescope.suggested_supernodes`` (with their own ``seconds``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipeline.tracing.attribution import Graph
 from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
 from pipeline.tracing.graph_json import graph_document
 from pipeline.tracing.pruning import Pruned, prune
+from pipeline.tracing.supernodes import with_suggestions
 from pipeline.tracing.trace import trace
 
 
@@ -46,6 +49,8 @@ class TraceSettings:
     edge_threshold: float = 0.98
     batch_size: int = 32
     """Target rows per backward pass."""
+    group: bool = True
+    """Suggest supernodes (``supernodes.with_suggestions``, default ``GroupSettings``) in the document."""
 
 
 @dataclass(frozen=True)
@@ -127,5 +132,7 @@ def trace_document(
     )  # fmt: skip
     timings = document["saescope"]["timings"]
     timings["labels_s"] = time.perf_counter() - labelled
+    if settings.group:
+        with_suggestions(document, graph.adjacency, pruned, graph.features)
     timings["wall_s"] = time.perf_counter() - started
     return TracedPrompt(graph, pruned, document)
