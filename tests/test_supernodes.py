@@ -17,6 +17,7 @@ from pipeline.tracing.supernodes import (
     GroupSettings,
     complete_link,
     group_name,
+    label_counts,
     profiles,
     suggest_supernodes,
     with_suggestions,
@@ -138,10 +139,13 @@ def test_bad_settings_say_which(kwargs, message):
 
 def test_names_take_shared_informative_words_per_side():
     graph = ["the · a → x", "the · b → y", "the · c → z", "the · Paris → city", "the · paris → city"]
-    assert group_name(["the · Paris → city", "the · paris → city"], graph, "L1") == "Paris → city"  # 'the': everyone's
-    assert group_name(["\\n · . → x", "\\n · . → y"], ["\\n · . → x", "\\n · . → y", "a → b"], "L1") == "L1"
-    assert group_name(["a → b", "c → d"], ["a → b", "c → d", "e → f"], 'L2–3 " is"') == 'L2–3 " is"'
-    assert group_name(["x → sum", "y → sum"], ["x → sum", "y → sum", "z → q"], "L1") == "→ sum"
+    name = group_name(["the · Paris → city", "the · paris → city"], label_counts(graph), "L1")
+    assert name == "Paris → city"  # 'the' is on every label of the graph: no information
+    escapes = ["\\n · . → x", "\\n · . → y"]
+    assert group_name(escapes, label_counts([*escapes, "a → b"]), "L1") == "L1"  # a newline is not a word
+    assert group_name(["a → b", "c → d"], label_counts(["a → b", "c → d", "e → f"]), 'L2–3 " is"') == 'L2–3 " is"'
+    assert group_name(["x → sum", "y → sum"], label_counts(["x → sum", "y → sum", "z → q"]), "L1") == "→ sum"
+    assert group_name(["a · x", "a · y", "b · z"], label_counts(["a · x", "a · y", "b · z", "c"]), "L1") == "a"
 
 
 def hand_traced() -> tuple[Graph, Pruned, dict]:

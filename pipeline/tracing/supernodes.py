@@ -33,13 +33,15 @@ most 200). Ties break by node order, so the result is deterministic.
 
 Names. From the members' labels (clerps, ``feature_labels``' form
 ``in1 · in2 → out1 · out2``), per side (what features fire on, what they
-promote): a word (a label item stripped and lower-cased, with a letter or digit)
-counts when at least two members and at least a third of the group carry it, and
-it scores its share of the group times log((1 + F) / (1 + f)), f the kept feature
-labels of the graph that carry it (a word all of them carry scores 0 and is
-dropped). The two best words of each side make ``in · in → out · out``; with none,
-the name is the layers and the position's token, ``L3–5 " is"`` (``L3–5 @2`` without tokens). Names are made unique with
-a `` (2)`` suffix (the viewer keys a supernode by its name).
+promote): a word (a label item stripped and lower-cased, with a letter or digit
+outside backslash escapes such as a newline's ``\\n``) counts when at least two
+members and at least a third of the group carry it, and scores its share of the
+group times log((1 + L) / (1 + l)), L the graph's kept feature labels and l those
+that carry it (``label_counts``; a word all of them carry scores 0 and is dropped).
+The two best words of each side, shown in their commonest spelling, make
+``in · in → out · out``; with none, the name says where the group is, the layers and
+the position's token, ``L3–5 " is"`` (``L3–5 @2`` without tokens). A repeated name
+gets a `` (2)`` suffix (the viewer keys a supernode by its name).
 
 ``with_suggestions`` writes the groups into a graph document: ``qParams.supernodes``
 as ``[[name, node_id, ...], ...]`` (Neuronpedia's form), their members appended to
@@ -110,8 +112,8 @@ def _unit_rows(x_GK: torch.Tensor) -> torch.Tensor:
 
 def profiles(A_NN: torch.Tensor, kept_K: torch.Tensor, rows_G: torch.Tensor) -> torch.Tensor:
     """[G, 2K] unit profiles of nodes ``rows_G``: signed inputs from and outputs to the ``kept_K`` nodes."""
-    incoming_GK = A_NN[rows_G][:, kept_K].double()
-    outgoing_GK = A_NN[kept_K][:, rows_G].T.double()
+    incoming_GK = A_NN[rows_G[:, None], kept_K[None, :]].double()
+    outgoing_GK = A_NN[kept_K[:, None], rows_G[None, :]].T.double()
     return torch.cat([_unit_rows(incoming_GK), _unit_rows(outgoing_GK)], 1) / math.sqrt(2)
 
 
@@ -181,14 +183,28 @@ def _best_words(sides: list[list[str]], graph_count: Counter, n_graph: int, n_be
     return [min(shown[key].items(), key=lambda item: (-item[1], item[0]))[0] for key in best]
 
 
-def group_name(member_labels: list[str], graph_labels: list[str], fallback: str) -> str:
-    """A short name for a group from its members' labels against all the graph's labels (module docstring)."""
-    parsed = [_words(label) for label in graph_labels]
-    names = []
-    for side in (0, 1):
-        graph_count = Counter(key for words in parsed for key in {w.lower() for w in words[side]})
-        names.append(_best_words([_words(label)[side] for label in member_labels], graph_count, len(graph_labels)))
-    fires, promotes = names
+class LabelCounts(NamedTuple):
+    """How many of a graph's labels carry each word (lower-cased), per side."""
+
+    fires: Counter
+    promotes: Counter
+    n_labels: int
+
+
+def label_counts(labels: list[str]) -> LabelCounts:
+    """The word counts ``group_name`` weighs a group's words against (the graph's kept feature labels)."""
+    parsed = [_words(label) for label in labels]
+    fires, promotes = (Counter(key for words in parsed for key in {w.lower() for w in words[side]}) for side in (0, 1))
+    return LabelCounts(fires, promotes, len(labels))
+
+
+def group_name(member_labels: list[str], counts: LabelCounts, fallback: str) -> str:
+    """A short name for a group from its members' labels against the graph's ``counts`` (module docstring)."""
+    parsed = [_words(label) for label in member_labels]
+    fires, promotes = (
+        _best_words([words[side] for words in parsed], graph_count, counts.n_labels)
+        for side, graph_count in enumerate((counts.fires, counts.promotes))
+    )
     if not fires and not promotes:
         return fallback
     return " ".join(part for part in (" · ".join(fires), "→ " + " · ".join(promotes) if promotes else "") if part)
@@ -242,11 +258,11 @@ def suggest_supernodes(
         if len(chosen) < settings.max_groups and pinned + len(members) <= settings.max_pinned:
             chosen.append((influence, members, least))
             pinned += len(members)
-    graph_labels = [labels_F[i] for i in kept_features.tolist()]
+    counts = label_counts([labels_F[i] for i in kept_features.tolist()])
     names = []
     for _, members, _ in chosen:
         fallback = _place(layer_F[members], int(position_F[members[0]]), position_tokens)
-        names.append(group_name([labels_F[i] for i in members], graph_labels, fallback))
+        names.append(group_name([labels_F[i] for i in members], counts, fallback))
     return [
         Supernode(name, members, least, influence)
         for name, (influence, members, least) in zip(_unique(names), chosen, strict=True)
