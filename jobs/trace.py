@@ -90,6 +90,9 @@ class TraceConfig:
         16, "cached contexts searched for the tokens each feature fires on, for its label (0: output tokens only)"
     )
     group: bool = option(True, "suggest supernodes in the graph file (qParams.supernodes); --no-group leaves them out")
+    qk_targets: int = option(
+        2, "targets whose heads get QK tracing (why they attend): strongest feature, top logit, more features; 0: off"
+    )
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     force: bool = option(False, "replace a saved graph of the same name (its supernodes go with it)")
@@ -100,6 +103,7 @@ class TraceConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.paths >= 0, f"--paths must be >= 0, got {self.paths}")
         require(self.label_contexts >= 0, f"--label-contexts must be >= 0, got {self.label_contexts}")
+        require(self.qk_targets >= 0, f"--qk-targets must be >= 0, got {self.qk_targets}")
         for flag, value in (("--node-threshold", self.node_threshold), ("--edge-threshold", self.edge_threshold)):
             require(0 < value <= 1, f"{flag} must be in (0, 1], got {value}")
         if self.name is not None:
@@ -315,7 +319,7 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     source = set_source(plan.name, cfg.prompt, plan.ids, run_dir.resolve().name, plan.folder.name, sorted(tcs),
                         model_record)  # fmt: skip
     settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size,
-                             group=cfg.group)  # fmt: skip
+                             group=cfg.group, qk_targets=cfg.qk_targets)  # fmt: skip
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     bars = StageBars()
     try:
@@ -383,7 +387,26 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
         "direct": direct,
         "timings": document["saescope"]["timings"],
         "backward_passes": graph.n_backward_passes,
+        "qk": qk_lines(document),
     }
+
+
+def qk_lines(document: dict) -> list[str]:
+    """One line per QK-traced target: its strongest head, the attention edge, the top pair and its share."""
+    tokens, lines, seen = document["metadata"]["prompt_tokens"], [], set()
+    for entry in document["saescope"].get("qk_tracing", []):
+        if entry["target"] in seen:
+            continue
+        seen.add(entry["target"])
+        q_id, k_id, value = entry["qk_tracing_results"]["pair_wise_contributors"][0]
+        share = value / entry["score"] if entry["score"] else float("nan")
+        q, k = entry["query_pos"], entry["key_pos"]
+        lines.append(
+            f"  QK into {entry['target']}: L{entry['layer']}.H{entry['head']} attends {tokens[q]!r}@{q} -> "
+            f"{tokens[k]!r}@{k} (p={entry['pattern']:.2f}, score {entry['score']:.2f}); "
+            f"top pair {q_id} x {k_id}: {value:.2f} ({share:.0%} of the score)"
+        )
+    return lines
 
 
 def _all_nodes(graph: Graph, document: dict, tokenizer) -> dict[int, str]:
@@ -415,6 +438,7 @@ def format_trace(result: dict) -> str:
             lines.append(f"  strongest paths to {text!r} through features (strongest direct: {share:.3f} from "
                          f"{edge[0] if edge else '-'}):")  # fmt: skip
             lines.extend(f"    {strength:.3f}  " + " -> ".join(nodes) for strength, nodes in paths)
+    lines.extend(s.get("qk", []))
     lines.append(f"  saved {result['path']}")
     lines.append(
         f"next: saescope serve --run {Path(result['path']).parent.parent}  (page /trace?graph={result['name']})"

@@ -62,7 +62,7 @@ from pipeline.lm.hooks import decoder_blocks
 from pipeline.tracing.attribution import Graph, Readouts, feature_readouts, logit_readouts
 from pipeline.tracing.graph_json import EMBEDDING, ERROR, FEATURE, cantor, node_entry
 from pipeline.tracing.pruning import Pruned
-from pipeline.tracing.replacement import Replacement, replacement_forward
+from pipeline.tracing.replacement import Replacement, build_replacement, record_prompt, replacement_forward
 
 LLAMA_TYPES = ("llama",)
 """``config.model_type`` values whose attention QK tracing models (rotate-half rotary, no q/k norms)."""
@@ -458,3 +458,29 @@ def attach_qk(
                     side.setdefault(c.node_id, contributor_node(c, rep, labels))
     document["qk_only_nodes"] = side
     document["saescope"]["qk_tracing"] = entries
+
+
+def qk_into_document(
+    document: dict,
+    model: nn.Module,
+    transcoders,
+    graph: Graph,
+    pruned: Pruned,
+    n_targets: int,
+    heads_per_target: int = 3,
+    labels: dict | None = None,
+) -> None:
+    """QK-trace the first ``n_targets`` targets of ``qk_target_nodes`` and ``attach_qk`` them to ``document``.
+
+    The prompt is recorded again (one forward of the model; the graph keeps no replacement model).
+    A model that is not Llama-style is not traced: ``saescope.qk_skipped`` says why.
+    """
+    try:
+        check_llama(model)
+    except ValueError as error:
+        document["saescope"]["qk_skipped"] = str(error)
+        return
+    device = next(model.parameters()).device
+    rep = build_replacement(record_prompt(model, graph.prompt_ids.to(device)), transcoders)
+    traced = trace_qk(model, rep, graph, qk_target_nodes(graph, pruned, n_targets), heads_per_target)
+    attach_qk(document, traced, graph, rep, labels)
