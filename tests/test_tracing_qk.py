@@ -21,6 +21,7 @@ from pipeline.tracing.qk import (
     attach_qk,
     check_llama,
     decompose_score,
+    decompose_through_attention,
     qk_target_nodes,
     residual_contributors,
     trace_qk,
@@ -117,6 +118,72 @@ def test_pairs_sum_to_the_score_the_model_computes(model, ids, rep, constant_T, 
         log_p = attentions[layer][0, head, q_pos].log()
         assert dec.score - other_score == pytest.approx(float(log_p[k_pos] - log_p[other]), abs=1e-5)
         assert abs(dec.score - other_score) > 1e-3  # the patterns are not flat: the check has teeth
+
+
+@pytest.mark.parametrize("batch_size", [64, 24])
+def test_through_attention_pairs_sum_to_the_score(model, rep, constant_T, captured, batch_size):
+    for layer, head, q_pos, k_pos in SPOTS:
+        spot = HeadSpot(layer, head, q_pos, k_pos, 0.0, 0.0)
+        dec = decompose_through_attention(model, rep, spot, constant_T, batch_size)
+        expected = oracle_score(model, captured, layer, head, q_pos, k_pos)
+        assert dec.score == pytest.approx(expected, rel=1e-10, abs=1e-10)
+        assert float(dec.pairs_QK.sum()) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+        kinds = [c.kind for c in dec.q_contributors]
+        assert set(kinds) <= {"feature", "error", "embedding", "constant", "bias"}
+        assert kinds.count("bias") == kinds.count("constant") == 1
+        assert all(c.pos <= k_pos for c in dec.k_contributors)
+        if layer > 0:  # attribution reaches nodes at other positions through earlier attention
+            assert any(c.kind == "feature" and c.pos < q_pos for c in dec.q_contributors)
+
+
+def _attention_input(model, rep, layer, drop=None):
+    """h [T, D] entering attention ``layer`` in the replacement model, with node ``drop`` (a Contributor) removed."""
+    embed = rep.record.embed_TD.clone()
+    writes = [rep.feature_writes(lower) + rep.errors[lower] for lower in range(N_LAYERS)]
+    if drop is not None and drop.kind == "embedding":
+        embed[drop.pos] = 0
+    elif drop is not None and drop.kind == "error":
+        writes[drop.layer][drop.pos] -= rep.errors[drop.layer][drop.pos]
+    elif drop is not None:
+        act = rep.acts[drop.layer][drop.pos, drop.index]
+        writes[drop.layer][drop.pos] -= act * rep.transcoders[drop.layer].W_dec[drop.index]
+    seen = {}
+    v_proj = attention_module(decoder_blocks(model)[layer]).v_proj
+    handle = v_proj.register_forward_pre_hook(lambda _m, inputs: seen.__setitem__("h", inputs[0][0]))
+    try:
+        with torch.no_grad():
+            replacement_forward(model, rep, embed[None], [w[None] for w in writes], layer)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def test_through_attention_pairs_equal_removing_nodes(model, rep, constant_T, captured):
+    spot = HeadSpot(3, 1, 14, 9, 0.0, 0.0)
+    dec = decompose_through_attention(model, rep, spot, constant_T)
+    h_full = _attention_input(model, rep, spot.layer)
+    torch.testing.assert_close(h_full, captured[spot.layer][0], rtol=0, atol=1e-12)
+
+    def score(h_q, h_k):
+        return oracle_score(model, captured, spot.layer, spot.head, spot.query_pos, spot.key_pos, h_q, h_k)
+
+    full = score(h_full[spot.query_pos], h_full[spot.key_pos])
+    k_index = {c: j for j, c in enumerate(dec.k_contributors)}
+    nodes = [c for c in dec.k_contributors if c.kind not in ("bias", "constant")]
+    picked = [nodes[0], nodes[5], *[c for c in nodes if c.kind == "error"][:2]]
+    features = [c for c in nodes if c.kind == "feature"]
+    picked += [c for c in features if c.pos == 3][:2] + features[-2:]
+    removed = {c: _attention_input(model, rep, spot.layer, c) for c in picked}
+    for i, c_q in enumerate(dec.q_contributors):
+        if c_q not in removed:
+            continue
+        h_q = removed[c_q][spot.query_pos]
+        assert float(dec.q_marginal[i]) == pytest.approx(full - score(h_q, h_full[spot.key_pos]), rel=1e-8, abs=1e-12)
+        for c_k in picked:
+            h_k = removed[c_k][spot.key_pos]
+            pair = full - score(h_q, h_full[spot.key_pos]) - score(h_full[spot.query_pos], h_k) + score(h_q, h_k)
+            assert float(dec.pairs_QK[i, k_index[c_k]]) == pytest.approx(pair, rel=1e-7, abs=1e-12)
+    assert abs(float(dec.q_marginal[[c in removed for c in dec.q_contributors]].abs().max())) > 1e-4
 
 
 def test_contributors_sum_to_the_residual_stream(model, ids, rep, constant_T):
@@ -264,3 +331,22 @@ def test_other_families_are_refused(tokenizer):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).eval()
     with pytest.raises(ValueError, match="Llama-style attention only"):
         check_llama(gpt2)
+
+
+def test_a_cross_layer_transcoders_writes_are_summed_over_its_outputs(model, ids, captured):
+    from pipeline.sae.cross_layer import CltConfig
+    from tests.test_cross_layer import random_clt
+
+    clt = random_clt(CltConfig(N_LAYERS, D, 12, "topk", k=3, skip=True), dec_scale=1e-2)
+    clt_rep = build_replacement(record_prompt(model, ids), clt)
+    with torch.no_grad():
+        hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    _, rows_ND = residual_contributors(clt_rep, 3, 12, False)
+    torch.testing.assert_close(rows_ND.sum(0), hidden[3][0, 12], rtol=0, atol=1e-12)
+    for layer, head, q_pos, k_pos in SPOTS[2:]:
+        expected = oracle_score(model, captured, layer, head, q_pos, k_pos)
+        for decompose in (decompose_score, decompose_through_attention):
+            dec = decompose(model, clt_rep, HeadSpot(layer, head, q_pos, k_pos, 0.0, 0.0))
+            assert dec.score == pytest.approx(expected, rel=1e-10, abs=1e-10)
+            # features of layer 0 reach layer 2's query through their writes into MLP outputs 0 and 1
+            assert any(c.kind == "feature" and c.layer == 0 for c in dec.q_contributors)

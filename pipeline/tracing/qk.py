@@ -11,7 +11,23 @@ of layer L at (query p, key k) is bilinear in the residual streams x_p and x_k e
 with n_p(x) = w * x * s_p + fix_p the input norm, its 1/rms s_p frozen as the replacement model
 freezes it (``fix_p`` the recorded rounding term), R_p the rotary rotation of position p
 (rotate-half; linear given p), and h' the key head that query head h reads (grouped-query
-attention). The residual x_p entering L is a sum of contributors written at p:
+attention). Query and key are affine in the residual streams, so the score splits into pairs
+(query-side contributor i, key-side contributor j): pair[i, j] = scaling * Q_i . K_j, with Q_i
+(K_j) the contributor's part of the rotated query (key). The pairs sum exactly to the score: no
+term is left over, because the biases are contributors too. The query-side marginal of i is its
+row sum (Q_i . the whole key), the key-side marginal of j its column sum. Two ways to cut the
+residual stream into contributors:
+
+``decompose_through_attention`` (the default of ``trace_qk``): the replacement model is linear
+in the nodes' writes given its frozen patterns and norm scales, so the attention input of layer L
+at p is a sum over the graph's nodes at positions <= p (features and errors of layers below L,
+token embeddings), each reaching p directly or through earlier heads' value paths, plus two terms
+that are no node: ``{L}_const_{p}`` (what the MLPs write at constant positions, BOS above all,
+carried over by attention) and ``{L}_bias_{p}`` (decoder biases, norm rounding terms, the q/k
+projection bias). Each node's part of the query (key) is its write times the gradient of the
+query (key) components: 2 x head_dim rows of backward passes through ``replacement_forward``.
+
+``decompose_score``: only what is written at p itself, attention outputs kept whole:
 
   * the token embedding at p (node ``E_{token}_{p}``);
   * per layer l < L, at a position with graph nodes: each active transcoder feature's decoder
@@ -20,17 +36,13 @@ attention). The residual x_p entering L is a sum of contributors written at p:
     of a skip transcoder (side node ``{l}_skip_{p}``);
   * per layer l < L, at a constant position (BOS, special tokens: no graph nodes there, see
     ``attribution``), the whole MLP output (side node ``{l}_mlp_{p}``);
-  * per layer l < L, attention layer l's output at p as one contributor (side node
-    ``{l}_attn_{p}``). It is itself a sum of value paths from earlier positions; this module does
-    not decompose it further (its own QK and OV are another head's story);
-  * one bias contributor per (layer L, position, side) (side node ``{L}_bias_{p}``): the decoder
-    biases b_dec of the layers below L, the norm's rounding term fix_p and the projection bias.
+  * per layer l < L, attention layer l's output at p (side node ``{l}_attn_{p}``), not decomposed;
+  * ``{L}_bias_{p}``: the decoder biases b_dec of the layers below L, the norm's rounding term and
+    the projection bias.
 
-Projected through w * s_p, W_q^h (W_k^h') and R_p, the contributors give N_q query vectors and
-N_k key vectors that sum to the head's query and key, so the pair matrix
-pairs[i, j] = scaling * Q_i . K_j sums over all pairs to the score exactly: no term is left over,
-because the biases are contributors. The query-side marginal of i is its row sum, the key-side
-marginal of j its column sum.
+Ids of graph nodes follow ``graph_json``; the side nodes (``SIDE_KINDS``) are listed in the
+document's ``qk_only_nodes``. The listed pairs are the largest |pair| among the 512 contributors
+of largest |Q_i| (|K_j|) on each side; the marginals are exact.
 
 Which heads. For a target node (a feature at layer L and position p, or a logit at the last
 position p), every (layer l <= L, head h, key k <= p) with query p (l < n_layers for a logit) is
@@ -70,6 +82,7 @@ SIDE_KINDS = {
     "attention": "attention output",
     "mlp": "mlp output",
     "skip": "transcoder skip",
+    "constant": "constant positions",
     "bias": "bias",
 }
 """Contributor kinds that are not graph nodes, and their ``feature_type`` in ``qk_only_nodes``."""
@@ -97,9 +110,9 @@ class Contributor:
     """One term of the residual stream at a position (see the module docstring for the kinds)."""
 
     kind: str
-    """feature, error, embedding, attention, mlp, skip or bias."""
+    """feature, error, embedding, attention, mlp, skip, constant or bias."""
     layer: int
-    """The layer that wrote it; for a bias, the head's layer; -1 for an embedding."""
+    """The layer that wrote it; for a bias or constant, the head's layer; -1 for an embedding."""
     pos: int
     index: int = -1
     """The latent of a feature, the token id of an embedding."""
@@ -113,7 +126,7 @@ class Contributor:
             return f"{self.layer}_-1_{self.pos}"
         if self.kind == "embedding":
             return f"E_{self.index}_{self.pos}"
-        short = {"attention": "attn", "mlp": "mlp", "skip": "skip", "bias": "bias"}[self.kind]
+        short = {"attention": "attn", "mlp": "mlp", "skip": "skip", "constant": "const", "bias": "bias"}[self.kind]
         return f"{self.layer}_{short}_{self.pos}"
 
 
@@ -133,27 +146,48 @@ class HeadSpot:
 
 @dataclass(frozen=True)
 class QkDecomposition:
-    """A head's pre-softmax score at (query, key) as pairs of contributors."""
+    """A head's pre-softmax score at (query, key) as pairs of contributors: pair (i, j) = Q_i . K_j."""
 
     spot: HeadSpot
     q_contributors: tuple[Contributor, ...]
     k_contributors: tuple[Contributor, ...]
-    pairs_QK: torch.Tensor
-    """[N_q, N_k] float64: scaling * Q_i . K_j; sums to the score."""
+    Q_Nd: torch.Tensor
+    """[N_q, d] float64: each query-side contributor's part of the rotated query, times ``scaling``."""
+    K_Md: torch.Tensor
+    """[N_k, d] float64: each key-side contributor's part of the rotated key."""
     model_score: float
     """The score from the module's own q_proj, k_proj and rotary on the recorded attention input."""
+    through_attention: bool = False
+    """Whether attention outputs are attributed through to the nodes at earlier positions (else one
+    contributor per layer and position)."""
+
+    @property
+    def pairs_QK(self) -> torch.Tensor:
+        """[N_q, N_k] every pair; sums to the score."""
+        return self.Q_Nd @ self.K_Md.T
 
     @property
     def score(self) -> float:
-        return float(self.pairs_QK.sum())
+        return float(self.Q_Nd.sum(0) @ self.K_Md.sum(0))
 
     @property
     def q_marginal(self) -> torch.Tensor:
-        return self.pairs_QK.sum(1)
+        """[N_q] each query-side contributor with the whole key: its row of ``pairs_QK`` summed."""
+        return self.Q_Nd @ self.K_Md.sum(0)
 
     @property
     def k_marginal(self) -> torch.Tensor:
-        return self.pairs_QK.sum(0)
+        return self.K_Md @ self.Q_Nd.sum(0)
+
+    def top_pairs(self, n: int, candidates: int = 512) -> list[tuple[int, int, float]]:
+        """The ``n`` pairs of largest |Q_i . K_j|, searched among the ``candidates`` contributors of largest norm
+        on each side (all of them when there are fewer): (i, j, value), largest first."""
+        q_rows = self.Q_Nd.norm(dim=1).topk(min(candidates, self.Q_Nd.shape[0])).indices
+        k_rows = self.K_Md.norm(dim=1).topk(min(candidates, self.K_Md.shape[0])).indices
+        pairs = self.Q_Nd[q_rows] @ self.K_Md[k_rows].T
+        flat = pairs.abs().flatten().topk(min(n, pairs.numel())).indices.tolist()
+        n_k = k_rows.numel()
+        return [(int(q_rows[f // n_k]), int(k_rows[f % n_k]), float(pairs.flatten()[f])) for f in flat]
 
 
 def _add_feature_writes(rep: Replacement, layer: int, pos: int, found: list, rows: list) -> None:
@@ -267,9 +301,7 @@ def decompose_score(
 
     ``constant_T`` [T] bool: positions without graph nodes (default: position 0 only)."""
     check_llama(model)
-    if constant_T is None:
-        constant_T = torch.zeros_like(rep.record.ids_T, dtype=torch.bool)
-        constant_T[0] = True
+    constant_T = _constants(rep, constant_T)
     block = decoder_blocks(model)[spot.layer]
     attn = attention_module(block)
     cos_sin = rotary(model, rep.record.ids_T.numel(), rep.record.embed_TD)
@@ -277,9 +309,124 @@ def decompose_score(
                                   attn.q_proj, spot.head, cos_sin)  # fmt: skip
     k_found, K_Md = _side_vectors(block, rep, spot.layer, spot.key_pos, bool(constant_T[spot.key_pos]),
                                   attn.k_proj, spot.head // _group(model), cos_sin)  # fmt: skip
-    pairs = attn.scaling * (Q_Nd @ K_Md.T)
     score = module_score(model, rep, spot.layer, spot.head, spot.query_pos, spot.key_pos)
-    return QkDecomposition(spot, q_found, k_found, pairs, score)
+    return QkDecomposition(spot, q_found, k_found, attn.scaling * Q_Nd, K_Md, score)
+
+
+def _rotated_rows(proj: nn.Linear, head: int, d: int, cos_d: Tensor, sin_d: Tensor) -> tuple[Tensor, Tensor]:
+    """R_pos W^head [d, D] and R_pos b^head [d]: the head's projection followed by the rotary of one position."""
+    weight_dD, bias_d = _head_rows(proj, head, d)
+    return _rotate(weight_dD.T, cos_d, sin_d).T, _rotate(bias_d, cos_d, sin_d)
+
+
+def _attention_input_reads(
+    model: nn.Module, rep: Replacement, layer: int, pos_R: Tensor, M_RD: Tensor
+) -> tuple[list[Tensor | None], Tensor]:
+    """Rows r = M_RD[r] . h[pos_R[r]], h the attention input of ``layer`` in the replacement model: their gradients
+    [R, T, D] with respect to the embeddings and to each layer's write (None where unreached), and their values
+    with every embedding and write at zero [R] (the part no node provides)."""
+    (T, D), n_layers, R = rep.record.embed_TD.shape, len(rep.acts), pos_R.numel()
+    like = {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
+    seen: dict = {}
+    handle = attention_module(decoder_blocks(model)[layer]).v_proj.register_forward_pre_hook(
+        lambda _m, inputs: seen.__setitem__("h", inputs[0])
+    )
+    try:
+        with torch.enable_grad():
+            leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
+            replacement_forward(model, rep, leaves[0], leaves[1:], layer)
+            values_R = (seen["h"][torch.arange(R, device=pos_R.device), pos_R] * M_RD.to(**like)).sum(-1)
+            grads = torch.autograd.grad(values_R.sum(), leaves, allow_unused=True)
+    finally:
+        handle.remove()
+    return list(grads), values_R.detach().double()
+
+
+def _node_effects(
+    rep: Replacement, grads: list[Tensor | None], layer: int, last_pos: int, constant_T: Tensor
+) -> tuple[list[Contributor], Tensor, Tensor]:
+    """Each node at positions <= ``last_pos`` that can reach ``layer`` (embeddings; features and errors of layers
+    below it at positions with nodes), its effect [N, R] on the rows of ``grads``, and the effect [R] of the writes
+    at constant positions (which are no nodes)."""
+    record, P, R = rep.record, last_pos + 1, next(g.shape[0] for g in grads if g is not None)
+    zero = record.embed_TD.new_zeros(R, *record.embed_TD.shape)
+    g_embed, *g_writes = (zero if g is None else g for g in grads)
+    D = record.embed_TD.shape[1]
+    found = [Contributor("embedding", -1, p, int(record.ids_T[p])) for p in range(P)]
+    rows = [torch.einsum("rtd,td->tr", g_embed[:, :P], record.embed_TD[:P])]
+    traced, const = (~constant_T[:P]).nonzero().flatten(), constant_T[:P].nonzero().flatten()
+    const_R = record.embed_TD.new_zeros(R)
+    for lower in range(layer):
+        g_RTD = g_writes[lower]
+        rows.append(torch.einsum("rtd,td->tr", g_RTD[:, traced], rep.errors[lower][traced]))
+        found.extend(Contributor("error", lower, p) for p in traced.tolist())
+        writes_TD = rep.feature_writes(lower) + rep.errors[lower]
+        const_R = const_R + torch.einsum("rtd,td->r", g_RTD[:, const], writes_TD[const])
+    for source in range(layer):
+        pos_latent = ((rep.acts[source][:P] != 0) & ~constant_T[:P, None]).nonzero()
+        if pos_latent.numel() == 0:
+            continue
+        pos_n, latent_n = pos_latent.unbind(1)
+        acts_n, start = rep.acts[source][pos_n, latent_n], rep.output_layers(source).start
+        decoder_nX = rep.decoder_rows(source)[latent_n].to(acts_n)
+        effect_nR = acts_n.new_zeros(pos_n.numel(), R)
+        for out in (o for o in rep.output_layers(source) if o < layer):
+            write_nD = acts_n[:, None] * decoder_nX[:, (out - start) * D : (out - start + 1) * D]
+            every_RTn = g_writes[out] @ write_nD.T
+            effect_nR += every_RTn[:, pos_n, torch.arange(pos_n.numel(), device=pos_n.device)].T
+        rows.append(effect_nR)
+        found.extend(Contributor("feature", source, p, f) for p, f in pos_latent.tolist())
+    return found, torch.cat(rows).double(), const_R.double()
+
+
+@torch.no_grad()
+def decompose_through_attention(
+    model: nn.Module, rep: Replacement, spot: HeadSpot, constant_T: Tensor | None = None, batch_size: int = 32
+) -> QkDecomposition:
+    """Like ``decompose_score``, with every attention output attributed through the frozen patterns to the nodes
+    at earlier positions: the contributors are the graph's nodes (features, errors, embeddings) at positions up
+    to the query (the key), and per side two terms no node provides: ``constant`` (what the MLPs write at the
+    constant positions, BOS's above all, carried over by attention) and ``bias`` (decoder biases, norm rounding,
+    projection bias, carried the same way). Rows of ``batch_size`` query and key components share a backward pass."""
+    check_llama(model)
+    constant_T = _constants(rep, constant_T)
+    attn = attention_module(decoder_blocks(model)[spot.layer])
+    d = attn.head_dim
+    cos, sin = rotary(model, rep.record.ids_T.numel(), rep.record.embed_TD)
+    p, k = spot.query_pos, spot.key_pos
+    M_q, b_q = _rotated_rows(attn.q_proj, spot.head, d, cos[p], sin[p])
+    M_k, b_k = _rotated_rows(attn.k_proj, spot.head // _group(model), d, cos[k], sin[k])
+    M_RD, device = torch.cat([M_q, M_k]), rep.record.ids_T.device
+    pos_R = torch.tensor([p] * d + [k] * d, device=device)
+    effects, bias, constant = [], [], []
+    for start in range(0, 2 * d, batch_size):
+        rows = slice(start, start + batch_size)
+        grads, zero_R = _attention_input_reads(model, rep, spot.layer, pos_R[rows], M_RD[rows])
+        found, effect_NR, const_R = _node_effects(rep, grads, spot.layer, p, constant_T)
+        effects.append(effect_NR)
+        bias.append(zero_R)
+        constant.append(const_R)
+    effect_N2d, bias_2d, const_2d = torch.cat(effects, 1), torch.cat(bias) + torch.cat([b_q, b_k]), torch.cat(constant)
+    on_key = torch.tensor([c.pos <= k for c in found], device=effect_N2d.device)
+    Q_Nd = torch.cat([effect_N2d[:, :d], const_2d[None, :d], bias_2d[None, :d]])
+    K_Md = torch.cat([effect_N2d[on_key, d:], const_2d[None, d:], bias_2d[None, d:]])
+    q_found = (*found, Contributor("constant", spot.layer, p), Contributor("bias", spot.layer, p))
+    k_found = (
+        *(c for c in found if c.pos <= k),
+        Contributor("constant", spot.layer, k),
+        Contributor("bias", spot.layer, k),
+    )
+    score = module_score(model, rep, spot.layer, spot.head, p, k)
+    return QkDecomposition(spot, q_found, k_found, attn.scaling * Q_Nd, K_Md, score, through_attention=True)
+
+
+def _constants(rep: Replacement, constant_T: Tensor | None) -> Tensor:
+    """``constant_T`` or, when None, position 0 alone."""
+    if constant_T is not None:
+        return constant_T.to(rep.record.ids_T.device, torch.bool)
+    default = torch.zeros_like(rep.record.ids_T, dtype=torch.bool)
+    default[0] = True
+    return default
 
 
 def _post_norm(block: nn.Module, rep: Replacement, layer: int, pos: int) -> Tensor:
@@ -376,15 +523,22 @@ class TargetQk:
 
 
 def trace_qk(
-    model: nn.Module, rep: Replacement, graph: Graph, node_indices: list[int], heads_per_target: int = 3
+    model: nn.Module,
+    rep: Replacement,
+    graph: Graph,
+    node_indices: list[int],
+    heads_per_target: int = 3,
+    through_attention: bool = True,
 ) -> list[TargetQk]:
-    """For each target node, its ``heads_per_target`` strongest (head, key) spots, their scores decomposed."""
+    """For each target node, its ``heads_per_target`` strongest (head, key) spots, their scores decomposed
+    (``decompose_through_attention``, or ``decompose_score`` with ``through_attention=False``)."""
     check_llama(model)
     constant_T = graph.constant_positions.to(rep.record.ids_T.device)
+    decompose = decompose_through_attention if through_attention else decompose_score
     traced = []
     for index in node_indices:
         spots = strongest_heads(model, rep, node_readout(model, rep, graph, index), heads_per_target)
-        traced.append(TargetQk(index, tuple(decompose_score(model, rep, spot, constant_T) for spot in spots)))
+        traced.append(TargetQk(index, tuple(decompose(model, rep, spot, constant_T) for spot in spots)))
     return traced
 
 
@@ -396,8 +550,7 @@ def _top(values: torch.Tensor, n: int) -> list[int]:
 def qk_tracing_results(dec: QkDecomposition, top: int = 10) -> dict[str, list]:
     """Neuronpedia's form: the ``top`` pairs and marginals of largest magnitude (signed values), by node id."""
     q_ids, k_ids = [c.node_id for c in dec.q_contributors], [c.node_id for c in dec.k_contributors]
-    n_k = len(k_ids)
-    pairs = [[q_ids[i // n_k], k_ids[i % n_k], float(dec.pairs_QK.flatten()[i])] for i in _top(dec.pairs_QK, top)]
+    pairs = [[q_ids[i], k_ids[j], value] for i, j, value in dec.top_pairs(top)]
     q_top = [[q_ids[i], float(dec.q_marginal[i])] for i in _top(dec.q_marginal, top)]
     k_top = [[k_ids[i], float(dec.k_marginal[i])] for i in _top(dec.k_marginal, top)]
     return {"pair_wise_contributors": pairs, "top_q_marginal_contributors": q_top, "top_k_marginal_contributors": k_top}
@@ -408,7 +561,8 @@ def _side_clerp(c: Contributor) -> str:
         "attention": f"L{c.layer} attention output",
         "mlp": f"L{c.layer} MLP output (constant position)",
         "skip": f"L{c.layer} transcoder skip",
-        "bias": f"biases into L{c.layer} q/k (decoder biases, norm rounding, projection bias)",
+        "constant": f"MLP writes at constant positions (BOS) reaching L{c.layer} q/k through attention",
+        "bias": f"biases reaching L{c.layer} q/k (decoder biases, norm rounding, projection bias)",
     }[c.kind]
 
 
@@ -449,7 +603,8 @@ def attach_qk(
             if rank == 0 and target_id in by_id:
                 by_id[target_id]["qk_tracing_results"] = results
             entries.append({"target": target_id, **dataclasses.asdict(dec.spot), "score": dec.score,
-                            "model_score": dec.model_score, "qk_tracing_results": results})  # fmt: skip
+                            "model_score": dec.model_score, "through_attention": dec.through_attention,
+                            "qk_tracing_results": results})  # fmt: skip
             listed = {i for row in results["pair_wise_contributors"] for i in row[:2]}
             listed |= {row[0] for key in ("top_q_marginal_contributors", "top_k_marginal_contributors")
                        for row in results[key]}  # fmt: skip
