@@ -22,6 +22,7 @@ from pipeline.tracing.qk import (
     check_llama,
     decompose_score,
     decompose_through_attention,
+    qk_into_document,
     qk_target_nodes,
     residual_contributors,
     trace_qk,
@@ -331,6 +332,9 @@ def test_other_families_are_refused(tokenizer):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).eval()
     with pytest.raises(ValueError, match="Llama-style attention only"):
         check_llama(gpt2)
+    document = {"nodes": [], "saescope": {}}  # a trace of another family: the graph is kept, QK says why not
+    qk_into_document(document, gpt2, {}, None, None, n_targets=2)
+    assert "Llama-style attention only" in document["saescope"]["qk_skipped"] and "qk_only_nodes" not in document
 
 
 def test_a_cross_layer_transcoders_writes_are_summed_over_its_outputs(model, ids, captured):
