@@ -432,3 +432,32 @@ def test_recording_leaves_the_attention_implementation_as_it_was(family_model, i
     with recording_attention(model):
         assert model.config._attn_implementation != before
     assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, capsys):
+    """A tiny model saved to disk: cache mlp-in and mlp-out at every layer, train transcoders, trace a prompt."""
+    from jobs.cli import main
+    from storage.graph_groups import read_graph_json
+    from tests.conftest import synthetic_corpus
+
+    model_dir, run, corpus = tmp_path / name, tmp_path / "run", tmp_path / "corpus.txt"
+    model = build(name)
+    model.resize_token_embeddings(len(tokenizer))
+    model.float().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus.write_text(synthetic_corpus(1500), encoding="utf-8")
+    steps = [
+        ["cache", "--run", run, "--model", model_dir, "--dataset", corpus, "--tokens", "4096", "--ctx-len", "32",
+         "--batch-size", "16", "--dtype", "float32", "--model-dtype", "float32", "--device", "cpu",
+         "--hooks", "mlp-in,mlp-out", "--layers", "all"],
+        ["train", "--run", run, "--transcoder", "--layers", "all", "--name", "tc", "--d-sae", "64", "--k", "4",
+         "--batch-size", "256", "--tokens", "2048", "--lm-eval-contexts", "0", "--device", "cpu"],
+        ["trace", "--run", run, "--prompt", "The cat sat on the mat", "--name", "cat"],
+    ]  # fmt: skip
+    for step in steps:
+        assert main([str(arg) for arg in step]) == 0, capsys.readouterr()
+    doc = read_graph_json(run, "cat")
+    assert doc["saescope"]["layers"] == list(range(N_LAYERS))
+    assert doc["saescope"]["logit_error"] < 1e-3
+    assert {node["feature_type"] for node in doc["nodes"]} >= {"embedding", "logit"}
