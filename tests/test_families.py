@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from pipeline.features.decoder_geometry import final_norm_weight
 from pipeline.lm.families import family_of
 from pipeline.lm.hook_points import KINDS, HookPoint, capture
 from pipeline.lm.hooks import decoder_blocks
@@ -191,6 +192,9 @@ def test_the_table_finds_blocks_and_final_norm(family_model):
     family = family_of(model)
     assert dotted(model.base_model, family.final_norm) is dotted(model, layout.final_norm)
     assert family.parallel(model.config) == layout.parallel
+    final = dotted(model, layout.final_norm)
+    gain = 1 + final.weight if layout.norm_kind == "gemma" else final.weight
+    torch.testing.assert_close(final_norm_weight(model), gain, rtol=0, atol=0)  # what logit effects multiply by
 
 
 def test_hook_points_equal_the_block_run_by_hand(family_model, ids):

@@ -152,12 +152,18 @@ def supported_types() -> str:
     return ", ".join(t for family in FAMILIES for t in family.model_types)
 
 
+def known_family(model: nn.Module) -> Family | None:
+    """The description of ``model``'s family, by ``config.model_type``, or None if it is not in the table."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((family for family in FAMILIES if model_type in family.model_types), None)
+
+
 def family_of(model: nn.Module) -> Family:
     """The description of ``model``'s family, by ``config.model_type``; ValueError if it is not in the table."""
+    family = known_family(model)
+    if family is not None:
+        return family
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
     raise ValueError(
         f"model type {model_type!r} ({type(model).__name__}) has no family description, so its hook points "
         f"and what tracing freezes are unknown: supported are {supported_types()} "
