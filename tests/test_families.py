@@ -465,3 +465,49 @@ def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, caps
     assert doc["saescope"]["layers"] == list(range(N_LAYERS))
     assert doc["saescope"]["logit_error"] < 1e-3
     assert {node["feature_type"] for node in doc["nodes"]} >= {"embedding", "logit"}
+
+
+def test_cache_refuses_an_unknown_family_before_writing(tmp_path, tokenizer, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from jobs.cli import main
+    from tests.conftest import synthetic_corpus
+
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=D,
+        ffn_dim=2 * D,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        word_embed_proj_dim=D,
+        max_position_embeddings=64,
+    )
+    model_dir, run, corpus = tmp_path / "opt", tmp_path / "run", tmp_path / "corpus.txt"
+    OPTForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus.write_text(synthetic_corpus(500), encoding="utf-8")
+    args = [
+        "cache",
+        "--run",
+        run,
+        "--model",
+        model_dir,
+        "--dataset",
+        corpus,
+        "--tokens",
+        "1024",
+        "--ctx-len",
+        "32",
+        "--dtype",
+        "float32",
+        "--model-dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--hooks",
+        "mlp-in,mlp-out",
+    ]
+    assert main([str(arg) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert "model type 'opt'" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not run.exists()

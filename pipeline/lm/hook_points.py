@@ -144,6 +144,16 @@ def _family_for(model: nn.Module, kinds: Iterable[str]) -> Family | None:
     return family_of(model) if any(kind != "resid-post" for kind in kinds) else None
 
 
+def check_points(model: nn.Module, points: Iterable[HookPoint]) -> None:
+    """Raise the ValueError ``capture`` would (a layer out of range, a family without a description)
+    without running the model."""
+    points = list(points)
+    blocks = decoder_blocks(model)
+    family = _family_for(model, [point.kind for point in points])
+    for point in points:
+        _module(family, blocks[check_layer(point.layer, len(blocks))], point.kind)
+
+
 @contextmanager
 def replace_mlp_out(
     model: nn.Module, layer: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -258,7 +258,9 @@ def recording_attention(model: nn.Module) -> Iterator[None]:
 
 def _keep_output(seen: dict, key: str, index: int = 0):
     def hook(_module, _inputs, output):
-        seen[key] = (output[index] if isinstance(output, tuple) else output)[0]
+        value = output[index] if isinstance(output, tuple) else output
+        if value is not None:
+            seen[key] = value[0]
 
     return hook
 
