@@ -21,7 +21,7 @@ import torch
 
 from pipeline.features.decoder_geometry import final_norm_weight
 from pipeline.lm.families import family_of
-from pipeline.lm.hook_points import KINDS, HookPoint, capture
+from pipeline.lm.hook_points import KINDS, HookPoint, capture, replace_mlp_out
 from pipeline.lm.hooks import decoder_blocks
 from pipeline.sae.model import Sae, SaeConfig
 from pipeline.steering.edit import FeatureSteer, SteeringSpec, steer
@@ -225,6 +225,24 @@ def test_steering_adds_exactly_the_feature_direction(family_model, ids, kind):
     with steer(model, sae, point, SteeringSpec((FeatureSteer(3, "add", 2.5),))):
         after = capture(model, ids[None], [point])[point]
     torch.testing.assert_close(after - before, (2.5 * sae.W_dec[3]).expand_as(before), rtol=0, atol=1e-12)
+
+
+def test_mlp_replacement_sees_mlp_in_and_replaces_mlp_out(family_model, ids):
+    """What transcoder splices and feature interventions hook: (mlp-in, mlp-out) in, the new mlp-out back."""
+    _, model = family_model
+    points = [HookPoint(1, kind) for kind in ("mlp-in", "mlp-out", "resid-post")]
+    clean = capture(model, ids[None], points)
+    seen = {}
+
+    def shift(x_BTD, out_BTD):
+        seen.update(x=x_BTD, out=out_BTD)
+        return out_BTD + 1.0
+
+    with replace_mlp_out(model, 1, shift):
+        moved = capture(model, ids[None], points)
+    torch.testing.assert_close(seen["x"], clean[points[0]], rtol=0, atol=0)
+    torch.testing.assert_close(seen["out"], clean[points[1]], rtol=0, atol=0)
+    torch.testing.assert_close(moved[points[2]], clean[points[2]] + 1.0, rtol=0, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +474,7 @@ def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, caps
          "--batch-size", "16", "--dtype", "float32", "--model-dtype", "float32", "--device", "cpu",
          "--hooks", "mlp-in,mlp-out", "--layers", "all"],
         ["train", "--run", run, "--transcoder", "--layers", "all", "--name", "tc", "--d-sae", "64", "--k", "4",
-         "--batch-size", "256", "--tokens", "2048", "--lm-eval-contexts", "0", "--device", "cpu"],
+         "--batch-size", "256", "--tokens", "2048", "--lm-eval-contexts", "4", "--device", "cpu"],
         ["trace", "--run", run, "--prompt", "The cat sat on the mat", "--name", "cat"],
     ]  # fmt: skip
     for step in steps:
