@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pipeline.lm.families import Family, family_of
+from pipeline.lm.families import Family, child, family_of
 from pipeline.lm.hooks import _StopForward, block_output, check_layer, decoder_blocks, replace_block_output
 
 KINDS = ("resid-post", "attn-out", "mlp-in", "mlp-out")
@@ -116,7 +116,7 @@ def _module(family: Family | None, block: nn.Module, kind: str) -> nn.Module:
         return block
     if kind == "attn-out":
         return family.attn_out_module(block)
-    return mlp_module(block) if kind == "mlp-in" else family.mlp_out_module(block)
+    return child(block, family.mlp) if kind == "mlp-in" else family.mlp_out_module(block)
 
 
 def _register(family: Family | None, block: nn.Module, kind: str, store) -> RemovableHandle:
@@ -174,7 +174,7 @@ def replace_mlp_out(
         return replace_block_output(output, fn(seen.pop("mlp_in"), block_output(output)))
 
     with ExitStack() as stack:
-        stack.callback(mlp_module(block).register_forward_pre_hook(keep_input).remove)
+        stack.callback(child(block, family.mlp).register_forward_pre_hook(keep_input).remove)
         stack.callback(family.mlp_out_module(block).register_forward_hook(replace_output).remove)
         yield
 

@@ -170,24 +170,22 @@ def _norm_scale(kind: str, norm: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + _eps(norm))
 
 
-def frozen_norm(kind: str, norm: nn.Module, x_BTD: torch.Tensor, frozen: FrozenNorm | None) -> torch.Tensor:
-    """The norm with its scale frozen (linear in x, plus its bias and fix); without ``frozen``: scale 1, no fix."""
+def frozen_norm(kind: str, norm: nn.Module, x_BTD: torch.Tensor, frozen: FrozenNorm) -> torch.Tensor:
+    """The norm with its scale frozen: gain * (x [- mean x]) * scale (+ bias) + fix, affine in x."""
     if kind == "layer":
         x_BTD = x_BTD - x_BTD.mean(-1, keepdim=True)
+    y_BTD = x_BTD * frozen.scale_T1
     weight = getattr(norm, "weight", None)
-    gain = None if weight is None else _as(weight, x_BTD)
-    gain = 1 + gain if kind == "rms_one_plus" else gain
-    y_BTD = x_BTD if frozen is None else x_BTD * frozen.scale_T1
-    y_BTD = y_BTD if gain is None else gain * y_BTD
+    if weight is not None:
+        y_BTD = (1 + _as(weight, y_BTD) if kind == "rms_one_plus" else _as(weight, y_BTD)) * y_BTD
     bias = getattr(norm, "bias", None) if kind == "layer" else None
-    y_BTD = y_BTD if bias is None else y_BTD + _as(bias, y_BTD)
-    return y_BTD if frozen is None else y_BTD + frozen.fix_TD
+    return (y_BTD if bias is None else y_BTD + _as(bias, y_BTD)) + frozen.fix_TD
 
 
 def _freeze(kind: str, norm: nn.Module, x_TD: torch.Tensor, y_TD: torch.Tensor) -> FrozenNorm:
+    """Freeze a norm at its recorded input x and output y: scale from x, fix = y - the frozen norm of x."""
     scale_T1 = _norm_scale(kind, norm, x_TD)
-    linear_TD = frozen_norm(kind, norm, x_TD, FrozenNorm(scale_T1, torch.zeros_like(x_TD)))
-    return FrozenNorm(scale_T1, y_TD - linear_TD)
+    return FrozenNorm(scale_T1, y_TD - frozen_norm(kind, norm, x_TD, FrozenNorm(scale_T1, torch.zeros_like(x_TD))))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
