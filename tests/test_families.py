@@ -270,6 +270,17 @@ def test_replacement_logits_equal_the_models(traced, ids):
     assert (model.get_output_embeddings()(final)[0] - logits).abs().max() > 1e-4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trace_on_cuda_equals_the_cpu(traced, ids):
+    import copy
+
+    model, transcoders, _, graph = traced
+    cuda_tcs = [copy.deepcopy(tc).cuda() for tc in transcoders]
+    gpu = trace(copy.deepcopy(model).cuda(), ids.cuda(), cuda_tcs, batch_size=64, special_ids=(1,))
+    torch.testing.assert_close(gpu.adjacency, graph.adjacency, rtol=1e-9, atol=1e-12)
+    assert gpu.logit_error < 1e-10
+
+
 def test_the_recomputed_pattern_is_the_recorded_one(family_model, ids):
     """``attention_pattern`` (used to look inside attention) on the rotary families with separate q/k."""
     name, model = family_model

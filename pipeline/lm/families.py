@@ -123,7 +123,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="ln_f",
         value_layout="gpt2",
         rotary=False,
-    ),  # fmt: skip
+    ),
     Family(
         "GPT-NeoX",
         ("gpt_neox",),
@@ -135,7 +135,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="final_layer_norm",
         value_layout="neox",
         parallel_attr="use_parallel_residual",
-    ),  # fmt: skip
+    ),
 )
 
 
