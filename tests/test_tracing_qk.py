@@ -208,8 +208,8 @@ def _brute_force(model, rep, captured, spot, q_drop, k_drop):
 
     def normed(pos, drop):
         x = rec.resid_pre_TD[pos] - (0 if drop is None else drop[0])
-        fix = 0 if drop is not None and drop[1] else rec.fix_in_TD[pos]
-        return w * x * rec.scale_in_T1[pos] + fix
+        fix = 0 if drop is not None and drop[1] else rec.attn_norm.fix_TD[pos]
+        return w * x * rec.attn_norm.scale_T1[pos] + fix
 
     h_q, h_k = normed(spot.query_pos, q_drop), normed(spot.key_pos, k_drop)
     return oracle_score(model, captured, layer, spot.head, spot.query_pos, spot.key_pos, h_q, h_k)
@@ -266,7 +266,8 @@ def _target(model, rep, readout, hook_layer=None, remove=None):
 def _head_write(model, rep, layer, head, q_pos, k_pos):
     attn = attention_module(decoder_blocks(model)[layer])
     rec, d = rep.record.layers[layer], attn.head_dim
-    h = decoder_blocks(model)[layer].input_layernorm.weight * rec.resid_pre_TD * rec.scale_in_T1 + rec.fix_in_TD
+    norm = rec.attn_norm
+    h = decoder_blocks(model)[layer].input_layernorm.weight * rec.resid_pre_TD * norm.scale_T1 + norm.fix_TD
     kv = head // (model.config.num_attention_heads // model.config.num_key_value_heads)
     with torch.no_grad():
         v = attn.v_proj(h[k_pos])[kv * d : (kv + 1) * d]

@@ -206,6 +206,15 @@ def _add_feature_writes(rep: Replacement, layer: int, pos: int, found: list, row
         found.extend(Contributor("feature", source, pos, latent) for latent in latents.tolist())
 
 
+def _attention_output(record, layer: int, pos: int) -> Tensor:
+    """[D] float64: what attention ``layer`` added at ``pos`` (sequential residual: the next block's input,
+    or the final residual, minus this block's input and its MLP's output)."""
+    layers = record.layers
+    after = layers[layer + 1].resid_pre_TD if layer + 1 < len(layers) else record.resid_final_TD
+    rec = layers[layer]
+    return (after[pos] - rec.resid_pre_TD[pos] - rec.mlp_out_TD[pos]).double()
+
+
 def residual_contributors(
     rep: Replacement, layer: int, pos: int, constant: bool
 ) -> tuple[tuple[Contributor, ...], torch.Tensor]:
@@ -218,7 +227,7 @@ def residual_contributors(
     for lower in range(layer):
         rec, tc = record.layers[lower], rep.transcoders[lower]
         found.append(Contributor("attention", lower, pos))
-        rows.append((rec.resid_mid_TD[pos] - rec.resid_pre_TD[pos]).double()[None])
+        rows.append(_attention_output(record, lower, pos)[None])
         if constant:
             found.append(Contributor("mlp", lower, pos))
             rows.append(rec.mlp_out_TD[pos].double()[None])
@@ -261,17 +270,17 @@ def _side_vectors(block, rep, layer, pos, constant, proj, head, cos_sin) -> tupl
     """[N, d]: each contributor through the frozen input norm, the head's projection and the rotary of ``pos``."""
     rec, attn = rep.record.layers[layer], attention_module(block)
     found, rows_ND = residual_contributors(rep, layer, pos, constant)
-    w_D = block.input_layernorm.weight.detach().double() * rec.scale_in_T1[pos].double()
+    w_D = block.input_layernorm.weight.detach().double() * rec.attn_norm.scale_T1[pos].double()
     weight_dD, bias_d = _head_rows(proj, head, attn.head_dim)
     out_Nd = (rows_ND * w_D) @ weight_dD.T
-    out_Nd[-1] += weight_dD @ rec.fix_in_TD[pos].double() + bias_d
+    out_Nd[-1] += weight_dD @ rec.attn_norm.fix_TD[pos].double() + bias_d
     return found, _rotate(out_Nd, cos_sin[0][pos], cos_sin[1][pos])
 
 
 def _attention_input(block, rep: Replacement, layer: int) -> torch.Tensor:
     """[T, D] the input norm's output as the replacement model computes it (equal to the recorded one)."""
     rec = rep.record.layers[layer]
-    return block.input_layernorm.weight.detach() * (rec.resid_pre_TD * rec.scale_in_T1) + rec.fix_in_TD
+    return block.input_layernorm.weight.detach() * (rec.resid_pre_TD * rec.attn_norm.scale_T1) + rec.attn_norm.fix_TD
 
 
 @torch.no_grad()
@@ -431,7 +440,7 @@ def _constants(rep: Replacement, constant_T: Tensor | None) -> Tensor:
 
 def _post_norm(block: nn.Module, rep: Replacement, layer: int, pos: int) -> Tensor:
     """[D] the frozen post-attention norm at ``pos`` as a diagonal: w * s_pos."""
-    return block.post_attention_layernorm.weight.detach() * rep.record.layers[layer].scale_post_T1[pos]
+    return block.post_attention_layernorm.weight.detach() * rep.record.layers[layer].mlp_norm.scale_T1[pos]
 
 
 def _gradients_after_attention(model: nn.Module, rep: Replacement, readout: Readouts) -> list[torch.Tensor]:
