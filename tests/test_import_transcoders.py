@@ -9,6 +9,7 @@ run folder unchanged.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +301,53 @@ def test_a_sparsify_cross_layer_coder_is_refused(run_copy, tmp_path, capsys):
     (folder / "cfg.json").write_text(json.dumps({"d_in": D, "k": K, "transcode": True, "n_targets": 4}))
     line = refused(capsys, [run_copy], "import-sae", tmp_path / "sp", "--run", run_copy)
     assert "is a sparsify cross-layer coder (n_targets 4): not supported yet" in line
+
+
+# ---- saescope's own layouts as sources ----------------------------------------------------------
+
+
+def test_saelens_transcoder_folders_import_by_their_cfg(run_copy, tmp_path, capsys):
+    """saescope's per-layer folders are SAELens transcoders (cfg.json names the hooks and layer): they import as is."""
+    layers = write_circuit_tracer_set(tmp_path / "ct", "jumprelu", skip=True)
+    assert main(["import-sae", str(tmp_path / "ct"), "--run", str(run_copy), "--name", "ct"]) == 0
+    source = tmp_path / "saelens"
+    shutil.copytree(set_dir(run_copy, "ct"), source)
+    (source / "set.json").unlink()
+    assert main(["import-sae", str(source), "--run", str(run_copy), "--name", "again"]) == 0
+    tcs, _, _ = _imported(run_copy, "again")
+    assert read_set(set_dir(run_copy, "again"))["source_format"] == "saelens"
+    x = _x(11)
+    for i, t in enumerate(layers):
+        got = tcs[i].reconstruct(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, circuit_tracer_by_hand(t, x, "jumprelu"), rtol=1e-5, atol=1e-5)
+    cfg_path = source / "layer-02" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["meta"]["hook_name"] = "blocks.2.hook_resid_post"
+    cfg_path.write_text(json.dumps(cfg))
+    line = refused(capsys, [run_copy], "import-sae", source, "--run", run_copy, "--name", "bad")
+    assert "hook_name 'blocks.2.hook_resid_post' is not blocks.L.ln2.hook_normalized" in line
+
+
+def test_a_topk_clt_with_a_skip_path_is_stored_and_traced(run_copy, capsys):
+    """A saescope CLT (TopK, skip) in circuit-tracer's layout plus saescope's two fields: read back, then traced."""
+    from jobs.import_transcoders import ImportedSet, write_imported
+    from pipeline.sae.cross_layer import CltConfig, CrossLayerTranscoder
+    from storage.shards import activations_dir, read_manifest
+
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CltConfig(L, D, F, "topk", k=K, skip=True)).initialize(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for W_skip in clt.W_skip:
+            W_skip.copy_(torch.randn(D, D) * 0.002)
+        clt.b_enc_LF.normal_(0, 0.1)
+    manifest = read_manifest(activations_dir(run_copy))
+    write_imported(run_copy, "mine", ImportedSet({}, clt, "saescope"), "test", manifest)
+    folder = set_dir(run_copy, "mine")
+    config = (folder / "config.yaml").read_text()
+    assert 'model_kind: "cross_layer_transcoder"' in config and 'activation: "topk"' in config and "k: 5" in config
+    assert load_file(folder / "W_enc_1.safetensors")["W_skip_1"].shape == (D, D)
+    _, _, again = _imported(run_copy, "mine")
+    x_LND = torch.randn(L, 7, D)
+    torch.testing.assert_close(again.reconstruct(x_LND), clt.eval().reconstruct(x_LND), rtol=1e-6, atol=1e-6)
+    doc = _trace(run_copy, "mine", capsys)
+    assert doc["saescope"]["logit_error"] < 1e-6
