@@ -351,3 +351,19 @@ def test_a_topk_clt_with_a_skip_path_is_stored_and_traced(run_copy, capsys):
     torch.testing.assert_close(again.reconstruct(x_LND), clt.eval().reconstruct(x_LND), rtol=1e-6, atol=1e-6)
     doc = _trace(run_copy, "mine", capsys)
     assert doc["saescope"]["logit_error"] < 1e-6
+
+
+def test_export_writes_a_cross_layer_set_in_circuit_tracers_layout(run_copy, tmp_path, capsys):
+    layers = write_clt(tmp_path / "clt", "jumprelu")
+    assert main(["import-sae", str(tmp_path / "clt"), "--run", str(run_copy), "--name", "clt"]) == 0
+    assert (
+        main(["export-transcoders", "--run", str(run_copy), "--transcoders", "clt", "--out", str(tmp_path / "o")]) == 0
+    )
+    assert "load_clt(" in capsys.readouterr().out
+    for i, t in enumerate(layers):
+        stored = {
+            **load_file(tmp_path / "o" / f"W_enc_{i}.safetensors"),
+            **load_file(tmp_path / "o" / f"W_dec_{i}.safetensors"),
+        }
+        assert set(stored) == set(t) and all(np.allclose(stored[k], v, atol=1e-7) for k, v in t.items())
+    assert 'model_kind: "cross_layer_transcoder"' in (tmp_path / "o" / "config.yaml").read_text()
