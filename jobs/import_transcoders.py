@@ -190,20 +190,24 @@ def _record(imported: ImportedSet, source: str, manifest) -> dict:
             "model": manifest.provenance["model"]["name"], "layers": imported.layers, "metrics": {}}  # fmt: skip
 
 
+def publish_clt(run_dir: Path, name: str, clt: CrossLayerTranscoder, record: dict, manifest) -> Path:
+    """Publish an inference CLT (raw units) as the cross-layer set ``transcoders/NAME``, ``record`` in its set.json."""
+    model = str(manifest.provenance["model"]["name"])
+    config = clt_config(clt, model, f"{model.split('/')[-1]}/{name}")
+
+    def fill(folder: Path) -> None:
+        save_clt_files(folder, clt_file_tensors(clt), yaml_text(config))
+        write_set(folder, {**record, "kind": CROSS_LAYER, "layers": list(range(clt.cfg.n_layers)),
+                           "d_sae": clt.cfg.d_sae, "architecture": clt.cfg.architecture})  # fmt: skip
+
+    return publish_set(run_dir, name, fill)
+
+
 def write_imported(run_dir: Path, name: str, imported: ImportedSet, source: str, manifest) -> Path:
     """Publish the checked set as ``transcoders/NAME``."""
     record = _record(imported, source, manifest)
     if imported.clt is not None:
-        clt = imported.clt
-        model = str(manifest.provenance["model"]["name"])
-        config = clt_config(clt, model, f"{model.split('/')[-1]}/{name}")
-
-        def fill(folder: Path) -> None:
-            save_clt_files(folder, clt_file_tensors(clt), yaml_text(config))
-            write_set(folder, {**record, "kind": CROSS_LAYER, "d_sae": clt.cfg.d_sae,
-                               "architecture": clt.cfg.architecture})  # fmt: skip
-
-        return publish_set(run_dir, name, fill)
+        return publish_clt(run_dir, name, imported.clt, record, manifest)
     meta = saelens_meta(manifest)
 
     def fill_layers(folder: Path) -> None:

@@ -367,3 +367,39 @@ def test_export_writes_a_cross_layer_set_in_circuit_tracers_layout(run_copy, tmp
         }
         assert set(stored) == set(t) and all(np.allclose(stored[k], v, atol=1e-7) for k, v in t.items())
     assert 'model_kind: "cross_layer_transcoder"' in (tmp_path / "o" / "config.yaml").read_text()
+
+
+# ---- train --transcoder --cross-layer ------------------------------------------------------------
+
+
+def test_train_cross_layer_writes_a_set_that_traces(run_copy, capsys):
+    args = ["train", "--run", str(run_copy), "--transcoder", "--cross-layer", "--name", "clt", "--d-sae", "48",
+            "--k", "4", "--tokens", str(256 * 6), "--batch-size", "256", "--device", "cpu",
+            "--dtype", "float32"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trained a cross-layer transcoder over 4 layers (d_sae 48 per layer)" in out
+    folder = set_dir(run_copy, "clt")
+    record = read_set(folder)
+    assert record["kind"] == "cross_layer" and record["training"]["steps"] == 6
+    assert 0 < record["metrics"]["fvu"] < 2 and set(record["metrics"]["layers"]) == {"0", "1", "2", "3"}
+    _, _, clt = _imported(run_copy, "clt")
+    assert clt.cfg.architecture == "topk" and clt.cfg.k == 4 and clt.cfg.skip and clt.cfg.d_sae == 48
+    doc = _trace(run_copy, "clt", capsys)
+    assert doc["saescope"]["logit_error"] < 1e-3
+    capsys.readouterr()
+    line = refused(capsys, [run_copy], *args)
+    assert "already has a transcoder set named 'clt': pass --name or --force" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--transcoder", "--cross-layer", "--arch", "relu"], "--arch 'relu': a cross-layer transcoder trains as"),
+        (["--transcoder", "--cross-layer", "--layers", "1-2"], "a cross-layer transcoder spans every layer"),
+        (["--cross-layer"], "--cross-layer applies to --transcoder only"),
+    ],
+)
+def test_bad_cross_layer_options_are_one_line(run_copy, capsys, extra, message):
+    line = refused(capsys, [run_copy], "train", "--run", run_copy, "--device", "cpu", *extra)
+    assert message in line
