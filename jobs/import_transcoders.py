@@ -230,8 +230,9 @@ def import_transcoder_set(
     check_fits_model(imported, manifest, source)
     written = write_imported(run_dir, name, imported, source, manifest)
     layers = imported.layers
-    what = "cross-layer transcoder" if imported.clt is not None else f"{imported.source_format} transcoders"
-    print(f"imported a {what} (layers {layers[0]}-{layers[-1]}) as {written}")
+    what = f"{len(layers)} {imported.source_format} transcoders"
+    what = "a cross-layer transcoder" if imported.clt is not None else what
+    print(f"imported {what} (layers {layers[0]}-{layers[-1]}) as {written}")
     print(f"next: saescope trace --run {run_dir} --transcoders {name} --prompt 'The capital of France is'")
     return 0
 
