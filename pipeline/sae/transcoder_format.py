@@ -10,6 +10,8 @@ output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``, ``hook_name_out`
 class: ``jumprelu_skip_transcoder`` (a BatchTopK transcoder after export),
 ``skip_transcoder`` (ReLU); SAELens has no TopK transcoder, so a TopK one is
 ``topk_skip_transcoder``, which SAELens refuses rather than misreads as ReLU.
+Also read: Gemma Scope's JumpReLU transcoders (``transcoder_from_gemma_scope``) and the
+layer a transcoder folder reads (``transcoder_layer``: from cfg.json, else its path).
 No file I/O here; bad input is a ValueError.
 """
 
