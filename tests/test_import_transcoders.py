@@ -403,3 +403,33 @@ def test_train_cross_layer_writes_a_set_that_traces(run_copy, capsys):
 def test_bad_cross_layer_options_are_one_line(run_copy, capsys, extra, message):
     line = refused(capsys, [run_copy], "train", "--run", run_copy, "--device", "cpu", *extra)
     assert message in line
+
+
+def test_a_killed_cross_layer_run_resumes_to_the_same_weights(run_copy, tiny_run, tmp_path, monkeypatch, capsys):
+    import jobs.training.cross_layer as job
+
+    args = ["train", "--transcoder", "--cross-layer", "--name", "clt", "--d-sae", "32", "--k", "4",
+            "--tokens", str(256 * 6), "--batch-size", "256", "--device", "cpu", "--dtype", "float32",
+            "--checkpoint-every", "2", "--lm-eval-contexts", "0"]  # fmt: skip
+    whole = tmp_path / "whole"
+    shutil.copytree(tiny_run, whole)
+    assert main([*args, "--run", str(whole)]) == 0
+    saved = job.save_checkpoint
+
+    def killed_after_step_4(folder, step, tree):
+        saved(folder, step, tree)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "save_checkpoint", killed_after_step_4)
+    assert main([*args, "--run", str(run_copy)]) == 130  # Ctrl-C after the checkpoint of step 4
+    assert not (set_dir(run_copy, "clt") / "set.json").exists()
+    monkeypatch.setattr(job, "save_checkpoint", saved)
+    assert main([*args, "--run", str(run_copy)]) == 0
+    assert "resuming the cross-layer transcoder 'clt' from its checkpoint at step 4 of 6" in capsys.readouterr().out
+    assert read_set(set_dir(run_copy, "clt"))["training"]["resumed_from"] == 4
+    assert not job.checkpoints_dir(run_copy, "clt").exists()
+    for i in range(L):
+        for file in (f"W_enc_{i}.safetensors", f"W_dec_{i}.safetensors"):
+            a, b = load_file(set_dir(whole, "clt") / file), load_file(set_dir(run_copy, "clt") / file)
+            assert all(np.array_equal(a[k], b[k]) for k in a), file
