@@ -46,6 +46,10 @@ from storage.transcoder_sources import (
 )
 from storage.transcoder_store import CROSS_LAYER, layer_dir, publish_set, save_clt_files, set_dir, write_set
 
+TOPK_NOTE = (
+    "note: circuit-tracer's TopK keeps the k largest pre-activations even where negative; saescope's applies a "
+    "ReLU to them (the same wherever those k are positive)"
+)
 HF_NORM_INPUTS = ("post_attention_layernorm.output", "pre_feedforward_layernorm.output")
 """Hugging Face module outputs that are the MLP's normalized input (Gemma Scope 2's ``hf_hook_point_in``)."""
 
@@ -233,6 +237,9 @@ def import_transcoder_set(
     what = f"{len(layers)} {imported.source_format} transcoders"
     what = "a cross-layer transcoder" if imported.clt is not None else what
     print(f"imported {what} (layers {layers[0]}-{layers[-1]}) as {written}")
+    topk = any(tc.cfg.architecture == "topk" for tc in imported.transcoders.values())
+    if imported.source_format == "circuit-tracer" and topk:
+        print(TOPK_NOTE)
     print(f"next: saescope trace --run {run_dir} --transcoders {name} --prompt 'The capital of France is'")
     return 0
 

@@ -110,7 +110,8 @@ def _x(seed: int = 7, n: int = 9) -> np.ndarray:
 def test_a_circuit_tracer_set_imports_with_its_outputs(run_copy, tmp_path, capsys, activation, skip):
     layers = write_circuit_tracer_set(tmp_path / "ct", activation, skip)
     assert main(["import-sae", str(tmp_path / "ct"), "--run", str(run_copy), "--name", "ct"]) == 0
-    assert "next: saescope trace" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "next: saescope trace" in out and ("keeps the k largest pre-activations" in out) == (activation == "topk")
     tcs, _, clt = _imported(run_copy, "ct")
     assert clt is None and sorted(tcs) == list(range(L))
     x = _x()
@@ -289,9 +290,16 @@ def test_sets_that_do_not_fit_the_run_are_one_line_and_write_nothing(run_copy, t
         assert message in line, (source.name, line)
 
 
-def test_a_hub_path_offline_is_one_line(run_copy, capsys):
-    line = refused(capsys, [run_copy], "import-sae", "hf://someone/some-transcoders/sub", "--run", run_copy)
-    assert "is on the Hugging Face Hub but HF_HUB_OFFLINE is set" in line
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("hf://someone/some-transcoders/sub", "is on the Hugging Face Hub but HF_HUB_OFFLINE is set"),
+        ("hf://someone", "'hf://someone' is not a Hub path: write hf://owner/repo or hf://owner/repo/folder"),
+    ],
+)
+def test_a_hub_path_offline_or_malformed_is_one_line(run_copy, capsys, spec, message):
+    line = refused(capsys, [run_copy], "import-sae", spec, "--run", run_copy, "--name", "hub")
+    assert message in line
 
 
 def test_a_sparsify_cross_layer_coder_is_refused(run_copy, tmp_path, capsys):
