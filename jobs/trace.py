@@ -181,7 +181,7 @@ def active_per_token(tc, cfg: dict) -> float:
 
 def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_cfgs: dict, tcs: dict, target) -> GraphShape:
     """The estimate's inputs: the prompt, the model's record in the cache, the transcoders (and each layer's cfg.json),
-    the options. A CLT's cross-layer decoders are not in the estimate, which counts one decoder per layer."""
+    the options (a CLT's layers write (L+1)/2 output layers on average)."""
     model = manifest.provenance["model"]
     per_token = [active_per_token(tcs[layer], layer_cfgs[layer]) for layer in tcs]
     return GraphShape(
@@ -195,7 +195,13 @@ def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_cfgs: dict, tcs
         max_feature_nodes=cfg.max_feature_nodes,
         n_logits=1 if target is not None else 10,
         label_tokens=cfg.label_contexts * manifest.ctx_len,
+        decoder_outputs=_mean_outputs(tcs),
     )
+
+
+def _mean_outputs(tcs: dict) -> float:
+    """Output layers a feature writes, on average over the layers (CLT layer views: l..L-1; else 1)."""
+    return sum(len(getattr(tc, "output_layers", range(1))) for tc in tcs.values()) / len(tcs)
 
 
 def _load(cfg: TraceConfig) -> Plan:

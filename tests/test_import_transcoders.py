@@ -441,3 +441,15 @@ def test_a_killed_cross_layer_run_resumes_to_the_same_weights(run_copy, tiny_run
         for file in (f"W_enc_{i}.safetensors", f"W_dec_{i}.safetensors"):
             a, b = load_file(set_dir(whole, "clt") / file), load_file(set_dir(run_copy, "clt") / file)
             assert all(np.array_equal(a[k], b[k]) for k in a), file
+
+
+def test_the_trace_estimate_counts_a_clts_decoders_into_every_later_layer():
+    from pipeline.tracing.estimate import GraphShape, estimate
+
+    shape = dict(n_tokens=3, n_layers=4, d_model=8, vocab=10, d_sae=16, active_per_token=2, n_params=1000)
+    plain, clt = estimate(GraphShape(**shape)).stages, estimate(GraphShape(**shape, decoder_outputs=2.5)).stages
+    assert plain["weights"] == 1000 + 4 * (2 * 16 * 8 + 64 + 32 + 8)
+    assert clt["weights"] - plain["weights"] == 4 * 1.5 * 16 * 8  # the decoders into the later layers
+    assert clt["prompt"] - plain["prompt"] == (4 * 3 * 2) * 1.5 * 8  # each active feature's writes
+    with pytest.raises(ValueError, match="decoder_outputs must be in"):
+        GraphShape(**shape, decoder_outputs=5)
