@@ -91,7 +91,7 @@ def read_circuit_tracer(folder: Path) -> ImportedSet:
     if kind == MODEL_KIND:
         layers = read_clt_layers(folder)
         for i, tensors in enumerate(layers):
-            _check_finite(tensors, folder / f"layer {i}'s files")
+            _check_finite(tensors, f"{folder} (layer {i})")
         try:
             return ImportedSet({}, clt_from_circuit_tracer(layers, config), "circuit-tracer-clt")
         except ValueError as error:
@@ -245,9 +245,14 @@ def import_transcoder_set(
 
 
 def looks_like_transcoders(root: Path) -> bool:
-    """Whether SAELens-layout folders under ``root`` are transcoders (by cfg.json alone), or Gemma Scope's."""
+    """Whether SAELens-layout folders under ``root`` are transcoders (by cfg.json alone), or Gemma Scope's.
+
+    An unreadable cfg.json says no: the SAE reader names the damage in its own words."""
     for folder in transcoder_folders(root):
-        _, cfg, layout = read_transcoder_folder(folder, weights=False)
+        try:
+            _, cfg, layout = read_transcoder_folder(folder, weights=False)
+        except SaeStoreError:
+            continue
         meta = cfg.get("meta") or {}
         if layout == "gemma-scope" or "transcoder" in str(cfg.get("architecture", "")) or "hook_name_out" in meta:
             return True
