@@ -7,7 +7,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboards.trace_layout import parse_graph, place, row_labels
+from dashboards.views.trace.layout import parse_graph, place, row_labels
 from storage.graph_groups import graph_names, read_supernodes, supernodes_path, write_supernodes
 
 TRICKY = "<b>*x*</b> $a$"
@@ -143,14 +143,14 @@ def test_page_lists_graphs_and_draws_the_chosen_one(graph_run):
 
 
 def test_the_chart_draws_the_strongest_links_and_the_page_offers_more(graph_run, monkeypatch):
-    from dashboards.trace_chart import frames
-    from dashboards.views import trace
+    from dashboards.views.trace import page as trace_page
+    from dashboards.views.trace.chart import frames
 
     graph = parse_graph(small_graph(), "cat")
     _, edges, _ = frames(graph, [], max_links=2)
     assert sorted(edges["weight"].tolist()) == [0.9, 1.1]  # the two largest |weight| of five
     assert len(frames(graph, [])[1]) == 5
-    monkeypatch.setattr(trace, "DEFAULT_LINKS", 3)
+    monkeypatch.setattr(trace_page, "DEFAULT_LINKS", 3)
     app = page(graph="cat").run()
     assert not app.exception, app.exception
     assert len([r for r in chart_rows(app) if "strength" in r]) == 3

@@ -1,8 +1,8 @@
 """Attribution graphs (``/trace?graph=NAME``): the pruned graph on a layers x positions grid, supernodes, links out.
 
-A prompt box (``dashboards.trace_new``) traces a new prompt and opens its graph.
+A prompt box (``dashboards.views.trace.new``) traces a new prompt and opens its graph.
 The page reads ``RUN/graphs/NAME.json`` (Neuronpedia's graph-file JSON; which fields,
-see ``dashboards.trace_layout``), shows the graph's replacement and completeness scores
+see ``dashboards.views.trace.layout``), shows the graph's replacement and completeness scores
 at the top (unpruned, and pruned in brackets), and draws it as one Altair chart: embeddings at
 the bottom, logits on top, prompt tokens under the columns. Hover a node for its
 label, layer, position, activation and influence; click it (or choose it in the
@@ -22,10 +22,10 @@ import streamlit as st
 
 from dashboards.render import short, token_spans
 from dashboards.resources import app_settings, show_error
-from dashboards.trace_chart import NODE_SELECTION, graph_chart
-from dashboards.trace_intervene import panel
-from dashboards.trace_layout import TraceGraph, TraceNode, feature_url, parse_graph
-from dashboards.trace_new import trace_form
+from dashboards.views.trace.chart import NODE_SELECTION, graph_chart
+from dashboards.views.trace.intervene import panel
+from dashboards.views.trace.layout import TraceGraph, TraceNode, feature_url, parse_graph
+from dashboards.views.trace.new import trace_form
 from storage.graph_groups import graph_names, graph_path, read_graph_json, read_supernodes, write_supernodes
 
 DEFAULT_LINKS = 3000

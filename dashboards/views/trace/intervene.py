@@ -16,7 +16,7 @@ import streamlit as st
 
 from dashboards.render import token_label, token_spans
 from dashboards.resources import hook_lock, show_error
-from dashboards.trace_layout import TraceGraph, TraceNode
+from dashboards.views.trace.layout import TraceGraph, TraceNode
 from pipeline.lm.models import load_model
 from pipeline.lm.packing import encode_prompt
 from pipeline.sae.transcoder_format import transcoder_from_saelens

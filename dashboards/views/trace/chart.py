@@ -11,7 +11,7 @@ import altair as alt
 import pandas as pd
 
 from dashboards.render import token_label
-from dashboards.trace_layout import TraceGraph, edge_rows, group_boxes, node_rows, place, row_labels
+from dashboards.views.trace.layout import TraceGraph, edge_rows, group_boxes, node_rows, place, row_labels
 
 SHAPES = {"embedding": "square", "feature": "circle", "error": "diamond", "logit": "triangle-up"}
 COLOURS = {"embedding": "#7f7f7f", "feature": "#ff8800", "error": "#9ecae1", "logit": "#2ca02c"}
