@@ -18,6 +18,10 @@ COLOURS = {"embedding": "#7f7f7f", "feature": "#ff8800", "error": "#9ecae1", "lo
 SIGN_COLOURS = {"positive": "#1f77b4", "negative": "#d62728"}
 NODE_SELECTION = "node"
 """Name of the click selection on the node layer (Streamlit returns it under this key)."""
+GROUP_SELECTION = "group"
+"""Name of the click selection on the supernode boxes."""
+GROUP_COLOURS = {"saved": "#6a3d9a", "suggested": "#1b9e77"}
+RING_COLOURS = {"selected": "#000000", "pinned": "#e6ab02"}
 TOOLTIP = [
     alt.Tooltip("label:N", title="label"),
     alt.Tooltip("kind:N"),
@@ -25,6 +29,8 @@ TOOLTIP = [
     alt.Tooltip("position:Q"),
     alt.Tooltip("activation:Q", format=".4g"),
     alt.Tooltip("influence:Q", format=".4g"),
+    alt.Tooltip("density:Q", format=".3g"),
+    alt.Tooltip("example:N", title="top example"),
     alt.Tooltip("node_id:N"),
 ]
 
@@ -75,14 +81,37 @@ def node_layer(nodes: pd.DataFrame) -> alt.Chart:
     )
 
 
+def ring_layer(nodes: pd.DataFrame) -> list[alt.Chart]:
+    """A ring around the selected node (black) and each pinned node (gold), drawn under the nodes."""
+    marked = nodes[nodes["state"] != ""] if "state" in nodes else nodes.iloc[0:0]
+    if marked.empty:
+        return []
+    states = list(RING_COLOURS)
+    ring = alt.Chart(marked).mark_point(shape="circle", size=420, filled=False, strokeWidth=3)
+    colour = alt.Color("state:N", scale=alt.Scale(domain=states, range=list(RING_COLOURS.values())), legend=None)
+    return [ring.encode(x=alt.X("x:Q", **_axisless()), y=alt.Y("y:Q", **_axisless()), color=colour)]
+
+
 def box_layers(boxes: pd.DataFrame) -> list[alt.Chart]:
-    """Supernodes: a shaded box around the members and the group's name above it."""
+    """Supernodes: a shaded box around the members (purple: saved, green: suggested), its name above; click one
+    to select it."""
     if boxes.empty:
         return []
-    rect = alt.Chart(boxes).mark_rect(opacity=0.12, color="#6a3d9a", stroke="#6a3d9a", strokeWidth=1.5)
-    rect = rect.encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", tooltip=[alt.Tooltip("name:N", title="supernode")])
-    text = alt.Chart(boxes).mark_text(dy=-8, color="#6a3d9a", fontWeight="bold", align="left")
-    return [rect, text.encode(x="x:Q", y="y2:Q", text="name:N")]
+    pick = alt.selection_point(name=GROUP_SELECTION, fields=["name"], on="click")
+    sources = list(GROUP_COLOURS)
+    colour = alt.Color(
+        "source:N",
+        scale=alt.Scale(domain=sources, range=list(GROUP_COLOURS.values())),
+        legend=alt.Legend(title="supernode"),
+    )
+    rect = alt.Chart(boxes).mark_rect(opacity=0.12, strokeWidth=1.5)
+    rect = rect.encode(
+        x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=colour,
+        stroke=alt.Stroke("source:N", scale=alt.Scale(domain=sources, range=list(GROUP_COLOURS.values())), legend=None),
+        tooltip=[alt.Tooltip("name:N", title="supernode"), alt.Tooltip("source:N"), alt.Tooltip("members:Q")],
+    ).add_params(pick)  # fmt: skip
+    text = alt.Chart(boxes).mark_text(dy=-8, fontWeight="bold", align="left")
+    return [rect, text.encode(x="x:Q", y="y2:Q", text="name:N", color=colour)]
 
 
 def label_layers(graph: TraceGraph) -> list[alt.Chart]:
@@ -98,25 +127,36 @@ def label_layers(graph: TraceGraph) -> list[alt.Chart]:
 
 
 def frames(
-    graph: TraceGraph, groups: list[tuple[str, list[str]]], max_links: int | None = None
+    graph: TraceGraph,
+    groups: list[tuple[str, list[str], bool]],
+    max_links: int | None = None,
+    clicked: str = "",
+    pinned: tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(nodes, edges, supernode boxes) as data frames of plain values; edges: the ``max_links`` largest |weight|."""
+    """(nodes, edges, supernode boxes) as data frames of plain values; edges: the ``max_links`` largest |weight|;
+    groups: (name, members, suggested?); ``clicked`` and ``pinned`` set the nodes' ``state``."""
     placed = place(graph)
     edge_columns = ["x", "y", "x2", "y2", "weight", "strength", "sign"]
     edges = pd.DataFrame(edge_rows(graph, placed), columns=edge_columns)
     if max_links is not None and len(edges) > max_links:
         edges = edges.nlargest(max_links, "strength", keep="first").sort_index()
     return (
-        pd.DataFrame(node_rows(graph, placed)),
+        pd.DataFrame(node_rows(graph, placed, clicked, pinned)),
         edges,
-        pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members"]),
+        pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members", "source"]),
     )
 
 
 def graph_chart(
-    graph: TraceGraph, groups: list[tuple[str, list[str]]], height: int = 640, max_links: int | None = None
+    graph: TraceGraph,
+    groups: list[tuple[str, list[str], bool]],
+    height: int = 640,
+    max_links: int | None = None,
+    clicked: str = "",
+    pinned: tuple[str, ...] = (),
 ) -> alt.LayerChart:
-    """The whole graph as one layered chart, nodes on top of boxes on top of edges (the ``max_links`` strongest)."""
-    nodes, edges, boxes = frames(graph, groups, max_links)
-    layers = [edge_layer(edges), *box_layers(boxes), node_layer(nodes), *label_layers(graph)]
+    """The whole graph as one layered chart, nodes on top of rings and boxes on top of edges (the ``max_links``
+    strongest); a ring marks ``clicked`` and each of ``pinned``."""
+    nodes, edges, boxes = frames(graph, groups, max_links, clicked, pinned)
+    layers = [edge_layer(edges), *box_layers(boxes), *ring_layer(nodes), node_layer(nodes), *label_layers(graph)]
     return alt.layer(*layers).properties(height=height).resolve_scale(color="independent")
