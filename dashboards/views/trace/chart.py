@@ -22,20 +22,25 @@ GROUP_SELECTION = "group"
 """Name of the click selection on the supernode boxes."""
 GROUP_COLOURS = {"saved": "#6a3d9a", "suggested": "#1b9e77"}
 RING_COLOURS = {"selected": "#000000", "pinned": "#e6ab02"}
+SVG_MAX_LINKS = 8000
+"""Up to this many links the chart is drawn as SVG (each node an element with its tooltip text as aria-label,
+which a browser test can click); above it on a canvas, which stays fast."""
 TOOLTIP = [
     alt.Tooltip("label:N", title="label"),
     alt.Tooltip("kind:N"),
     alt.Tooltip("layer:N"),
     alt.Tooltip("position:Q"),
-    alt.Tooltip("activation:Q", format=".4g"),
-    alt.Tooltip("influence:Q", format=".4g"),
-    alt.Tooltip("density:Q", format=".3g"),
+    alt.Tooltip("activation_text:N", title="activation"),
+    alt.Tooltip("influence_text:N", title="influence"),
+    alt.Tooltip("density_text:N", title="density"),
     alt.Tooltip("example:N", title="top example"),
     alt.Tooltip("node_id:N"),
 ]
 
 
 def _axisless(title: str | None = None) -> dict:
+    """No axis: every layer must say so, as a rect layer with axes beside a selecting layer without them fails to draw
+    in the browser (Vega-Lite: "Cannot read properties of undefined (reading 'forEach')")."""
     return {"axis": None, "title": title}
 
 
@@ -98,20 +103,20 @@ def box_layers(boxes: pd.DataFrame) -> list[alt.Chart]:
     if boxes.empty:
         return []
     pick = alt.selection_point(name=GROUP_SELECTION, fields=["name"], on="click")
-    sources = list(GROUP_COLOURS)
-    colour = alt.Color(
-        "source:N",
-        scale=alt.Scale(domain=sources, range=list(GROUP_COLOURS.values())),
-        legend=alt.Legend(title="supernode"),
-    )
+    scale = alt.Scale(domain=list(GROUP_COLOURS), range=list(GROUP_COLOURS.values()))
+    x, y = alt.X("x:Q", **_axisless()), alt.Y("y:Q", **_axisless())
     rect = alt.Chart(boxes).mark_rect(opacity=0.12, strokeWidth=1.5)
     rect = rect.encode(
-        x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=colour,
-        stroke=alt.Stroke("source:N", scale=alt.Scale(domain=sources, range=list(GROUP_COLOURS.values())), legend=None),
+        x=x, x2="x2:Q", y=y, y2="y2:Q",
+        color=alt.Color("source:N", scale=scale, legend=alt.Legend(title="supernode")),
+        stroke=alt.Stroke("source:N", scale=scale, legend=None),
         tooltip=[alt.Tooltip("name:N", title="supernode"), alt.Tooltip("source:N"), alt.Tooltip("members:Q")],
     ).add_params(pick)  # fmt: skip
     text = alt.Chart(boxes).mark_text(dy=-8, fontWeight="bold", align="left")
-    return [rect, text.encode(x="x:Q", y="y2:Q", text="name:N", color=colour)]
+    text = text.encode(
+        x=x, y=alt.Y("y2:Q", **_axisless()), text="name:N", color=alt.Color("source:N", scale=scale, legend=None)
+    )
+    return [rect, text]
 
 
 def label_layers(graph: TraceGraph) -> list[alt.Chart]:
@@ -123,7 +128,8 @@ def label_layers(graph: TraceGraph) -> list[alt.Chart]:
     rows = pd.DataFrame([{"x": -1.0, "y": float(r), "text": name} for r, name in enumerate(row_labels(graph))])
     token_text = alt.Chart(tokens).mark_text(angle=300, align="right", fontSize=11, font="monospace")
     row_text = alt.Chart(rows).mark_text(align="right", color="#666", fontSize=11)
-    return [token_text.encode(x="x:Q", y="y:Q", text="text:N"), row_text.encode(x="x:Q", y="y:Q", text="text:N")]
+    x, y = alt.X("x:Q", **_axisless()), alt.Y("y:Q", **_axisless())
+    return [token_text.encode(x=x, y=y, text="text:N"), row_text.encode(x=x, y=y, text="text:N")]
 
 
 def frames(
@@ -159,4 +165,9 @@ def graph_chart(
     strongest); a ring marks ``clicked`` and each of ``pinned``."""
     nodes, edges, boxes = frames(graph, groups, max_links, clicked, pinned)
     layers = [edge_layer(edges), *box_layers(boxes), *ring_layer(nodes), node_layer(nodes), *label_layers(graph)]
-    return alt.layer(*layers).properties(height=height).resolve_scale(color="independent")
+    renderer = "svg" if len(edges) <= SVG_MAX_LINKS else "canvas"
+    return (
+        alt.layer(*layers)
+        .properties(height=height, usermeta={"embedOptions": {"renderer": renderer}})
+        .resolve_scale(color="independent")
+    )

@@ -285,8 +285,15 @@ def node_rows(
             "position": node.position, "activation": node.activation, "influence": node.influence,
             "feature": node.feature, "url": feature_url(node, graph.saescope.get("transcoders")),
             "density": node.density, "example": node.example, "state": state,
+            "activation_text": _number(node.activation), "influence_text": _number(node.influence),
+            "density_text": "" if node.density is None else f"{node.density:.3g}{' (dense)' if node.dense else ''}",
         })  # fmt: skip
     return rows
+
+
+def _number(value: float | None) -> str:
+    """A number for a tooltip, '' when the file has none (Vega would print 'null')."""
+    return "" if value is None else f"{value:.4g}"
 
 
 def edge_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list[dict]:
