@@ -319,6 +319,9 @@ def test_the_url_s_pins_and_selection_restore_the_view(graph_run):
     app.selectbox(key="trace_node").set_value("1_12_1").run()
     assert app.query_params["clickedId"] == "1_12_1" and app.button(key="trace_pin").label == "Unpin"
     assert [d.proto.label for d in app.get("download_button")] == ["Download graph JSON"]
+    app.selectbox[0].set_value("other").run()  # another graph: node ids mean other nodes there
+    assert "clickedId" not in app.query_params and "pinnedIds" not in app.query_params
+    assert app.selectbox(key="trace_node").value == ""
 
 
 def test_a_file_s_view_opens_when_the_url_has_none(graph_run):

@@ -66,9 +66,17 @@ def load_graph(run: Path, name: str) -> TraceGraph:
     return _parsed(str(run), name, (stat.st_mtime_ns, stat.st_size))
 
 
+def _graph_changed() -> None:
+    """Another graph: its node ids mean other nodes, so the selection and the pins go."""
+    for key in (CLICKED, PINNED):
+        if key in st.query_params:
+            del st.query_params[key]
+
+
 def chosen_graph(names: list[str]) -> str:
     wanted = st.query_params.get("graph")
-    name = st.selectbox("graph", names, index=names.index(wanted) if wanted in names else 0)
+    index = names.index(wanted) if wanted in names else 0
+    name = st.selectbox("graph", names, index=index, on_change=_graph_changed)
     st.query_params["graph"] = name
     return name
 
