@@ -7,7 +7,7 @@ while the MLP's own output (the transcoder's error included) is kept. ``v`` is
 given as a multiple of the latent's largest activation on the held-out contexts
 (the page's statistics), as the SAE steering page takes multiples of a
 feature's maximum. The original and steered top next tokens and greedy
-continuations are shown side by side (``dashboards.trace_intervene.show``).
+continuations are shown side by side (``dashboards.views.trace.intervene.show``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards.resources import hook_lock, show_error
-from dashboards.trace_intervene import show
+from dashboards.views.trace.intervene import show
 from pipeline.lm.packing import encode_prompt
 from pipeline.tracing.intervention import FeatureEdit, run_intervention
 

@@ -150,6 +150,34 @@ def test_feature_page_steering_and_probe_in_chromium(browser, server, indexed_ru
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
+def test_trace_page_click_selects_a_node_and_the_url_restores_the_view(browser, indexed_copy, tmp_path):
+    """/trace on a hand-made graph: a click on a node selects it (its details below, clickedId in the URL);
+    a URL with pinnedIds and clickedId opens that view again."""
+    import json
+
+    from test_trace_page import small_graph
+
+    (indexed_copy / "graphs").mkdir()
+    (indexed_copy / "graphs" / "cat.json").write_text(json.dumps(small_graph()), encoding="utf-8")
+    with serving(indexed_copy, tmp_path / "home") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(f"{url}/trace?graph=cat")
+        node = page.locator('.vega-embed path[aria-label$="node_id: 1_12_1"]')  # SVG: each node's tooltip text
+        node.wait_for(timeout=60_000)
+        box = node.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_function("() => new URLSearchParams(location.search).get('clickedId') === '1_12_1'")
+        page.locator('div.trace-node[data-node="1_12_1"]').wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "trace-clicked.png"), full_page=True)
+
+        page.goto(f"{url}/trace?graph=cat&pinnedIds=0_7_1&clickedId=E_9_1")
+        page.locator('div.trace-node[data-node="E_9_1"]').wait_for(timeout=60_000)
+        page.locator('div.trace-node[data-node="0_7_1"]').wait_for(timeout=30_000)  # the pinned node's details
+        query = page.evaluate("() => Object.fromEntries(new URLSearchParams(location.search))")
+        assert query == {"graph": "cat", "pinnedIds": "0_7_1", "clickedId": "E_9_1"}
+        page.screenshot(path=str(tmp_path / "trace-restored.png"), full_page=True)
+
+
 TRICKY = "Use `x` and *y* with $a+b$ and _b_ <script>alert(1)</script>\n```py\nx = 1\n```"
 
 
@@ -222,7 +250,7 @@ def test_real_model_graph_page_draws_the_traced_prompt(browser, real_traced, rea
     assert doc["metadata"]["prompt_tokens"] == [tokenizer.decode([t]) for t in encode_prompt(tokenizer, TRACE_PROMPT)]
     with serving(real_traced, real_home) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{url}/trace?graph=capital")
+        page.goto(f"{url}/trace?graph=capital&clickedId={doc['nodes'][-1]['node_id']}")  # details need a selection
         page.locator(".vega-embed").first.wait_for(timeout=120_000)
         shown = page.locator("div.trace-prompt").first.inner_text()
         assert_plain_text(shown)

@@ -7,7 +7,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboards.trace_layout import parse_graph, place, row_labels
+from dashboards.views.trace.layout import parse_graph, place, row_labels
 from storage.graph_groups import graph_names, read_supernodes, supernodes_path, write_supernodes
 
 TRICKY = "<b>*x*</b> $a$"
@@ -143,14 +143,14 @@ def test_page_lists_graphs_and_draws_the_chosen_one(graph_run):
 
 
 def test_the_chart_draws_the_strongest_links_and_the_page_offers_more(graph_run, monkeypatch):
-    from dashboards.trace_chart import frames
-    from dashboards.views import trace
+    from dashboards.views.trace import page as trace_page
+    from dashboards.views.trace.chart import frames
 
     graph = parse_graph(small_graph(), "cat")
     _, edges, _ = frames(graph, [], max_links=2)
     assert sorted(edges["weight"].tolist()) == [0.9, 1.1]  # the two largest |weight| of five
     assert len(frames(graph, [])[1]) == 5
-    monkeypatch.setattr(trace, "DEFAULT_LINKS", 3)
+    monkeypatch.setattr(trace_page, "DEFAULT_LINKS", 3)
     app = page(graph="cat").run()
     assert not app.exception, app.exception
     assert len([r for r in chart_rows(app) if "strength" in r]) == 3
@@ -162,7 +162,7 @@ def test_hover_label_is_literal_text_and_prompt_tokens_are_escaped(graph_run):
     labels = {r["node_id"]: r["label"] for r in chart_rows(app) if "node_id" in r}
     assert labels["0_7_1"] == TRICKY  # tooltip data holds the characters; Vega's tooltip escapes HTML
     tooltip_fields = [t["field"] for layer in chart_spec(app)["layer"] for t in layer["encoding"].get("tooltip", [])]
-    assert "label" in tooltip_fields and "activation" in tooltip_fields and "influence" in tooltip_fields
+    assert {"label", "activation_text", "influence_text", "density_text", "example"} <= set(tooltip_fields)
     markup = "".join(h.proto.body for h in app.get("html"))
     assert "&lt;i&gt;c&lt;/i&gt;" in markup and "<i>c</i>" not in markup
     assert not [m for m in app.markdown if "*x*" in m.value or "<b>" in m.value]
@@ -184,9 +184,9 @@ def html_escaped(text: str) -> str:
 
 def test_supernode_save_and_reload(graph_run):
     app = page(graph="cat").run()
-    app.multiselect[0].set_value(["0_7_1", "1_12_1"])
+    app.multiselect(key="trace_members").set_value(["0_7_1", "1_12_1"])
     app.text_input[0].input("pet <path>")
-    app.button[0].click().run()
+    app.button(key="FormSubmitter:supernode-Save supernode").click().run()
     assert not app.exception, app.exception
     assert read_supernodes(graph_run, "cat") == [("pet <path>", ["0_7_1", "1_12_1"])]
     fresh = page(graph="cat").run()
@@ -219,8 +219,8 @@ def test_intervention_panel_shows_original_and_edited_predictions(run_copy, monk
     (run_copy / "graphs" / "cat.json").write_text(json.dumps(graph), encoding="utf-8")
     monkeypatch.setenv("SAESCOPE_RUN", str(run_copy))
     app = page(graph="cat").run()
-    app.multiselect[1].set_value(["1_4_3"])
-    app.button[1].click().run(timeout=120)
+    app.multiselect(key="trace_edit").set_value(["1_4_3"])
+    app.button(key="FormSubmitter:intervene-Run intervention").click().run(timeout=120)
     assert not app.exception, app.exception
     assert not app.error, app.error[0].value
     assert [h.value for h in app.subheader][-2:] == ["original", "intervened"]
@@ -256,3 +256,113 @@ def test_the_prompt_box_traces_saves_and_opens_a_new_graph(transcoder_run, tmp_p
     app.button[0].click().run(timeout=120)
     assert app.error and "already saved" in app.error[0].value and "replace" in app.error[0].value
     assert (run / "graphs" / "the-cat-sat-on.json").read_bytes() == saved
+
+
+def rich_graph() -> dict:
+    """small_graph plus what the tracer may add: densities, a top example, QK tracing, suggested supernodes."""
+    data = small_graph()
+    by_id = {n["node_id"]: n for n in data["nodes"]}
+    by_id["0_3_1"]["saescope_density"] = 0.2  # dense
+    by_id["0_7_1"].update(saescope_density=0.001, saescope_example="the <cat> sat")
+    by_id["1_12_1"]["qk_tracing_results"] = {
+        "pair_wise_contributors": [["0_7_1", "9_1_0", 0.5], ["E_9_1", "9_1_0", -0.9]],
+        "top_q_marginal_contributors": [["0_7_1", 0.2], ["E_9_1", -0.7]],
+        "top_k_marginal_contributors": [["9_1_0", 1.25]],
+    }
+    data["qk_only_nodes"] = [
+        {"node_id": "9_1_0", "feature": None, "layer": "0", "ctx_idx": 0, "feature_type": "cross layer transcoder",
+         "clerp": "key-side thing"}
+    ]  # fmt: skip
+    data["qParams"]["supernodes"] = [["pets", "0_7_1", "1_12_1"], ["say sat", "1_12_1", "3_20_1"]]
+    return data
+
+
+def test_the_file_s_extras_parse_and_saved_supernodes_win_over_suggestions():
+    from dashboards.views.trace.layout import export_json, merged_groups, parse_ids, without_dense
+
+    graph = parse_graph(rich_graph(), "cat")
+    by_id = graph.by_id
+    assert by_id["0_3_1"].dense and not by_id["0_7_1"].dense and by_id["E_5_0"].density is None
+    assert by_id["0_7_1"].example == "the <cat> sat"
+    qk = by_id["1_12_1"].qk
+    assert qk.k_marginal == [("9_1_0", 1.25)] and qk.pairs[1] == ("E_9_1", "9_1_0", -0.9)
+    assert graph.qk_only["9_1_0"].label == "key-side thing"
+    assert graph.suggested == [("pets", ["0_7_1", "1_12_1"]), ("say sat", ["1_12_1", "3_20_1"])]
+    light = without_dense(graph)
+    assert "0_3_1" not in light.by_id and len(light.nodes) == 6 and len(light.links) == 4  # its one link goes too
+    groups = merged_groups([("pets", ["0_3_1"]), ("mine", ["3_20_1"])], graph.suggested)
+    assert groups == [("pets", ["0_3_1"], False), ("mine", ["3_20_1"], False), ("say sat", ["1_12_1"], True)]
+    assert parse_ids(" a,b,,a ") == ["a", "b"] and parse_ids(["x"]) == ["x"]
+    data = rich_graph()
+    data["qParams"]["linkType"] = "both"
+    out = export_json(data, ["0_7_1"], "1_12_1", groups)
+    assert out["qParams"]["pinnedIds"] == ["0_7_1"] and out["qParams"]["clickedId"] == "1_12_1"
+    assert out["qParams"]["supernodes"] == [["pets", "0_3_1"], ["mine", "3_20_1"], ["say sat", "1_12_1"]]
+    assert out["qParams"]["linkType"] == "both"  # the file's other view settings go out as read
+    assert out["nodes"] is data["nodes"] and data["qParams"]["pinnedIds"] == []  # the file's dict is not changed
+    with pytest.raises(ValueError, match="is not \\[name, node_id"):
+        parse_graph({**data, "qParams": {"supernodes": [["pets", 3]]}}, "cat")
+
+
+def test_the_url_s_pins_and_selection_restore_the_view(graph_run):
+    app = page(graph="cat", clickedId="0_7_1", pinnedIds="1_12_1,not-a-node").run()
+    assert not app.exception, app.exception
+    states = {r["node_id"]: r["state"] for r in chart_rows(app) if "node_id" in r}
+    assert states["0_7_1"] == "selected" and states["1_12_1"] == "pinned" and states["E_5_0"] == ""
+    assert app.selectbox(key="trace_node").value == "0_7_1"
+    assert app.multiselect(key="trace_pins").value == ["1_12_1"]
+    assert app.query_params["pinnedIds"] == "1_12_1"  # the unknown id is dropped
+    markup = "".join(h.proto.body for h in app.get("html"))
+    assert 'data-node="0_7_1"' in markup and 'data-node="1_12_1"' in markup
+    app.button(key="trace_pin").click().run()
+    assert app.query_params["pinnedIds"] == "1_12_1,0_7_1"
+    app.selectbox(key="trace_node").set_value("1_12_1").run()
+    assert app.query_params["clickedId"] == "1_12_1" and app.button(key="trace_pin").label == "Unpin"
+    assert [d.proto.label for d in app.get("download_button")] == ["Download graph JSON"]
+    app.selectbox[0].set_value("other").run()  # another graph: node ids mean other nodes there
+    assert "clickedId" not in app.query_params and "pinnedIds" not in app.query_params
+    assert app.selectbox(key="trace_node").value == ""
+
+
+def test_a_file_s_view_opens_when_the_url_has_none(graph_run):
+    data = small_graph()
+    data["qParams"].update(pinnedIds=["0_3_1"], clickedId="1_12_1")
+    (graph_run / "graphs" / "cat.json").write_text(json.dumps(data), encoding="utf-8")
+    app = page(graph="cat").run()
+    assert app.selectbox(key="trace_node").value == "1_12_1" and app.multiselect(key="trace_pins").value == ["0_3_1"]
+
+
+def test_dense_latents_hide_until_asked_and_qk_tracing_shows_both_sides(graph_run):
+    (graph_run / "graphs" / "cat.json").write_text(json.dumps(rich_graph()), encoding="utf-8")
+    app = page(graph="cat", clickedId="1_12_1").run()
+    assert not app.exception, app.exception
+    assert sorted(r["node_id"] for r in chart_rows(app) if "node_id" in r).count("0_3_1") == 0
+    q_side, k_side, pairs = (d.value for d in app.dataframe)
+    assert q_side["attribution"].tolist() == [-0.7, 0.2]  # strongest first
+    assert k_side["node"].tolist()[0].endswith("key-side thing")  # a QK-only node, named by its label
+    assert pairs["attribution"].tolist() == [-0.9, 0.5]
+    app.toggle(key="trace_dense").set_value(True).run()
+    assert "0_3_1" in [r["node_id"] for r in chart_rows(app) if "node_id" in r]
+    rows = {r["node_id"]: r for r in chart_rows(app) if "node_id" in r}
+    assert rows["0_7_1"]["example"] == "the <cat> sat" and rows["0_7_1"]["density"] == 0.001
+
+
+def test_suggested_supernodes_draw_as_boxes_and_a_saved_one_of_the_name_wins(graph_run):
+    (graph_run / "graphs" / "cat.json").write_text(json.dumps(rich_graph()), encoding="utf-8")
+    write_supernodes(graph_run, "cat", [("pets", ["0_7_1", "1_-1_1"])])
+    app = page(graph="cat").run()
+    assert not app.exception, app.exception
+    boxes = sorted((r["name"], r["source"], r["members"]) for r in chart_rows(app) if "members" in r)
+    assert boxes == [("pets", "saved", 2), ("say sat", "suggested", 2)]
+    assert app.selectbox(key="trace_group").options == ["pets"]  # only the person's own groups can be removed
+
+
+def test_every_chart_layer_is_axisless_and_small_charts_are_svg(graph_run):
+    """A rect layer with axes beside the selecting node layer without them fails to draw in Chromium (Vega-Lite
+    "reading 'forEach'"): every layer's x and y say axis None. SVG gives each node an aria-label to click in a test."""
+    write_supernodes(graph_run, "cat", [("pets", ["0_7_1", "1_12_1"])])
+    spec = chart_spec(page(graph="cat").run())
+    for layer in spec["layer"]:
+        for channel in ("x", "y"):
+            assert layer["encoding"][channel].get("axis", "missing") is None, (layer["mark"], channel)
+    assert spec["usermeta"]["embedOptions"]["renderer"] == "svg"

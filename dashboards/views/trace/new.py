@@ -1,7 +1,7 @@
 """The /trace page's prompt box: trace a new prompt with the run's transcoders and save it as a graph.
 
 The compute is ``pipeline.tracing.document.trace_document``, the same as `saescope
-trace`, on the server's shared CPU model and transcoders (``trace_intervene.live_tracing``)
+trace`, on the server's shared CPU model and transcoders (``intervene.live_tracing``)
 under the hook lock. Labels search the cache's last ``LABEL_CONTEXTS`` contexts.
 The graph is written to ``RUN/graphs/NAME.json`` (NAME from the prompt unless
 given) and the page then opens it. The set must cover every layer, as tracing needs.
@@ -16,7 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboards.resources import hook_lock, show_error
-from dashboards.trace_intervene import live_tracing
+from dashboards.views.trace.intervene import live_tracing
 from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.graph_json import to_json

@@ -9,8 +9,12 @@ Fields read from the file: ``metadata.prompt``, ``metadata.prompt_tokens``,
 ``metadata.slug``, ``metadata.scores`` (replacement and completeness, unpruned and
 pruned; absent in older files), ``saescope`` (kept as given); per node ``node_id``,
 ``feature``, ``layer``, ``ctx_idx``, ``feature_type``, ``clerp``,
-``activation``, ``influence``, ``token_prob``, ``is_target_logit``; per link
-``source``, ``target``, ``weight``. A transcoder feature's index is the middle
+``activation``, ``influence``, ``token_prob``, ``is_target_logit`` and, where the
+tracer wrote them, ``saescope_density`` (the latent's firing density), ``saescope_example``
+(its top example as plain text) and ``qk_tracing_results`` (``QkTracing``); per link
+``source``, ``target``, ``weight``; ``qk_only_nodes`` (nodes named by QK tracing that the
+pruned graph lacks); ``qParams``: ``supernodes`` (suggested groups, ``[name, node_id, ...]``
+each), ``pinnedIds`` and ``clickedId`` (the view the file opens with). A transcoder feature's index is the middle
 part of its ``node_id`` (``"{layer}_{feature}_{pos}"``, as circuit-tracer writes
 it); only a node_id of another shape falls back to ``feature``, which schema 1
 defines as cantor(layer, index) (``pipeline.tracing.graph_json.uncantor``).
@@ -19,7 +23,7 @@ defines as cantor(layer, index) (``pipeline.tracing.graph_json.uncantor``).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
 from pipeline.tracing.graph_json import uncantor
@@ -33,6 +37,20 @@ KINDS = {
 """feature_type in the file -> the kind the page draws."""
 CELL_WIDTH = 0.8
 """Fraction of a column the nodes of one cell spread over."""
+DENSE_DENSITY = 0.01
+"""A latent firing on more than this fraction of tokens is dense: hidden from the chart unless asked for."""
+
+
+@dataclass(frozen=True)
+class QkTracing:
+    """Where an attention node's query and key came from (circuit-tracer's ``qk_tracing_results``)."""
+
+    pairs: list[tuple[str, str, float]]
+    """(query-side node_id, key-side node_id, attribution) of the strongest pairs."""
+    q_marginal: list[tuple[str, float]]
+    """(node_id, attribution) of the top contributors to the query, summed over keys."""
+    k_marginal: list[tuple[str, float]]
+    """(node_id, attribution) of the top contributors to the key, summed over queries."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,15 @@ class TraceNode:
     influence: float | None
     token_prob: float | None
     is_target_logit: bool
+    density: float | None = None
+    """The latent's firing density (``saescope_density``), None where the file has none."""
+    example: str = ""
+    """The latent's top example as plain text (``saescope_example``), '' where the file has none."""
+    qk: QkTracing | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.density is not None and self.density > DENSE_DENSITY
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,14 @@ class TraceGraph:
     saescope: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     """``{"unpruned": {"replacement": r, "completeness": c}, "pruned": {...}}``, or {} when the file has none."""
+    suggested: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Supernodes the file suggests (``qParams.supernodes``): (name, member node_ids)."""
+    qk_only: dict[str, TraceNode] = field(default_factory=dict)
+    """Nodes named by QK tracing that are not in the graph (``qk_only_nodes``), by node_id."""
+    pinned: list[str] = field(default_factory=list)
+    """``qParams.pinnedIds``: the nodes the file opens pinned."""
+    clicked: str = ""
+    """``qParams.clickedId``: the node the file opens selected ('' for none)."""
 
     @property
     def by_id(self) -> dict[str, TraceNode]:
@@ -96,10 +131,37 @@ def parse_node(raw: dict) -> TraceNode:
         return TraceNode(
             str(raw["node_id"]), kind, layer, position, feature, str(raw.get("clerp") or ""),
             _float(raw.get("activation")), _float(raw.get("influence")), _float(raw.get("token_prob")),
-            bool(raw.get("is_target_logit", False)),
+            bool(raw.get("is_target_logit", False)), _float(raw.get("saescope_density")),
+            str(raw.get("saescope_example") or ""), parse_qk(raw.get("qk_tracing_results")),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"graph node {raw.get('node_id', '?')!r} is unreadable ({error!r})") from error
+
+
+def parse_qk(raw) -> QkTracing | None:
+    """A node's ``qk_tracing_results`` (None when absent); raises on a malformed entry (``parse_node`` names it)."""
+    if raw is None:
+        return None
+    pairs = [(str(q), str(k), float(a)) for q, k, a in raw.get("pair_wise_contributors", [])]
+    q_side = [(str(i), float(a)) for i, a in raw.get("top_q_marginal_contributors", [])]
+    k_side = [(str(i), float(a)) for i, a in raw.get("top_k_marginal_contributors", [])]
+    return QkTracing(pairs, q_side, k_side)
+
+
+def parse_groups(raw) -> list[tuple[str, list[str]]]:
+    """``qParams.supernodes`` (``[[name, node_id, ...], ...]``) as (name, members); ValueError on another shape."""
+    groups = []
+    for entry in raw or []:
+        if not isinstance(entry, list) or not entry or not all(isinstance(x, str) for x in entry):
+            raise ValueError(f"qParams.supernodes entry {entry!r} is not [name, node_id, ...]")
+        groups.append((entry[0], list(entry[1:])))
+    return groups
+
+
+def parse_ids(raw) -> list[str]:
+    """Node ids from a list, or from comma-separated text as in a Neuronpedia URL; blanks and repeats dropped."""
+    items = raw.split(",") if isinstance(raw, str) else [str(x) for x in raw or []]
+    return list(dict.fromkeys(item.strip() for item in items if item.strip()))
 
 
 def parse_graph(data: dict, name: str) -> TraceGraph:
@@ -116,9 +178,47 @@ def parse_graph(data: dict, name: str) -> TraceGraph:
     ]
     tokens = [str(t) for t in meta.get("prompt_tokens", [])]
     scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
+    q_params = data.get("qParams") if isinstance(data.get("qParams"), dict) else {}
+    qk_only = {n.node_id: n for n in (parse_node(raw) for raw in data.get("qk_only_nodes") or [])}
     return TraceGraph(
-        name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}), dict(scores)
-    )
+        name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}), dict(scores),
+        parse_groups(q_params.get("supernodes")), qk_only, parse_ids(q_params.get("pinnedIds")),
+        str(q_params.get("clickedId") or ""),
+    )  # fmt: skip
+
+
+def without_dense(graph: TraceGraph) -> TraceGraph:
+    """The graph less its dense latents (``TraceNode.dense``) and their links."""
+    kept = [n for n in graph.nodes if not n.dense]
+    if len(kept) == len(graph.nodes):
+        return graph
+    ids = {n.node_id for n in kept}
+    links = [link for link in graph.links if link[0] in ids and link[1] in ids]
+    return replace(graph, nodes=kept, links=links)
+
+
+def merged_groups(
+    saved: list[tuple[str, list[str]]], suggested: list[tuple[str, list[str]]]
+) -> list[tuple[str, list[str], bool]]:
+    """(name, members, suggested?) of every supernode: the person's saved groups first, then the file's suggestions,
+    less any suggestion of a saved name and less the members a saved group already holds (saved groups win)."""
+    taken = {m for _, members in saved for m in members}
+    names = {name for name, _ in saved}
+    groups = [(name, list(members), False) for name, members in saved]
+    for name, members in suggested:
+        rest = [m for m in members if m not in taken]
+        if name not in names and rest:
+            groups.append((name, rest, True))
+    return groups
+
+
+def export_json(data: dict, pinned: list[str], clicked: str, groups: list[tuple[str, list[str], bool]]) -> dict:
+    """The graph file with the page's view in ``qParams`` (pins, selection, every supernode), as Neuronpedia loads it.
+
+    ``data`` is not changed; the other keys go out as read."""
+    q_params = dict(data.get("qParams") or {})
+    q_params.update(pinnedIds=list(pinned), clickedId=clicked, supernodes=[[name, *m] for name, m, _ in groups])
+    return {**data, "qParams": q_params}
 
 
 def row_labels(graph: TraceGraph) -> list[str]:
@@ -170,18 +270,30 @@ def feature_url(node: TraceNode, transcoders: str | None = None) -> str | None:
     return f"{url}&transcoders={quote(str(transcoders), safe='')}" if transcoders else url
 
 
-def node_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list[dict]:
-    """One plain-data row per node for the chart: position on the grid and what its tooltip shows."""
+def node_rows(
+    graph: TraceGraph, placed: dict[str, tuple[float, float]], clicked: str = "", pinned: tuple[str, ...] = ()
+) -> list[dict]:
+    """One plain-data row per node for the chart: position on the grid, what its tooltip shows, and its ``state``
+    ('selected' for ``clicked``, 'pinned' for one of ``pinned``, else '')."""
     rows = []
     for node in graph.nodes:
+        state = "selected" if node.node_id == clicked else "pinned" if node.node_id in pinned else ""
         x, y = placed[node.node_id]
         rows.append({
             "node_id": node.node_id, "x": x, "y": y, "kind": node.kind, "label": node.label,
             "layer": "E" if node.kind == "embedding" else "logits" if node.kind == "logit" else str(node.layer),
             "position": node.position, "activation": node.activation, "influence": node.influence,
             "feature": node.feature, "url": feature_url(node, graph.saescope.get("transcoders")),
+            "density": node.density, "example": node.example, "state": state,
+            "activation_text": _number(node.activation), "influence_text": _number(node.influence),
+            "density_text": "" if node.density is None else f"{node.density:.3g}{' (dense)' if node.dense else ''}",
         })  # fmt: skip
     return rows
+
+
+def _number(value: float | None) -> str:
+    """A number for a tooltip, '' when the file has none (Vega would print 'null')."""
+    return "" if value is None else f"{value:.4g}"
 
 
 def edge_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list[dict]:
@@ -194,14 +306,16 @@ def edge_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list
     return rows
 
 
-def group_boxes(groups: list[tuple[str, list[str]]], placed: dict[str, tuple[float, float]], pad: float = 0.3):
-    """One box per supernode around its members' positions (members missing from the graph are ignored)."""
+def group_boxes(groups: list[tuple[str, list[str], bool]], placed: dict[str, tuple[float, float]], pad: float = 0.3):
+    """One box per supernode (name, members, suggested?) around its members' positions (members missing from the
+    graph are ignored); ``source`` says 'suggested' or 'saved'."""
     boxes = []
-    for name, members in groups:
+    for name, members, suggested in groups:
         points = [placed[m] for m in members if m in placed]
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         boxes.append({"name": name, "x": min(xs) - pad, "x2": max(xs) + pad, "y": min(ys) - pad,
-                      "y2": max(ys) + pad, "members": len(points)})  # fmt: skip
+                      "y2": max(ys) + pad, "members": len(points),
+                      "source": "suggested" if suggested else "saved"})  # fmt: skip
     return boxes

@@ -16,7 +16,7 @@ import streamlit as st
 
 from dashboards.render import token_label, token_spans
 from dashboards.resources import hook_lock, show_error
-from dashboards.trace_layout import TraceGraph, TraceNode
+from dashboards.views.trace.layout import TraceGraph, TraceNode
 from pipeline.lm.models import load_model
 from pipeline.lm.packing import encode_prompt
 from pipeline.sae.transcoder_format import transcoder_from_saelens
@@ -61,7 +61,7 @@ def panel(run: Path, graph: TraceGraph) -> None:
         return
     by_id = {n.node_id: n for n in nodes}
     with st.form("intervene"):
-        chosen = st.multiselect("feature nodes", list(by_id), format_func=lambda i: _option(by_id[i]))
+        chosen = st.multiselect("feature nodes", list(by_id), format_func=lambda i: _option(by_id[i]), key="trace_edit")
         cols = st.columns(3)
         mode = cols[0].radio("edit", ["ablate", "clamp"], horizontal=True)
         factor = cols[1].number_input("clamp to × activation", value=2.0, step=0.5)
