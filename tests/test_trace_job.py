@@ -155,3 +155,21 @@ def test_a_set_missing_a_layer_is_refused_with_how_to_train_one(traced_run, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "covers layers 0-2 (3 of 4): tracing needs every layer" in err
     assert "--transcoder --name tc --layers all --force" in err
+
+
+def test_the_trace_page_reads_every_field_trace_writes(traced_run):
+    """The page parses the saved graph: its nodes, the QK-only contributors (a dict of node dicts, biases and
+    earlier attention among them) and the suggested supernodes, naming each QK contributor."""
+    from dashboards.views.trace.details import name_of
+    from dashboards.views.trace.layout import parse_graph
+
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The dog sat on the mat", "--name", "page"]) == 0
+    doc = read_graph_json(traced_run, "page")
+    graph = parse_graph(doc, "page")
+    assert len(graph.nodes) == len(doc["nodes"]) and set(graph.qk_only) == set(doc["qk_only_nodes"])
+    assert [name for name, *_ in doc["qParams"]["supernodes"]] == [name for name, _ in graph.suggested]
+    carrying = [node for node in graph.nodes if node.qk is not None]
+    assert carrying
+    for node in carrying:
+        for q, k, _ in node.qk.pairs:
+            assert name_of(graph, q) != q and name_of(graph, k) != k

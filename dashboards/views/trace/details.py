@@ -19,6 +19,7 @@ from dashboards.views.trace.layout import QkTracing, TraceGraph, TraceNode, feat
 def node_text(node: TraceNode) -> str:
     """A node as one line of plain text for widget options."""
     where = "emb" if node.kind == "embedding" else "logit" if node.kind == "logit" else f"L{node.layer}"
+    where = where if node.layer is not None or node.kind in ("embedding", "logit") else "·"
     feature = f" #{node.feature}" if node.kind == "feature" and node.feature is not None else ""
     return f"{where}{feature} @{node.position} · {node.kind} · {short(node.label or node.node_id, 50)}"
 

@@ -138,6 +138,23 @@ def parse_node(raw: dict) -> TraceNode:
         raise ValueError(f"graph node {raw.get('node_id', '?')!r} is unreadable ({error!r})") from error
 
 
+def parse_qk_only(raw) -> dict[str, TraceNode]:
+    """``qk_only_nodes`` by node_id: a {node_id: node} dict as saescope and Neuronpedia's graph server write it, or
+    a list of nodes. Contributors that are not graph nodes (biases, constants, earlier attention) keep their label,
+    or their ``feature_type`` when they have none, under the kind "other"."""
+    entries = list(raw.values()) if isinstance(raw, dict) else list(raw or [])
+    nodes = {}
+    for entry in entries:
+        if entry.get("feature_type") in KINDS:
+            node = parse_node(entry)
+        else:
+            label = str(entry.get("clerp") or entry.get("feature_type") or "")
+            node = TraceNode(str(entry["node_id"]), "other", None, int(entry.get("ctx_idx") or 0), None, label,
+                             None, None, None, False)  # fmt: skip
+        nodes[node.node_id] = node
+    return nodes
+
+
 def parse_qk(raw) -> QkTracing | None:
     """A node's ``qk_tracing_results`` (None when absent); raises on a malformed entry (``parse_node`` names it)."""
     if raw is None:
@@ -179,7 +196,7 @@ def parse_graph(data: dict, name: str) -> TraceGraph:
     tokens = [str(t) for t in meta.get("prompt_tokens", [])]
     scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
     q_params = data.get("qParams") if isinstance(data.get("qParams"), dict) else {}
-    qk_only = {n.node_id: n for n in (parse_node(raw) for raw in data.get("qk_only_nodes") or [])}
+    qk_only = parse_qk_only(data.get("qk_only_nodes"))
     return TraceGraph(
         name, str(meta.get("prompt", "")), tokens, nodes, links, dict(data.get("saescope") or {}), dict(scores),
         parse_groups(q_params.get("supernodes")), qk_only, parse_ids(q_params.get("pinnedIds")),
