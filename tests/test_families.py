@@ -467,9 +467,14 @@ def test_recording_leaves_the_attention_implementation_as_it_was(family_model, i
     assert model.config._attn_implementation == before
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+EIGHT = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gpt_neox"]
+"""One tiny model per family for the command-line run (GPT-NeoX with its parallel residual)."""
+
+
+@pytest.mark.parametrize("name", EIGHT)
 def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, capsys):
-    """A tiny model saved to disk: cache mlp-in and mlp-out at every layer, train transcoders, trace a prompt."""
+    """A tiny model saved to disk: cache mlp-in and mlp-out at every layer, train transcoders, trace a prompt
+    (QK tracing of two targets included)."""
     from jobs.cli import main
     from storage.graph_groups import read_graph_json
     from tests.conftest import synthetic_corpus
