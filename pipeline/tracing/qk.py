@@ -6,12 +6,33 @@ The replacement model (``replacement``) freezes attention patterns, so a graph s
 head moved between positions but not why it attended there. The pre-softmax score of head h
 of layer L at (query p, key k) is bilinear in the residual streams x_p and x_k entering L:
 
-    score = scaling * [R_p (W_q^h n_p(x_p) + b_q^h)] . [R_k (W_k^h' n_k(x_k) + b_k^h')]
+    score = scaling * [R_p N^q_ph (W_q^h n_p(x_p) + b_q^h)] . [R_k N^k_kh' (W_k^h' n_k(x_k) + b_k^h')]
 
-with n_p(x) = w * x * s_p + fix_p the input norm, its 1/rms s_p frozen as the replacement model
-freezes it (``fix_p`` the recorded rounding term), R_p the rotary rotation of position p
-(rotate-half; linear given p), and h' the key head that query head h reads (grouped-query
-attention). Query and key are affine in the residual streams, so the score splits into pairs
+with n_p the attention norm of the family (``pipeline.lm.families``), its 1/rms (1/std) s_p frozen
+as the replacement model freezes it, plus ``fix_p`` the recorded rounding term; R_p the rotary
+rotation of position p (rotate-half; linear given p); h' the key head that query head h reads
+(grouped-query attention). Per family (each tested in ``tests/test_families.py``):
+
+  * Llama, Mistral: q_proj/k_proj without bias. Qwen2 (and Mistral/Llama checkpoints with
+    ``attention_bias``): the q/k biases b^h are constants, carried in the ``bias`` term.
+  * Qwen3, Gemma 3: the q/k norm N (RMSNorm over head_dim per head, w * y / rms(y); Gemma:
+    (1 + w) * y / rms(y)) is NOT linear in y. As the replacement model freezes every norm, its
+    1/rms is frozen per (position, head) at the query (key) the model computed, which makes it a
+    diagonal map; the norm's float32 rounding (recorded minus recomputed) goes into ``bias``.
+    The score is exact at the prompt; the pairs are the linearization at these frozen scales.
+  * Gemma 2 (and Gemma 3 when configured): the attention soft-cap c * tanh(score / c) is not
+    bilinear, so the PRE-cap score is decomposed; the pattern is the softmax of the capped one.
+  * GPT-2: one Conv1D ``c_attn`` [D, 3D] (q, k, v thirds), no rotary (R = identity: learned
+    positions are in the embeddings, which are contributors); LayerNorm's centering x - mean x
+    is linear and kept live, its bias is in ``bias``; scaling includes 1/(layer + 1) if set.
+  * GPT-NeoX: one Linear ``query_key_value`` laid out per head as [q | k | v]; partial rotary
+    (the first rotary_pct of each head's dimensions rotated, the rest passed through); its
+    parallel residual does not change attention's input.
+
+Sliding windows only mask keys (inside the frozen pattern). ``model_score`` is the score from the
+queries and keys the model's own attention module hands its attention function on the prompt
+(``model_queries_keys``), which the decomposition is tested against. Query and key are affine in
+the residual streams, so the score splits into pairs
 (query-side contributor i, key-side contributor j): pair[i, j] = scaling * Q_i . K_j, with Q_i
 (K_j) the contributor's part of the rotated query (key). The pairs sum exactly to the score: no
 term is left over, because the biases are contributors too. The query-side marginal of i is its
@@ -23,9 +44,10 @@ in the nodes' writes given its frozen patterns and norm scales, so the attention
 at p is a sum over the graph's nodes at positions <= p (features and errors of layers below L,
 token embeddings), each reaching p directly or through earlier heads' value paths, plus two terms
 that are no node: ``{L}_const_{p}`` (what the MLPs write at constant positions, BOS above all,
-carried over by attention) and ``{L}_bias_{p}`` (decoder biases, norm rounding terms, the q/k
-projection bias). Each node's part of the query (key) is its write times the gradient of the
-query (key) components: 2 x head_dim rows of backward passes through ``replacement_forward``.
+carried over by attention) and ``{L}_bias_{p}`` (decoder biases, norm biases and rounding terms,
+the q/k projection bias, the frozen q/k norm's rounding). Each node's part of the query (key) is
+its write times the gradient of the query (key) components: 2 x head_dim rows of backward passes
+through ``replacement_forward``.
 
 ``decompose_score``: only what is written at p itself, attention outputs kept whole:
 
@@ -49,16 +71,19 @@ position p), every (layer l <= L, head h, key k <= p) with query p (l < n_layers
 ranked by |value effect|: how much the target changes in the frozen replacement model because
 head h moves information from k to p,
 
-    effect = P[h, p, k] * v_proj(n(x_k))^h' . (W_O^h)^T g_l
+    effect = P[h, p, k] * v(n(x_k))^h' . (W_O^h)^T N_post^T g_l
 
-with g_l the gradient of the target with respect to the residual stream right after attention l
-at p: one backward pass through ``replacement_forward`` to the write after MLP l, chained back
-through the frozen post-attention norm and the transcoder's skip (the only path through MLP l
-that is not frozen); for a feature target and l = L, g_L is its encoder row through that norm.
-Over heads and keys the effects sum to g_l . (attention output - o_proj bias). The strongest
-effects (either sign) are decomposed.
+with v the value projection (bias included), W_O the output projection, N_post Gemma's frozen
+post-attention norm (identity elsewhere), and g_l the gradient of the target with respect to the
+residual stream right after attention l at p: one backward pass through ``replacement_forward``
+to the write after MLP l, chained back through the frozen pre-MLP norm and the transcoder's skip
+(the only path through MLP l that is not frozen; none with GPT-NeoX's parallel residual, where
+the MLP reads the block's input); for a feature target and l = L, g_L is its encoder row through
+that norm. Over heads and keys the effects sum to the target's change when attention l's pattern
+row at p is zeroed. The strongest effects (either sign) are decomposed.
 
-Llama-style attention only (``check_llama``): other families raise a ValueError.
+Families (``check_qk``): every family of ``pipeline.lm.families``; any other model raises a
+ValueError, and ``saescope trace`` records why in ``saescope.qk_skipped``.
 """
 
 from __future__ import annotations
