@@ -357,6 +357,7 @@ def _rotate(x_Nd: Tensor, cos_sin: tuple[Tensor, Tensor] | None, pos: int) -> Te
 
 
 def head_dim(family: Family, attn: nn.Module) -> int:
+    """The attention module's head dimension (GPT-NeoX calls it ``head_size``)."""
     return attn.head_size if family.value_layout == "neox" else attn.head_dim
 
 
@@ -366,7 +367,8 @@ def _proj_rows(family: Family, attn: nn.Module, side: str, head: int) -> tuple[T
     GPT-NeoX's query_key_value, per head [q | k | v]."""
     d = head_dim(family, attn)
     if family.value_layout == "gpt2":
-        cols = slice((side == "k") * attn.split_size + head * d, (side == "k") * attn.split_size + (head + 1) * d)
+        start = (attn.split_size if side == "k" else 0) + head * d
+        cols = slice(start, start + d)
         weight, bias = attn.c_attn.weight[:, cols].T, attn.c_attn.bias[cols]
     elif family.value_layout == "neox":
         layer, which = attn.query_key_value, int(side == "k")
@@ -380,7 +382,9 @@ def _proj_rows(family: Family, attn: nn.Module, side: str, head: int) -> tuple[T
     return weight, (weight.new_zeros(d) if bias is None else bias.detach().double())
 
 
-def head_map(family: Family, attn: nn.Module, side: str, head: int, h_D: Tensor, cos_sin, pos: int):
+def head_map(
+    family: Family, attn: nn.Module, side: str, head: int, h_D: Tensor, cos_sin: tuple[Tensor, Tensor] | None, pos: int
+) -> tuple[Tensor, Tensor]:
     """(M [d, D], b [d]) float64: the head's query or key at ``pos`` as M h + b of attention's input h: the
     projection rows and bias; Qwen3's and Gemma 3's q/k norm (w * x / rms(x) per head, not linear in x) with its
     1/rms frozen at the recorded query (key) of this position and head, as the replacement model freezes its
@@ -430,14 +434,17 @@ def _attention_input(model: nn.Module, rep: Replacement, layer: int) -> Tensor:
     return frozen_norm(family.norm, norm, rec.resid_pre_TD, rec.attn_norm).double()
 
 
-def module_score(model: nn.Module, rep: Replacement, layer: int, head: int, q_pos: int, k_pos: int, qk=None) -> float:
+def module_score(
+    model: nn.Module, rep: Replacement, layer: int, head: int, q_pos: int, k_pos: int, qk: ModelQk | None = None
+) -> float:
     """The pre-softmax score (before Gemma 2's soft-cap) from the queries and keys the model's own attention
-    module computed on the prompt (``model_queries_keys``): scaling * q . k."""
+    module computed on the prompt (``model_queries_keys``, run here unless ``qk`` is given): scaling * q . k."""
     qk = qk or model_queries_keys(model, rep.record.ids_T, layer)
     return float(qk.scaling * (qk.query_HTd[head, q_pos].double() @ qk.key_hTd[_kv_head(qk, head), k_pos].double()))
 
 
 def _kv_head(qk: ModelQk, head: int) -> int:
+    """The key head that query ``head`` reads (grouped-query attention)."""
     return head // (qk.query_HTd.shape[0] // qk.key_hTd.shape[0])
 
 
