@@ -14,6 +14,7 @@ swapped norm weight changes the numbers; soft-caps and sliding windows small eno
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -467,9 +468,14 @@ def test_recording_leaves_the_attention_implementation_as_it_was(family_model, i
     assert model.config._attn_implementation == before
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+EIGHT = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gpt_neox"]
+"""One tiny model per family for the command-line run (GPT-NeoX with its parallel residual)."""
+
+
+@pytest.mark.parametrize("name", EIGHT)
 def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, capsys):
-    """A tiny model saved to disk: cache mlp-in and mlp-out at every layer, train transcoders, trace a prompt."""
+    """A tiny model saved to disk: cache mlp-in and mlp-out at every layer, train transcoders, trace a prompt
+    (QK tracing of two targets included)."""
     from jobs.cli import main
     from storage.graph_groups import read_graph_json
     from tests.conftest import synthetic_corpus
@@ -494,6 +500,9 @@ def test_cache_train_trace_from_the_command_line(name, tmp_path, tokenizer, caps
     assert doc["saescope"]["layers"] == list(range(N_LAYERS))
     assert doc["saescope"]["logit_error"] < 1e-3
     assert {node["feature_type"] for node in doc["nodes"]} >= {"embedding", "logit"}
+    assert "qk_skipped" not in doc["saescope"] and doc["saescope"]["qk_tracing"]  # QK tracing ran for the family
+    for entry in doc["saescope"]["qk_tracing"]:  # float32 model: its own q . k to float32 precision
+        assert entry["score"] == pytest.approx(entry["model_score"], rel=1e-4, abs=1e-4)
 
 
 def test_cache_refuses_an_unknown_family_before_writing(tmp_path, tokenizer, capsys):
@@ -540,3 +549,87 @@ def test_cache_refuses_an_unknown_family_before_writing(tmp_path, tokenizer, cap
     err = capsys.readouterr().err
     assert "model type 'opt'" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not run.exists()
+
+
+# ---- QK tracing: the pre-softmax score of every family, decomposed --------------------------------------
+
+QK_SPOTS = [(0, 0, 5, 3, 4), (1, 3, 9, 9, 7), (1, 1, 6, 4, 5), (1, 2, 3, 0, 2)]
+"""(layer, head, query, key, other key): both layers, both key heads, BOS (a constant position) as key, query ==
+key; every key within the sliding window of 4."""
+
+
+def test_qk_pairs_sum_to_the_score_the_model_computes(traced):
+    """Pair contributions (plus the stated bias and constant terms) sum to the pre-softmax score (Gemma 2: before
+    its soft-cap) of the model's own queries and keys; score differences between keys are the recorded pattern's
+    log-ratios (through the soft-cap where there is one)."""
+    from pipeline.tracing.qk import HeadSpot, decompose_score, decompose_through_attention
+
+    model, _, rep, _ = traced
+    cap = getattr(model.config, "attn_logit_softcapping", None)
+
+    def capped(score):
+        return cap * math.tanh(score / cap) if cap else score
+
+    spread = 0.0
+    for layer, head, q_pos, k_pos, other in QK_SPOTS:
+        scores = {}
+        for key in (k_pos, other):
+            spot = HeadSpot(layer, head, q_pos, key, 0.0, 0.0)
+            plain, through = decompose_score(model, rep, spot), decompose_through_attention(model, rep, spot)
+            for dec in (plain, through):
+                assert dec.score == pytest.approx(dec.model_score, rel=1e-10, abs=1e-10)
+                assert float(dec.pairs_QK.sum()) == pytest.approx(dec.model_score, rel=1e-10, abs=1e-10)
+                assert float(dec.q_marginal.sum()) == pytest.approx(dec.model_score, rel=1e-10, abs=1e-10)
+            assert {"bias", "constant"} <= {c.kind for c in through.q_contributors}
+            scores[key] = plain.model_score
+        log_p = rep.record.layers[layer].pattern_HTT[head, q_pos].log()
+        expected = float(log_p[k_pos] - log_p[other])
+        assert capped(scores[k_pos]) - capped(scores[other]) == pytest.approx(expected, rel=1e-8, abs=1e-10)
+        spread = max(spread, abs(expected))
+    assert spread > 1e-3  # the patterns are not flat: the log-ratio check has teeth
+
+
+def _read_without(model, rep, readout, layer=None, head=None, key=None):
+    """The target in the replacement model, with the pattern weight of (``head``, target position, ``key``) of
+    attention ``layer`` set to zero (every head and key when ``head`` is None)."""
+    import dataclasses
+
+    from pipeline.tracing.replacement import replacement_forward
+
+    target, pos = int(readout.layer_R[0]), int(readout.pos_R[0])
+    if layer is not None:
+        pattern = rep.record.layers[layer].pattern_HTT.clone()
+        pattern[slice(None) if head is None else head, pos, slice(None) if key is None else key] = 0
+        layers = list(rep.record.layers)
+        layers[layer] = dataclasses.replace(layers[layer], pattern_HTT=pattern)
+        rep = dataclasses.replace(rep, record=dataclasses.replace(rep.record, layers=tuple(layers)))
+    writes = [rep.feature_writes(lower) + rep.errors[lower] for lower in range(N_LAYERS)]
+    stop = None if target == N_LAYERS else target
+    with torch.no_grad():
+        out = replacement_forward(model, rep, rep.record.embed_TD[None], writes, stop)
+    read = out.final_BTD if stop is None else out.mlp_in[target]
+    return float(read[0, pos] @ readout.vector_RD[0])
+
+
+@pytest.mark.parametrize("which", ["feature", "logit"])
+def test_value_effects_equal_removing_one_heads_pattern_weight(traced, which):
+    """What ranks the heads QK tracing decomposes: the target's change through one head from one key."""
+    from pipeline.tracing.attribution import feature_readouts, logit_readouts
+    from pipeline.tracing.qk import value_effects
+
+    model, _, rep, _ = traced
+    if which == "feature":
+        latent = int(rep.acts[1][7].abs().argmax())
+        readout = feature_readouts(rep, torch.tensor([[1, 7, latent]]))[0]
+    else:
+        readout = logit_readouts(model, rep, torch.tensor([int(rep.record.logits_TV[-1].argmax())]))[0]
+    effects = value_effects(model, rep, readout)
+    pos, base = int(readout.pos_R[0]), _read_without(model, rep, readout)
+    assert effects.shape[0] == (2 if which == "feature" else N_LAYERS)
+    for layer in range(effects.shape[0]):
+        for head, key in ((0, 0), (3, pos), (1, pos - 2)):
+            removed = base - _read_without(model, rep, readout, layer, head, key)
+            assert float(effects[layer, head, key]) == pytest.approx(removed, rel=1e-7, abs=1e-12)
+        every = base - _read_without(model, rep, readout, layer)
+        assert float(effects[layer].sum()) == pytest.approx(every, rel=1e-7, abs=1e-12)
+    assert effects.abs().max() > 1e-6

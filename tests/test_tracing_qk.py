@@ -19,7 +19,7 @@ from pipeline.tracing.pruning import prune
 from pipeline.tracing.qk import (
     HeadSpot,
     attach_qk,
-    check_llama,
+    check_qk,
     decompose_score,
     decompose_through_attention,
     qk_into_document,
@@ -327,15 +327,17 @@ def test_document_form(model, ids, rep, tokenizer):
                document["qk_only_nodes"].values())  # fmt: skip
 
 
-def test_other_families_are_refused(tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_outside_the_families_is_refused(tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).eval()
-    with pytest.raises(ValueError, match="Llama-style attention only"):
-        check_llama(gpt2)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                       num_attention_heads=2, word_embed_proj_dim=16)  # fmt: skip
+    opt = OPTForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="QK tracing supports the families.*got 'opt'"):
+        check_qk(opt)
     document = {"nodes": [], "saescope": {}}  # a trace of another family: the graph is kept, QK says why not
-    qk_into_document(document, gpt2, {}, None, None, n_targets=2)
-    assert "Llama-style attention only" in document["saescope"]["qk_skipped"] and "qk_only_nodes" not in document
+    qk_into_document(document, opt, {}, None, None, n_targets=2)
+    assert "got 'opt'" in document["saescope"]["qk_skipped"] and "qk_only_nodes" not in document
 
 
 def test_a_cross_layer_transcoders_writes_are_summed_over_its_outputs(model, ids, captured):

@@ -6,12 +6,33 @@ The replacement model (``replacement``) freezes attention patterns, so a graph s
 head moved between positions but not why it attended there. The pre-softmax score of head h
 of layer L at (query p, key k) is bilinear in the residual streams x_p and x_k entering L:
 
-    score = scaling * [R_p (W_q^h n_p(x_p) + b_q^h)] . [R_k (W_k^h' n_k(x_k) + b_k^h')]
+    score = scaling * [R_p N^q_ph (W_q^h n_p(x_p) + b_q^h)] . [R_k N^k_kh' (W_k^h' n_k(x_k) + b_k^h')]
 
-with n_p(x) = w * x * s_p + fix_p the input norm, its 1/rms s_p frozen as the replacement model
-freezes it (``fix_p`` the recorded rounding term), R_p the rotary rotation of position p
-(rotate-half; linear given p), and h' the key head that query head h reads (grouped-query
-attention). Query and key are affine in the residual streams, so the score splits into pairs
+with n_p the attention norm of the family (``pipeline.lm.families``), its 1/rms (1/std) s_p frozen
+as the replacement model freezes it, plus ``fix_p`` the recorded rounding term; R_p the rotary
+rotation of position p (rotate-half; linear given p); h' the key head that query head h reads
+(grouped-query attention). Per family (each tested in ``tests/test_families.py``):
+
+  * Llama, Mistral: q_proj/k_proj without bias. Qwen2 (and Mistral/Llama checkpoints with
+    ``attention_bias``): the q/k biases b^h are constants, carried in the ``bias`` term.
+  * Qwen3, Gemma 3: the q/k norm N (RMSNorm over head_dim per head, w * y / rms(y); Gemma:
+    (1 + w) * y / rms(y)) is NOT linear in y. As the replacement model freezes every norm, its
+    1/rms is frozen per (position, head) at the query (key) the model computed, which makes it a
+    diagonal map; the norm's float32 rounding (recorded minus recomputed) goes into ``bias``.
+    The score is exact at the prompt; the pairs are the linearization at these frozen scales.
+  * Gemma 2 (and Gemma 3 when configured): the attention soft-cap c * tanh(score / c) is not
+    bilinear, so the PRE-cap score is decomposed; the pattern is the softmax of the capped one.
+  * GPT-2: one Conv1D ``c_attn`` [D, 3D] (q, k, v thirds), no rotary (R = identity: learned
+    positions are in the embeddings, which are contributors); LayerNorm's centering x - mean x
+    is linear and kept live, its bias is in ``bias``; scaling includes 1/(layer + 1) if set.
+  * GPT-NeoX: one Linear ``query_key_value`` laid out per head as [q | k | v]; partial rotary
+    (the first rotary_pct of each head's dimensions rotated, the rest passed through); its
+    parallel residual does not change attention's input.
+
+Sliding windows only mask keys (inside the frozen pattern). ``model_score`` is the score from the
+queries and keys the model's own attention module hands its attention function on the prompt
+(``model_queries_keys``), which the decomposition is tested against. Query and key are affine in
+the residual streams, so the score splits into pairs
 (query-side contributor i, key-side contributor j): pair[i, j] = scaling * Q_i . K_j, with Q_i
 (K_j) the contributor's part of the rotated query (key). The pairs sum exactly to the score: no
 term is left over, because the biases are contributors too. The query-side marginal of i is its
@@ -23,9 +44,10 @@ in the nodes' writes given its frozen patterns and norm scales, so the attention
 at p is a sum over the graph's nodes at positions <= p (features and errors of layers below L,
 token embeddings), each reaching p directly or through earlier heads' value paths, plus two terms
 that are no node: ``{L}_const_{p}`` (what the MLPs write at constant positions, BOS above all,
-carried over by attention) and ``{L}_bias_{p}`` (decoder biases, norm rounding terms, the q/k
-projection bias). Each node's part of the query (key) is its write times the gradient of the
-query (key) components: 2 x head_dim rows of backward passes through ``replacement_forward``.
+carried over by attention) and ``{L}_bias_{p}`` (decoder biases, norm biases and rounding terms,
+the q/k projection bias, the frozen q/k norm's rounding). Each node's part of the query (key) is
+its write times the gradient of the query (key) components: 2 x head_dim rows of backward passes
+through ``replacement_forward``.
 
 ``decompose_score``: only what is written at p itself, attention outputs kept whole:
 
@@ -49,35 +71,50 @@ position p), every (layer l <= L, head h, key k <= p) with query p (l < n_layers
 ranked by |value effect|: how much the target changes in the frozen replacement model because
 head h moves information from k to p,
 
-    effect = P[h, p, k] * v_proj(n(x_k))^h' . (W_O^h)^T g_l
+    effect = P[h, p, k] * v(n(x_k))^h' . (W_O^h)^T N_post^T g_l
 
-with g_l the gradient of the target with respect to the residual stream right after attention l
-at p: one backward pass through ``replacement_forward`` to the write after MLP l, chained back
-through the frozen post-attention norm and the transcoder's skip (the only path through MLP l
-that is not frozen); for a feature target and l = L, g_L is its encoder row through that norm.
-Over heads and keys the effects sum to g_l . (attention output - o_proj bias). The strongest
-effects (either sign) are decomposed.
+with v the value projection (bias included), W_O the output projection, N_post Gemma's frozen
+post-attention norm (identity elsewhere), and g_l the gradient of the target with respect to the
+residual stream right after attention l at p: one backward pass through ``replacement_forward``
+to the write after MLP l, chained back through the frozen pre-MLP norm and the transcoder's skip
+(the only path through MLP l that is not frozen; none with GPT-NeoX's parallel residual, where
+the MLP reads the block's input); for a feature target and l = L, g_L is its encoder row through
+that norm. Over heads and keys the effects sum to the target's change when attention l's pattern
+row at p is zeroed. The strongest effects (either sign) are decomposed.
 
-Llama-style attention only (``check_llama``): other families raise a ValueError.
+Families (``check_qk``): every family of ``pipeline.lm.families``; any other model raises a
+ValueError, and ``saescope trace`` records why in ``saescope.qk_skipped``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.lm.hook_points import attention_module
+from pipeline.lm.families import Family, child, known_family, supported_types
 from pipeline.lm.hooks import decoder_blocks
 from pipeline.tracing.attribution import Graph, Readouts, feature_readouts, logit_readouts
 from pipeline.tracing.graph_json import EMBEDDING, ERROR, FEATURE, cantor, node_entry
 from pipeline.tracing.pruning import Pruned
-from pipeline.tracing.replacement import Replacement, build_replacement, record_prompt, replacement_forward
+from pipeline.tracing.replacement import (
+    FrozenNorm,
+    Replacement,
+    _freeze,
+    _output,
+    _recording_attention,
+    _values,
+    build_replacement,
+    frozen_norm,
+    record_prompt,
+    replacement_forward,
+)
 
-LLAMA_TYPES = ("llama",)
-"""``config.model_type`` values whose attention QK tracing models (rotate-half rotary, no q/k norms)."""
+QK_ATTENTION = "saescope_qk"
+"""Name of the attention function that keeps the queries and keys a model computes (``model_queries_keys``)."""
 SIDE_KINDS = {
     "attention": "attention output",
     "mlp": "mlp output",
@@ -88,21 +125,30 @@ SIDE_KINDS = {
 """Contributor kinds that are not graph nodes, and their ``feature_type`` in ``qk_only_nodes``."""
 
 
-def check_llama(model: nn.Module) -> None:
-    """ValueError unless the model is a Llama-style decoder whose queries and keys this module can decompose."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    rotary = getattr(getattr(model, "base_model", None), "rotary_emb", None)
-    if model_type not in LLAMA_TYPES or rotary is None:
+_NEEDED = {
+    "split": ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
+    "gpt2": ("c_attn", "c_proj", "head_dim", "split_size"),
+    "neox": ("query_key_value", "dense", "head_size"),
+}
+
+
+def check_qk(model: nn.Module) -> Family:
+    """The model's family, or a ValueError unless this module can decompose its queries and keys."""
+    family = known_family(model)
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"QK tracing supports Llama-style attention only (model_type {', '.join(LLAMA_TYPES)}), "
+            f"QK tracing supports the families of pipeline/lm/families.py ({supported_types()}), "
             f"got {model_type!r}: trace with --qk-targets 0"
         )
-    attn = attention_module(decoder_blocks(model)[0])
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
-    missing = [name for name in needed if not hasattr(attn, name)]
-    if missing or hasattr(attn, "q_norm"):
-        problem = f"lacks {', '.join(missing)}" if missing else "uses q/k norms"
-        raise ValueError(f"QK tracing supports Llama-style attention only: {type(attn).__name__} {problem}")
+    attn = child(decoder_blocks(model)[0], family.attention)
+    missing = [name for name in (*_NEEDED[family.value_layout], "scaling") if not hasattr(attn, name)]
+    if missing:
+        raise ValueError(
+            f"QK tracing cannot read {family.name}'s attention: {type(attn).__name__} lacks {', '.join(missing)} "
+            "(trace with --qk-targets 0)"
+        )
+    return family
 
 
 @dataclass(frozen=True)
@@ -246,60 +292,160 @@ def residual_contributors(
     return tuple(found), torch.cat(rows)
 
 
-def rotary(model: nn.Module, n_pos: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [T, d] of positions 0..n_pos-1 from the model's own rotary embedding."""
-    positions = torch.arange(n_pos, device=like.device)[None]
-    cos, sin = model.base_model.rotary_emb(like[None, :n_pos], positions)
-    return cos[0], sin[0]
+@dataclass(frozen=True)
+class ModelQk:
+    """What one attention module computed on the prompt, kept from inside the model's own forward."""
+
+    query_HTd: Tensor
+    """The queries its attention function received (projected, q-normed, rotated)."""
+    key_hTd: Tensor
+    """The keys (one per key head)."""
+    scaling: float
+    cos_sin: tuple[Tensor, Tensor] | None
+    """The rotary (cos, sin) [T, r] the block handed the module (r <= head_dim); None without rotary."""
 
 
-def _rotate(x_Nd: torch.Tensor, cos_d: torch.Tensor, sin_d: torch.Tensor) -> torch.Tensor:
-    half = x_Nd.shape[-1] // 2
-    rotated = torch.cat((-x_Nd[..., half:], x_Nd[..., :half]), dim=-1)
-    return x_Nd * cos_d.double() + rotated * sin_d.double()
+@contextmanager
+def _keeping_queries_keys(model: nn.Module, attn: nn.Module, seen: dict):
+    """While open, ``attn`` hands its queries, keys and scaling to ``seen`` (eager attention in every module)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if module is attn:
+            seen.update(query=query[0], key=key[0], scaling=query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return _recording_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
-def _head_rows(proj: nn.Linear, head: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This head's rows of a projection [d, D] and its bias [d] (zeros without one), float64."""
-    weight = proj.weight.detach()[head * d : (head + 1) * d].double()
-    bias = proj.bias.detach()[head * d : (head + 1) * d].double() if proj.bias is not None else weight.new_zeros(d)
-    return weight, bias
+    def keep_rotary(_m, _args, kwargs):
+        seen["cos_sin"] = kwargs.get("position_embeddings")
 
-
-def _side_vectors(block, rep, layer, pos, constant, proj, head, cos_sin) -> tuple[tuple[Contributor, ...], Tensor]:
-    """[N, d]: each contributor through the frozen input norm, the head's projection and the rotary of ``pos``."""
-    rec, attn = rep.record.layers[layer], attention_module(block)
-    found, rows_ND = residual_contributors(rep, layer, pos, constant)
-    w_D = block.input_layernorm.weight.detach().double() * rec.attn_norm.scale_T1[pos].double()
-    weight_dD, bias_d = _head_rows(proj, head, attn.head_dim)
-    out_Nd = (rows_ND * w_D) @ weight_dD.T
-    out_Nd[-1] += weight_dD @ rec.attn_norm.fix_TD[pos].double() + bias_d
-    return found, _rotate(out_Nd, cos_sin[0][pos], cos_sin[1][pos])
-
-
-def _attention_input(block, rep: Replacement, layer: int) -> torch.Tensor:
-    """[T, D] the input norm's output as the replacement model computes it (equal to the recorded one)."""
-    rec = rep.record.layers[layer]
-    return block.input_layernorm.weight.detach() * (rec.resid_pre_TD * rec.attn_norm.scale_T1) + rec.attn_norm.fix_TD
+    AttentionInterface.register(QK_ATTENTION, attend)
+    AttentionMaskInterface.register(QK_ATTENTION, eager_mask)
+    previous = model.config._attn_implementation
+    handle = attn.register_forward_pre_hook(keep_rotary, with_kwargs=True)
+    model.set_attn_implementation(QK_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        handle.remove()
 
 
 @torch.no_grad()
-def module_score(model: nn.Module, rep: Replacement, layer: int, head: int, q_pos: int, k_pos: int) -> float:
-    """The pre-softmax score from the attention module's own q_proj, k_proj, rotary and scaling."""
+def model_queries_keys(model: nn.Module, ids_T: Tensor, layer: int) -> ModelQk:
+    """One forward of the model on the prompt: the queries, keys, scaling and rotary of attention ``layer``."""
+    family = check_qk(model)
+    seen: dict = {}
+    with _keeping_queries_keys(model, child(decoder_blocks(model)[layer], family.attention), seen):
+        model(input_ids=ids_T[None], use_cache=False)
+    cos_sin = seen.get("cos_sin")
+    if cos_sin is not None:
+        cos_sin = (cos_sin[0][0], cos_sin[1][0])
+    return ModelQk(seen["query"], seen["key"], float(seen["scaling"]), cos_sin)
+
+
+def _rotate(x_Nd: Tensor, cos_sin: tuple[Tensor, Tensor] | None, pos: int) -> Tensor:
+    """The rotary of position ``pos`` on the first r dimensions (rotate-half; GPT-NeoX's partial rotary leaves
+    the rest as they are); nothing without rotary."""
+    if cos_sin is None:
+        return x_Nd
+    cos_r, sin_r = (c[pos].double() for c in cos_sin)
+    r = cos_r.shape[-1]
+    x_Nr, rest = x_Nd[..., :r], x_Nd[..., r:]
+    rotated = torch.cat((-x_Nr[..., r // 2 :], x_Nr[..., : r // 2]), dim=-1)
+    return torch.cat((x_Nr * cos_r + rotated * sin_r, rest), dim=-1)
+
+
+def head_dim(family: Family, attn: nn.Module) -> int:
+    """The attention module's head dimension (GPT-NeoX calls it ``head_size``)."""
+    return attn.head_size if family.value_layout == "neox" else attn.head_dim
+
+
+def _proj_rows(family: Family, attn: nn.Module, side: str, head: int) -> tuple[Tensor, Tensor]:
+    """This head's query (``side`` "q") or key ("k") projection [d, D] and its bias [d] (zeros without one),
+    float64, in each family's layout: q_proj/k_proj; GPT-2's Conv1D c_attn [D, 3D] (q, k, v thirds);
+    GPT-NeoX's query_key_value, per head [q | k | v]."""
+    d = head_dim(family, attn)
+    if family.value_layout == "gpt2":
+        start = (attn.split_size if side == "k" else 0) + head * d
+        cols = slice(start, start + d)
+        weight, bias = attn.c_attn.weight[:, cols].T, attn.c_attn.bias[cols]
+    elif family.value_layout == "neox":
+        layer, which = attn.query_key_value, int(side == "k")
+        weight = layer.weight.view(-1, 3, d, layer.weight.shape[-1])[head, which]
+        bias = None if layer.bias is None else layer.bias.view(-1, 3, d)[head, which]
+    else:
+        proj = attn.q_proj if side == "q" else attn.k_proj
+        weight = proj.weight[head * d : (head + 1) * d]
+        bias = None if proj.bias is None else proj.bias[head * d : (head + 1) * d]
+    weight = weight.detach().double()
+    return weight, (weight.new_zeros(d) if bias is None else bias.detach().double())
+
+
+def head_map(
+    family: Family, attn: nn.Module, side: str, head: int, h_D: Tensor, cos_sin: tuple[Tensor, Tensor] | None, pos: int
+) -> tuple[Tensor, Tensor]:
+    """(M [d, D], b [d]) float64: the head's query or key at ``pos`` as M h + b of attention's input h: the
+    projection rows and bias; Qwen3's and Gemma 3's q/k norm (w * x / rms(x) per head, not linear in x) with its
+    1/rms frozen at the recorded query (key) of this position and head, as the replacement model freezes its
+    norms, which makes it linear, and its float rounding kept in b; then the rotary of ``pos``. Exact at the
+    recorded input ``h_D``."""
+    weight_dD, bias_d = _proj_rows(family, attn, side, head)
+    norm = getattr(attn, f"{side}_norm", None)
+    fix_d = bias_d.new_zeros(bias_d.shape)
+    if norm is not None:
+        raw_1d = (weight_dD @ h_D.double() + bias_d)[None]
+        frozen = _freeze(family.norm, norm, raw_1d, norm(raw_1d.to(norm.weight.dtype)).double())
+        linear = FrozenNorm(frozen.scale_T1, torch.zeros_like(frozen.fix_TD))
+        weight_dD = frozen_norm(family.norm, norm, weight_dD.T, linear).T
+        bias_d, fix_d = frozen_norm(family.norm, norm, bias_d[None], linear)[0], frozen.fix_TD[0]
+    return _rotate(weight_dD.T, cos_sin, pos).T, _rotate(bias_d + fix_d, cos_sin, pos)
+
+
+def _norm_at(frozen: FrozenNorm, pos: int) -> FrozenNorm:
+    return FrozenNorm(frozen.scale_T1[pos : pos + 1].double(), frozen.fix_TD[pos : pos + 1].double())
+
+
+def _attention_norm(family: Family, block: nn.Module, rep: Replacement, layer: int, pos: int, rows_ND: Tensor):
+    """The rows through the frozen attention norm at ``pos``: their linear parts [N, D] and its constant [D]
+    (LayerNorm's bias plus the rounding term)."""
+    norm, frozen = child(block, family.attn_norm), _norm_at(rep.record.layers[layer].attn_norm, pos)
+    constant_1D = frozen_norm(family.norm, norm, rows_ND.new_zeros(1, rows_ND.shape[1]), frozen)
+    return frozen_norm(family.norm, norm, rows_ND, frozen) - constant_1D, constant_1D[0]
+
+
+def _side_vectors(model, rep, layer, pos, constant, side, head, qk: ModelQk) -> tuple[tuple[Contributor, ...], Tensor]:
+    """[N, d]: each contributor through the frozen input norm and the head's query (key) map of ``pos``."""
+    family = check_qk(model)
     block = decoder_blocks(model)[layer]
-    attn, h_TD = attention_module(block), _attention_input(block, rep, layer)
-    d, kv_head = attn.head_dim, head // _group(model)
-    cos, sin = rotary(model, rep.record.ids_T.numel(), h_TD)
-    q_d = attn.q_proj(h_TD[q_pos])[head * d : (head + 1) * d].double()
-    k_d = attn.k_proj(h_TD[k_pos])[kv_head * d : (kv_head + 1) * d].double()
-    q_d, k_d = _rotate(q_d, cos[q_pos], sin[q_pos]), _rotate(k_d, cos[k_pos], sin[k_pos])
-    return float(attn.scaling * (q_d @ k_d))
+    found, rows_ND = residual_contributors(rep, layer, pos, constant)
+    linear_ND, constant_D = _attention_norm(family, block, rep, layer, pos, rows_ND)
+    h_D = _attention_input(model, rep, layer)[pos]
+    M_dD, b_d = head_map(family, child(block, family.attention), side, head, h_D, qk.cos_sin, pos)
+    out_Nd = linear_ND @ M_dD.T
+    out_Nd[-1] += M_dD @ constant_D + b_d
+    return found, out_Nd
 
 
-def _group(model: nn.Module) -> int:
-    """Query heads per key head."""
-    config = model.config
-    return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+def _attention_input(model: nn.Module, rep: Replacement, layer: int) -> Tensor:
+    """[T, D] float64: the attention norm's output as the replacement model computes it (equal to the recorded)."""
+    family, rec = check_qk(model), rep.record.layers[layer]
+    norm = child(decoder_blocks(model)[layer], family.attn_norm)
+    return frozen_norm(family.norm, norm, rec.resid_pre_TD, rec.attn_norm).double()
+
+
+def module_score(
+    model: nn.Module, rep: Replacement, layer: int, head: int, q_pos: int, k_pos: int, qk: ModelQk | None = None
+) -> float:
+    """The pre-softmax score (before Gemma 2's soft-cap) from the queries and keys the model's own attention
+    module computed on the prompt (``model_queries_keys``, run here unless ``qk`` is given): scaling * q . k."""
+    qk = qk or model_queries_keys(model, rep.record.ids_T, layer)
+    return float(qk.scaling * (qk.query_HTd[head, q_pos].double() @ qk.key_hTd[_kv_head(qk, head), k_pos].double()))
+
+
+def _kv_head(qk: ModelQk, head: int) -> int:
+    """The key head that query ``head`` reads (grouped-query attention)."""
+    return head // (qk.query_HTd.shape[0] // qk.key_hTd.shape[0])
 
 
 @torch.no_grad()
@@ -309,23 +455,14 @@ def decompose_score(
     """The score of ``spot``'s head at (query, key) as the pair matrix of their contributors (module docstring).
 
     ``constant_T`` [T] bool: positions without graph nodes (default: position 0 only)."""
-    check_llama(model)
+    check_qk(model)
     constant_T = _constants(rep, constant_T)
-    block = decoder_blocks(model)[spot.layer]
-    attn = attention_module(block)
-    cos_sin = rotary(model, rep.record.ids_T.numel(), rep.record.embed_TD)
-    q_found, Q_Nd = _side_vectors(block, rep, spot.layer, spot.query_pos, bool(constant_T[spot.query_pos]),
-                                  attn.q_proj, spot.head, cos_sin)  # fmt: skip
-    k_found, K_Md = _side_vectors(block, rep, spot.layer, spot.key_pos, bool(constant_T[spot.key_pos]),
-                                  attn.k_proj, spot.head // _group(model), cos_sin)  # fmt: skip
-    score = module_score(model, rep, spot.layer, spot.head, spot.query_pos, spot.key_pos)
-    return QkDecomposition(spot, q_found, k_found, attn.scaling * Q_Nd, K_Md, score)
-
-
-def _rotated_rows(proj: nn.Linear, head: int, d: int, cos_d: Tensor, sin_d: Tensor) -> tuple[Tensor, Tensor]:
-    """R_pos W^head [d, D] and R_pos b^head [d]: the head's projection followed by the rotary of one position."""
-    weight_dD, bias_d = _head_rows(proj, head, d)
-    return _rotate(weight_dD.T, cos_d, sin_d).T, _rotate(bias_d, cos_d, sin_d)
+    qk = model_queries_keys(model, rep.record.ids_T, spot.layer)
+    p, k = spot.query_pos, spot.key_pos
+    q_found, Q_Nd = _side_vectors(model, rep, spot.layer, p, bool(constant_T[p]), "q", spot.head, qk)
+    k_found, K_Md = _side_vectors(model, rep, spot.layer, k, bool(constant_T[k]), "k", _kv_head(qk, spot.head), qk)
+    score = module_score(model, rep, spot.layer, spot.head, p, k, qk)
+    return QkDecomposition(spot, q_found, k_found, qk.scaling * Q_Nd, K_Md, score)
 
 
 def _attention_input_reads(
@@ -336,18 +473,11 @@ def _attention_input_reads(
     with every embedding and write at zero [R] (the part no node provides)."""
     (T, D), n_layers, R = rep.record.embed_TD.shape, len(rep.acts), pos_R.numel()
     like = {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
-    seen: dict = {}
-    handle = attention_module(decoder_blocks(model)[layer]).v_proj.register_forward_pre_hook(
-        lambda _m, inputs: seen.__setitem__("h", inputs[0])
-    )
-    try:
-        with torch.enable_grad():
-            leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
-            replacement_forward(model, rep, leaves[0], leaves[1:], layer)
-            values_R = (seen["h"][torch.arange(R, device=pos_R.device), pos_R] * M_RD.to(**like)).sum(-1)
-            grads = torch.autograd.grad(values_R.sum(), leaves, allow_unused=True)
-    finally:
-        handle.remove()
+    with torch.enable_grad():
+        leaves = [torch.zeros(R, T, D, **like, requires_grad=True) for _ in range(n_layers + 1)]
+        h_RTD = replacement_forward(model, rep, leaves[0], leaves[1:], layer).attn_in[layer]
+        values_R = (h_RTD[torch.arange(R, device=pos_R.device), pos_R] * M_RD.to(**like)).sum(-1)
+        grads = torch.autograd.grad(values_R.sum(), leaves, allow_unused=True)
     return list(grads), values_R.detach().double()
 
 
@@ -397,14 +527,13 @@ def decompose_through_attention(
     to the query (the key), and per side two terms no node provides: ``constant`` (what the MLPs write at the
     constant positions, BOS's above all, carried over by attention) and ``bias`` (decoder biases, norm rounding,
     projection bias, carried the same way). Rows of ``batch_size`` query and key components share a backward pass."""
-    check_llama(model)
+    family = check_qk(model)
     constant_T = _constants(rep, constant_T)
-    attn = attention_module(decoder_blocks(model)[spot.layer])
-    d = attn.head_dim
-    cos, sin = rotary(model, rep.record.ids_T.numel(), rep.record.embed_TD)
-    p, k = spot.query_pos, spot.key_pos
-    M_q, b_q = _rotated_rows(attn.q_proj, spot.head, d, cos[p], sin[p])
-    M_k, b_k = _rotated_rows(attn.k_proj, spot.head // _group(model), d, cos[k], sin[k])
+    attn = child(decoder_blocks(model)[spot.layer], family.attention)
+    qk, h_TD = model_queries_keys(model, rep.record.ids_T, spot.layer), _attention_input(model, rep, spot.layer)
+    d, p, k = head_dim(family, attn), spot.query_pos, spot.key_pos
+    M_q, b_q = head_map(family, attn, "q", spot.head, h_TD[p], qk.cos_sin, p)
+    M_k, b_k = head_map(family, attn, "k", _kv_head(qk, spot.head), h_TD[k], qk.cos_sin, k)
     M_RD, device = torch.cat([M_q, M_k]), rep.record.ids_T.device
     pos_R = torch.tensor([p] * d + [k] * d, device=device)
     effects, bias, constant = [], [], []
@@ -425,8 +554,8 @@ def decompose_through_attention(
         Contributor("constant", spot.layer, k),
         Contributor("bias", spot.layer, k),
     )
-    score = module_score(model, rep, spot.layer, spot.head, p, k)
-    return QkDecomposition(spot, q_found, k_found, attn.scaling * Q_Nd, K_Md, score, through_attention=True)
+    score = module_score(model, rep, spot.layer, spot.head, p, k, qk)
+    return QkDecomposition(spot, q_found, k_found, qk.scaling * Q_Nd, K_Md, score, through_attention=True)
 
 
 def _constants(rep: Replacement, constant_T: Tensor | None) -> Tensor:
@@ -438,14 +567,31 @@ def _constants(rep: Replacement, constant_T: Tensor | None) -> Tensor:
     return default
 
 
-def _post_norm(block: nn.Module, rep: Replacement, layer: int, pos: int) -> Tensor:
-    """[D] the frozen post-attention norm at ``pos`` as a diagonal: w * s_pos."""
-    return block.post_attention_layernorm.weight.detach() * rep.record.layers[layer].mlp_norm.scale_T1[pos]
+def _vjp(fn, width: int, g_D: Tensor) -> Tensor:
+    """[width] the gradient of g . fn(x) with respect to x (``fn`` affine, [1, 1, width] -> [1, 1, D]): the
+    transpose of fn's linear part applied to g."""
+    with torch.enable_grad():
+        x = g_D.new_zeros(1, 1, width, requires_grad=True)
+        (grad,) = torch.autograd.grad((fn(x)[0, 0] * g_D).sum(), x)
+    return grad[0, 0]
+
+
+def _norm_vjp(family: Family, block: nn.Module, role: str, frozen: FrozenNorm, pos: int, g_D: Tensor) -> Tensor:
+    """[D] g through the transpose of the frozen norm ``role`` (a family attribute) at ``pos``."""
+    norm, at = child(block, getattr(family, role)), _norm_at(frozen, pos)
+    return _vjp(lambda x: frozen_norm(family.norm, norm, x, _as_norm(at, x)), g_D.shape[0], g_D)
+
+
+def _as_norm(frozen: FrozenNorm, like: Tensor) -> FrozenNorm:
+    return FrozenNorm(frozen.scale_T1.to(like), frozen.fix_TD.to(like))
 
 
 def _gradients_after_attention(model: nn.Module, rep: Replacement, readout: Readouts) -> list[torch.Tensor]:
     """Per layer l up to the target's (below n_layers for a logit), the gradient [D] of the target with respect
-    to the residual stream right after attention l at the target's position (module docstring)."""
+    to the residual stream right after attention l at the target's position (module docstring). With GPT-NeoX's
+    parallel residual the MLP of l reads the block's input, so nothing of attention l reaches it."""
+    family = check_qk(model)
+    parallel = family.parallel(model.config)
     (T, D), n_layers = rep.record.embed_TD.shape, len(rep.acts)
     layer, pos, vector_D = int(readout.layer_R[0]), int(readout.pos_R[0]), readout.vector_RD[0]
     like = {"dtype": rep.record.embed_TD.dtype, "device": rep.record.embed_TD.device}
@@ -459,28 +605,45 @@ def _gradients_after_attention(model: nn.Module, rep: Replacement, readout: Read
     for lower in range(min(layer, n_layers)):
         g_D = raw[lower][0, pos] if raw[lower] is not None else vector_D.new_zeros(D)
         W_skip = getattr(rep.transcoders[lower], "W_skip", None)
-        if W_skip is not None:
-            g_D = g_D + _post_norm(blocks[lower], rep, lower, pos) * (W_skip.detach().to(g_D).T @ g_D)
+        if W_skip is not None and not parallel:
+            skip_D = W_skip.detach().to(g_D).T @ g_D
+            g_D = g_D + _norm_vjp(family, blocks[lower], "mlp_norm", rep.record.layers[lower].mlp_norm, pos, skip_D)
         grads.append(g_D)
     if stop is not None:
-        grads.append(_post_norm(blocks[layer], rep, layer, pos) * vector_D)
+        frozen = rep.record.layers[layer].mlp_norm
+        grads.append(0 * vector_D if parallel else _norm_vjp(family, blocks[layer], "mlp_norm", frozen, pos, vector_D))
     return grads
+
+
+def _output_vjp(family: Family, block: nn.Module, rec, pos: int, g_D: Tensor) -> Tensor:
+    """[H * d] g through the transpose of attention's output projection (and Gemma's frozen post-attention norm)."""
+    attn = child(block, family.attention)
+    width = rec.pattern_HTT.shape[0] * head_dim(family, attn)
+
+    def write(z):
+        a = _output(family, attn, z.to(next(attn.parameters()).dtype)).to(z)
+        if family.attn_post_norm is None:
+            return a
+        post = _as_norm(_norm_at(rec.attn_post_norm, pos), a)
+        return frozen_norm(family.norm, child(block, family.attn_post_norm), a, post)
+
+    return _vjp(write, width, g_D)
 
 
 @torch.no_grad()
 def value_effects(model: nn.Module, rep: Replacement, readout: Readouts) -> torch.Tensor:
     """[n, H, T] float64: per layer l (as ``_gradients_after_attention``), head and key position, the target's
     change through that head's value path from that key into the target's position (zero after it)."""
-    check_llama(model)
+    family = check_qk(model)
     pos, T = int(readout.pos_R[0]), rep.record.ids_T.numel()
-    blocks, group = decoder_blocks(model), _group(model)
-    effects = []
+    blocks, effects = decoder_blocks(model), []
     for layer, g_D in enumerate(_gradients_after_attention(model, rep, readout)):
-        attn, rec = attention_module(blocks[layer]), rep.record.layers[layer]
-        d, H = attn.head_dim, rec.pattern_HTT.shape[0]
-        v_kHd = attn.v_proj(_attention_input(blocks[layer], rep, layer)[: pos + 1]).view(pos + 1, -1, d)
-        v_kHd = v_kHd.repeat_interleave(group, dim=1).double()
-        u_Hd = (attn.o_proj.weight.detach().T @ g_D.to(attn.o_proj.weight.dtype)).view(H, d).double()
+        attn, rec = child(blocks[layer], family.attention), rep.record.layers[layer]
+        d, H = head_dim(family, attn), rec.pattern_HTT.shape[0]
+        h_kD = _attention_input(model, rep, layer)[: pos + 1].to(rep.record.embed_TD.dtype)
+        v_hkd = _values(family, attn, h_kD[None])[0]
+        v_kHd = v_hkd.repeat_interleave(H // v_hkd.shape[0], dim=0).transpose(0, 1).double()
+        u_Hd = _output_vjp(family, blocks[layer], rec, pos, g_D).view(H, d).double()
         layer_HT = rec.pattern_HTT.new_zeros(H, T, dtype=torch.float64)
         layer_HT[:, : pos + 1] = rec.pattern_HTT[:, pos, : pos + 1].double() * torch.einsum("khd,hd->hk", v_kHd, u_Hd)
         effects.append(layer_HT)
@@ -541,7 +704,7 @@ def trace_qk(
 ) -> list[TargetQk]:
     """For each target node, its ``heads_per_target`` strongest (head, key) spots, their scores decomposed
     (``decompose_through_attention``, or ``decompose_score`` with ``through_attention=False``)."""
-    check_llama(model)
+    check_qk(model)
     constant_T = graph.constant_positions.to(rep.record.ids_T.device)
     decompose = decompose_through_attention if through_attention else decompose_score
     traced = []
@@ -640,7 +803,7 @@ def qk_into_document(
     A model that is not Llama-style is not traced: ``saescope.qk_skipped`` says why.
     """
     try:
-        check_llama(model)
+        check_qk(model)
     except ValueError as error:
         document["saescope"]["qk_skipped"] = str(error)
         return

@@ -426,6 +426,9 @@ class LinearOutputs:
     mlp_in: tuple[torch.Tensor, ...]
     """Per layer run [B, T, D]."""
     final_BTD: torch.Tensor | None
+    attn_in: tuple[torch.Tensor, ...] = ()
+    """Per layer run [B, T, D]: attention's input, the frozen attention norm's output (what queries, keys and
+    values are computed from)."""
 
 
 def replacement_forward(
@@ -444,9 +447,10 @@ def replacement_forward(
     parallel = family.parallel(model.config)
     blocks = decoder_blocks(model)
     stop = len(blocks) - 1 if last_layer is None else last_layer
-    x_BTD, mlp_ins = embed_BTD, []
+    x_BTD, mlp_ins, attn_ins = embed_BTD, [], []
     for layer, (block, rec, tc) in enumerate(zip(blocks, rep.record.layers, rep.transcoders, strict=True)):
         h_BTD = frozen_norm(family.norm, child(block, family.attn_norm), x_BTD, rec.attn_norm)
+        attn_ins.append(h_BTD)
         a_BTD = _value_path(family, child(block, family.attention), h_BTD, rec.pattern_HTT)
         if family.attn_post_norm is not None:
             a_BTD = frozen_norm(family.norm, child(block, family.attn_post_norm), a_BTD, rec.attn_post_norm)
@@ -454,10 +458,10 @@ def replacement_forward(
         m_BTD = frozen_norm(family.norm, child(block, family.mlp_norm), mid_BTD, rec.mlp_norm)
         mlp_ins.append(m_BTD)
         if layer == stop and last_layer is not None:
-            return LinearOutputs(tuple(mlp_ins), None)
+            return LinearOutputs(tuple(mlp_ins), None, tuple(attn_ins))
         x_BTD = x_BTD + a_BTD + _skip(tc, m_BTD) + _as(tc.b_dec, m_BTD) + writes[layer]
     final_BTD = frozen_norm(family.norm, final_norm_module(model, family), x_BTD, rep.record.final_norm)
-    return LinearOutputs(tuple(mlp_ins), final_BTD)
+    return LinearOutputs(tuple(mlp_ins), final_BTD, tuple(attn_ins))
 
 
 def unembed(model: nn.Module, record: PromptRecord, final_BTD: torch.Tensor) -> torch.Tensor:
