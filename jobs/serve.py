@@ -1,7 +1,8 @@
 """`saescope serve`: start the Streamlit feature browser on a run with Streamlit's own server.
 
 Checks the run and its SAE before starting (one clear line when something is
-missing), binds to 127.0.0.1 unless --host says otherwise, prints the URL it
+missing; a run with transcoder sets or graphs but no SAE starts for /trace),
+binds to 127.0.0.1 unless --host says otherwise, prints the URL it
 really listens on (with a one-line warning when that is reachable from other
 machines), and stops the server cleanly on Ctrl-C.
 """
@@ -19,7 +20,10 @@ from pathlib import Path
 
 from jobs.options import add_config_arguments, config_from_args, counted, option
 from jobs.run import open_run
+from storage.graph_groups import graph_names
 from storage.index_builder import index_path
+from storage.sae_store import finished_sae_names
+from storage.transcoder_store import finished_sets
 
 
 class ServeError(ValueError):
@@ -111,8 +115,11 @@ def register(subparsers) -> None:
 
 def serve(run: Path, sae: str | None, host: str, port: int) -> int:
     """Run the dashboard until Ctrl-C; returns the server's exit status."""
-    folder = open_run(run, sae).checked().sae_folder
-    if not index_path(folder).is_file():
+    tracing_only = sae is None and not finished_sae_names(run) and bool(finished_sets(run) or graph_names(run))
+    folder = open_run(run, sae, with_sae=not tracing_only).checked().sae_folder
+    if folder is None:
+        print(f"note: {run} has transcoders but no SAE: /trace shows its graphs; the SAE pages say how to train one")
+    elif not index_path(folder).is_file():
         print(f"note: {folder.name!r} has no feature index yet; run `saescope index --run {run}` for the feature pages")
     check_port_free(host, port)
     print(address_line(run, host, port), flush=True)

@@ -145,3 +145,16 @@ def test_the_port_check_takes_ipv6_literals():
         taken.listen()
         with pytest.raises(jobs.serve.ServeError, match=r"cannot listen on ::1:\d+ .*pick another --port"):
             jobs.serve.check_port_free("::1", taken.getsockname()[1])
+
+
+def test_a_run_with_transcoders_but_no_sae_serves_its_graphs(transcoder_run, tiny_run, monkeypatch, capsys):
+    """What `saescope trace` tells a user to do next works on a run that has only transcoders; a bare cache
+    is still refused in one line."""
+    fake = SimpleNamespace(Popen=FakeServer, DEVNULL=subprocess.DEVNULL, TimeoutExpired=subprocess.TimeoutExpired)
+    monkeypatch.setattr(jobs.serve, "subprocess", fake)
+    FakeServer.commands.clear()
+    assert main(["serve", "--run", str(transcoder_run), "--port", str(free_port())]) == 0
+    out = capsys.readouterr().out
+    assert "has transcoders but no SAE: /trace shows its graphs" in out and len(FakeServer.commands) == 1
+    assert main(["serve", "--run", str(tiny_run), "--port", str(free_port())]) == 2
+    assert "no trained SAE yet" in capsys.readouterr().err and len(FakeServer.commands) == 1
