@@ -1,0 +1,127 @@
+"""The transcoder index on a tiny model: statistics and top examples against brute force, dense mark, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import jobs.index_transcoders as tc_index
+from jobs.index import IndexConfig
+from jobs.options import ConfigError
+from pipeline.lm.hook_points import HookPoint, capture
+from pipeline.lm.models import load_model
+from pipeline.lm.packing import special_mask
+from pipeline.sae.transcoder_format import transcoder_from_saelens
+from storage.index_queries import FeatureIndex, open_transcoder_index
+from storage.shards import iter_shards, read_manifest
+from storage.transcoder_store import layer_dir, load_layer_files
+
+SET = "tc"
+
+
+def config(run, **overrides) -> IndexConfig:
+    values = dict(run=str(run), transcoders=SET, device="cpu", top_k=5, window=4, batch_contexts=7)
+    return IndexConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tc_indexed(tmp_path_factory, transcoder_run):
+    run = tmp_path_factory.mktemp("tc-index") / "run"
+    shutil.copytree(transcoder_run, run)
+    summary = tc_index.run_transcoder_index(config(run, tokens=32 * 200))
+    return run, summary
+
+
+def dense_codes(run, layer: int, n_contexts: int):
+    """(codes [C, T, F] at ordinary tokens, 0 elsewhere, ordinary mask [C, T]) computed token-batch-free."""
+    manifest = read_manifest(run / "activations")
+    model = load_model(manifest.model_spec, "cpu").model
+    tc = transcoder_from_saelens(*load_layer_files(run / "transcoders" / SET, layer))
+    tokens = torch.cat([shard.tokens_CT.long() for shard in iter_shards(run / "activations", manifest)])[:n_contexts]
+    point = HookPoint(layer, "mlp-in")
+    with torch.no_grad():
+        x_CTD = torch.cat([capture(model, tokens[c : c + 1], [point])[point] for c in range(n_contexts)]).float()
+        codes_CTF = tc.encode(x_CTD.reshape(-1, x_CTD.shape[-1])).reshape(*x_CTD.shape[:2], -1)
+    ordinary = ~special_mask(tokens, manifest.special_token_ids)
+    return codes_CTF * ordinary.unsqueeze(-1), ordinary
+
+
+def test_every_layer_is_indexed_with_brute_force_statistics(tc_indexed):
+    run, summary = tc_indexed
+    assert [entry.layer for entry in summary.layers] == [0, 1, 2, 3] and summary.source == "model"
+    for layer in (0, 3):
+        codes_CTF, ordinary = dense_codes(run, layer, 200)
+        flat_NF = codes_CTF[ordinary]
+        with open_transcoder_index(run / "transcoders" / SET, layer) as index:
+            rows = index._rows("SELECT * FROM features ORDER BY feature", [])
+            assert index.metadata["hook"]["name"] == f"blocks.{layer}.ln2.hook_normalized"
+            assert index.metadata["tokens_indexed"] == int(ordinary.sum())
+            active = (flat_NF > 0).sum(0)
+            assert [r["n_active"] for r in rows] == active.tolist()
+            torch.testing.assert_close(torch.tensor([r["max_act"] for r in rows]), flat_NF.max(0).values)
+            means = flat_NF.sum(0) / active.clamp_min(1)
+            torch.testing.assert_close(torch.tensor([r["mean_act"] for r in rows]), means, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                torch.tensor([r["density"] for r in rows]), active.double() / ordinary.sum(), check_dtype=False
+            )
+            peak_CF = codes_CTF.max(1).values
+            for feature in torch.nonzero(active)[:6, 0].tolist():
+                top = index.top_examples(feature, limit=5)
+                expected = torch.argsort(-peak_CF[:, feature], stable=True)[:5]
+                expected = [int(c) for c in expected if peak_CF[c, feature] > 0]
+                assert [e.context for e in top] == expected
+                torch.testing.assert_close(
+                    torch.tensor([e.activation for e in top]), peak_CF[expected, feature], rtol=1e-5, atol=1e-6
+                )
+
+
+def test_dense_mark_follows_the_threshold(tc_indexed, tmp_path):
+    run, _ = tc_indexed
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with FeatureIndex(layer_dir(copy / "transcoders" / SET, 1) / "features.duckdb") as index:
+        densities = sorted(r["density"] for r in index._rows("SELECT density FROM features", []))
+    threshold = densities[len(densities) // 2]  # half the latents above it, at most
+    summary = tc_index.run_transcoder_index(config(copy, tokens=32 * 200, layers="1", dense_threshold=threshold))
+    assert [entry.skipped for entry in summary.layers] == [False]  # other settings: rebuilt
+    with open_transcoder_index(copy / "transcoders" / SET, 1) as index:
+        rows = index._rows("SELECT feature, density, dense FROM features ORDER BY feature", [])
+        assert [r["dense"] for r in rows] == [r["density"] > threshold for r in rows]
+        assert 0 < index.dense_count() < len(rows)
+        assert index.metadata["dense"]["threshold"] == threshold
+        assert index.densities([0, 1]) == {r["feature"]: (r["density"], r["dense"]) for r in rows[:2]}
+    assert summary.layers[0].n_dense == sum(r["dense"] for r in rows)
+
+
+def test_a_killed_index_leaves_nothing_and_a_rerun_resumes_by_layer(transcoder_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(transcoder_run, run)
+    finish = tc_index._finish_layer
+
+    def killed_at_layer_2(entry, *args):
+        if entry.layer == 2:
+            raise KeyboardInterrupt
+        return finish(entry, *args)
+
+    monkeypatch.setattr(tc_index, "_finish_layer", killed_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        tc_index.run_transcoder_index(config(run, tokens=32 * 40))
+    folder = run / "transcoders" / SET
+    leftovers = [p.name for layer in range(4) for p in layer_dir(folder, layer).iterdir() if "index" in p.name
+                 or "features" in p.name]  # fmt: skip
+    assert sorted(leftovers) == ["features.duckdb", "features.duckdb"]  # layers 0 and 1 only, no temp files
+    monkeypatch.setattr(tc_index, "_finish_layer", finish)
+    summary = tc_index.run_transcoder_index(config(run, tokens=32 * 40))
+    assert [entry.skipped for entry in summary.layers] == [True, True, False, False]
+    again = tc_index.run_transcoder_index(config(run, tokens=32 * 40))
+    assert all(entry.skipped for entry in again.layers)
+    assert "already indexed" in tc_index.format_summary(again, str(run))
+
+
+def test_bad_layers_and_set_are_clear_errors(transcoder_run):
+    with pytest.raises(ConfigError, match="layer 7 out of range"):
+        tc_index.run_transcoder_index(config(transcoder_run, layers="7"))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        config(transcoder_run, sae="default")
