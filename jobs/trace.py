@@ -13,10 +13,12 @@ The model runs in float32; the graph is pruned (pipeline.tracing.pruning) and wr
 saescope's provenance under ``saescope`` and the replacement and completeness scores
 (unpruned and pruned) in ``metadata.scores``; the unpruned graph goes beside it in
 ``runs/R/graphs/NAME.safetensors``.
-Feature labels (the viewer's "clerp") say what each feature reads and writes:
-the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
-contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
-promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
+Feature labels (the viewer's "clerp") say what each feature reads and writes,
+``fires on "a", "b" → promotes "c", "d"`` (``pipeline.tracing.feature_labels``): from the
+layer's feature index and explanations where `saescope index --transcoders` made them
+(``jobs.latent_facts``), else from the tokens it fires hardest on over the cache's last
+``--label-contexts`` contexts (or the prompt) and its standardised output tokens. Feature
+nodes carry ``saescope_density`` and ``saescope_dense`` from the index (null without one).
 Suggested supernodes (``pipeline.tracing.supernodes``) go into the graph file's ``qParams`` and
 ``saescope.suggested_supernodes`` unless ``--no-group``; a person's saved groups (NAME.supernodes.json) are
 another file, which a trace never writes.
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 from jobs.console import human_count, progress
+from jobs.latent_facts import set_latent_facts
 from jobs.options import (
     ConfigError,
     add_config_arguments,
@@ -355,7 +358,8 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     bars = StageBars()
     try:
-        traced = trace_document(model, tcs, plan.ids, tokenizer, plan.target, settings, source, contexts, bars)
+        traced = trace_document(model, tcs, plan.ids, tokenizer, plan.target, settings, source, contexts, bars,
+                                describe=lambda wanted: set_latent_facts(plan.folder, wanted))  # fmt: skip
     finally:
         bars.close()
     graph, pruned, document = traced.graph, traced.pruned, traced.document

@@ -125,3 +125,29 @@ def test_bad_layers_and_set_are_clear_errors(transcoder_run):
         tc_index.run_transcoder_index(config(transcoder_run, layers="7"))
     with pytest.raises(ConfigError, match="exclude each other"):
         config(transcoder_run, sae="default")
+
+
+def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_path):
+    from jobs.cli import main
+    from pipeline.tracing.feature_labels import quoted_tokens
+    from storage.graph_groups import read_graph_json
+
+    run = tmp_path / "run"
+    shutil.copytree(tc_indexed[0], run)
+    keep_all = ["--node-threshold", "1", "--edge-threshold", "1", "--label-contexts", "0"]
+    assert main(["trace", "--run", str(run), "--prompt", "The cat sat", "--name", "cat", *keep_all]) == 0
+    nodes = [n for n in read_graph_json(run, "cat")["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert nodes
+    checked = 0
+    for node in nodes:
+        layer, latent = int(node["layer"]), int(node["node_id"].split("_")[1])
+        with open_transcoder_index(run / "transcoders" / SET, layer) as index:
+            density, dense = index.densities([latent])[latent]
+            peaks = [index.vocab_text(t) for t in index.peak_tokens([latent])[latent]]
+            promoted = [index.vocab_text(t) for t in index.promoted_tokens([latent])[latent]]
+        assert node["saescope_density"] == density and node["saescope_dense"] == dense
+        assert node["clerp"].endswith(" → promotes " + quoted_tokens(promoted))
+        if peaks:  # it fired in the indexed contexts: the label reads from its top examples, not the prompt
+            assert node["clerp"].startswith("fires on " + quoted_tokens(peaks) + " → ")
+            checked += 1
+    assert checked
