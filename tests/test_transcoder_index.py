@@ -151,3 +151,46 @@ def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_pat
             assert node["clerp"].startswith("fires on " + quoted_tokens(peaks) + " → ")
             checked += 1
     assert checked
+
+
+def test_explain_labels_only_the_graphs_latents_and_labels_use_it(tc_indexed, tmp_path):
+    from jobs.cli import main
+    from jobs.explain import ExplainConfig, run_explain
+    from jobs.latent_facts import explanation_phrase
+    from storage.explanations import ExplanationReader, explanations_path
+    from storage.graph_groups import read_graph_json
+
+    run = tmp_path / "run"
+    shutil.copytree(tc_indexed[0], run)
+    keep_all = ["--node-threshold", "1", "--edge-threshold", "1", "--label-contexts", "0"]
+    assert main(["trace", "--run", str(run), "--prompt", "The cat", "--name", "cat", *keep_all]) == 0
+    nodes = [n for n in read_graph_json(run, "cat")["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    wanted = {(int(n["layer"]), int(n["node_id"].split("_")[1])) for n in nodes}
+    cfg = ExplainConfig(run=str(run), transcoders=SET, graphs="all", scorers="simulation", test_examples=4)
+    summary = run_explain(cfg)
+    explained = set()
+    for layer in range(4):
+        path = explanations_path(layer_dir(run / "transcoders" / SET, layer))
+        if path.is_file():
+            with ExplanationReader(path) as reader:
+                explained |= {(layer, r["feature"]) for r in reader._rows("SELECT feature FROM done", [])}
+    assert explained and explained <= wanted  # live latents of the graph only
+    assert summary.n_explained == len(explained)
+    assert "simulation auroc" in summary.report and "control" in summary.report
+    assert run_explain(cfg).n_explained == 0  # resumes: nothing left
+    assert main(["trace", "--run", str(run), "--prompt", "The cat", "--name", "cat", "--force", *keep_all]) == 0
+    phrases = {}
+    for layer in range(4):
+        path = explanations_path(layer_dir(run / "transcoders" / SET, layer))
+        if path.is_file():
+            with ExplanationReader(path) as reader:
+                rows = reader.labels([latent for lay, latent in wanted if lay == layer]).items()
+                phrases |= {(layer, latent): explanation_phrase(row) for latent, row in rows}
+    relabelled = [n for n in read_graph_json(run, "cat")["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    used = [n for n in relabelled if phrases.get((int(n["layer"]), int(n["node_id"].split("_")[1])))]
+    assert used and all(
+        n["clerp"].startswith(phrases[(int(n["layer"]), int(n["node_id"].split("_")[1]))] + " → promotes ")
+        for n in used
+    )
+    with pytest.raises(ConfigError, match="no graph 'dog'"):
+        run_explain(ExplainConfig(run=str(run), transcoders=SET, graphs="dog"))
