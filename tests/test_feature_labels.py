@@ -64,8 +64,8 @@ def test_two_sided_labels_quote_tokens_as_the_viewer_shows_them():
 
 
 def test_explanations_become_short_reads_phrases():
-    from jobs.latent_facts import explanation_phrase
     from pipeline.explain.token_explainer import NO_PATTERN
+    from pipeline.tracing.feature_labels import explanation_phrase
 
     row = {"explainer": "tokens", "text": "fires on ...", "token_kind": "token", "tokens": [" a", " b", " c", " d"]}
     assert explanation_phrase(row) == 'fires on " a", " b", " c", ...'

@@ -156,7 +156,7 @@ def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_pat
 def test_explain_labels_only_the_graphs_latents_and_labels_use_it(tc_indexed, tmp_path):
     from jobs.cli import main
     from jobs.explain import ExplainConfig, run_explain
-    from jobs.latent_facts import explanation_phrase
+    from pipeline.tracing.feature_labels import explanation_phrase
     from storage.explanations import ExplanationReader, explanations_path
     from storage.graph_groups import read_graph_json
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.explain.token_explainer import NO_PATTERN
 from pipeline.features.decoder_geometry import final_norm_weight, standardized_promoted, unembedding
 from pipeline.lm.hook_points import HookPoint, capture
 from pipeline.lm.token_text import token_text
@@ -108,6 +109,31 @@ class LatentFacts:
     @property
     def knows_reads(self) -> bool:
         return self.reads is not None or bool(self.peak_ids)
+
+
+def explanation_phrase(row: dict, shown: int = 3) -> str | None:
+    """What a stored explanation says a latent reads, shortened to ``shown`` tokens (None: it found nothing)."""
+    if row.get("explainer") != "tokens":
+        return str(row["text"]) if row.get("text") else None
+    if row.get("text") == NO_PATTERN or not row.get("tokens"):
+        return None
+    more = ", ..." if len(row["tokens"]) > shown else ""
+    verb = "fires after " if row.get("token_kind") == "previous" else "fires on "
+    return verb + quoted_tokens(list(row["tokens"][:shown])) + more
+
+
+def facts_from_index(rows: dict[tuple[int, int], dict], shown: int = 3) -> dict[tuple[int, int], LatentFacts]:
+    """``LatentFacts`` from the rows ``storage.latent_facts.indexed_latents`` reads."""
+    return {
+        key: LatentFacts(
+            reads=explanation_phrase(row["explanation"], shown) if row.get("explanation") else None,
+            peak_ids=tuple(row["peak_ids"][:shown]),
+            promoted_ids=tuple(row["promoted_ids"][:shown]),
+            density=row["density"],
+            dense=row["dense"],
+        )
+        for key, row in rows.items()
+    }
 
 
 def quoted_tokens(texts: list[str]) -> str:
