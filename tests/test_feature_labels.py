@@ -72,6 +72,9 @@ def test_explanations_become_short_reads_phrases():
     assert explanation_phrase({**row, "token_kind": "previous", "tokens": ["x"]}) == 'fires after "x"'
     assert explanation_phrase({**row, "text": NO_PATTERN, "tokens": []}) is None
     assert explanation_phrase({"explainer": "llm", "text": "French cities"}) == "French cities"
+    pairs = {**row, "token_kind": "bigram", "tokens": ["ab", "cd"], "text": 'fires on "b" after "a"; "d" after "c"'}
+    assert explanation_phrase(pairs, shown=1) == 'fires on "b" after "a", ...'
+    assert explanation_phrase(pairs) == 'fires on "b" after "a"; "d" after "c"'
 
 
 def test_standardized_promoted_equals_the_index_ranking():

@@ -118,6 +118,9 @@ def explanation_phrase(row: dict, shown: int = 3) -> str | None:
     if row.get("text") == NO_PATTERN or not row.get("tokens"):
         return None
     more = ", ..." if len(row["tokens"]) > shown else ""
+    if row.get("token_kind") == "bigram":  # 'fires on "b" after "a"; "d" after "c"': keep whole pairs
+        pairs = str(row["text"]).removeprefix("fires on ").removesuffix(", ...").split("; ")
+        return "fires on " + "; ".join(pairs[:shown]) + more
     verb = "fires after " if row.get("token_kind") == "previous" else "fires on "
     return verb + quoted_tokens(list(row["tokens"][:shown])) + more
 
