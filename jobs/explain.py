@@ -107,6 +107,7 @@ class ExplainConfig:
         )
         parse_feature_range(self.features)
         require(self.sae is None or self.transcoders is None, "--sae and --transcoders exclude each other: pick one")
+        require(self.layers == "all" or self.transcoders is not None, "--layers needs --transcoders (an SAE has one)")
         require(self.graphs is None or self.transcoders is not None, "--graphs needs --transcoders (graphs are "
                 "made of transcoder latents)")  # fmt: skip
 

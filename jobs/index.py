@@ -72,6 +72,7 @@ class IndexConfig:
         require(self.tokens is None or self.tokens > 0, "--tokens must be positive")
         require(0 < self.dense_threshold <= 1, f"--dense-threshold must be in (0, 1], got {self.dense_threshold}")
         require(self.sae is None or self.transcoders is None, "--sae and --transcoders exclude each other: pick one")
+        require(self.layers == "all" or self.transcoders is not None, "--layers needs --transcoders (an SAE has one)")
         require(
             MEMORY_LIMIT.fullmatch(self.memory_limit.strip()) is not None,
             f"--memory-limit {self.memory_limit!r} is not a size: use e.g. 512MB, 1GB or 2.5GiB",

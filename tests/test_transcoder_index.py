@@ -125,6 +125,8 @@ def test_bad_layers_and_set_are_clear_errors(transcoder_run):
         tc_index.run_transcoder_index(config(transcoder_run, layers="7"))
     with pytest.raises(ConfigError, match="exclude each other"):
         config(transcoder_run, sae="default")
+    with pytest.raises(ConfigError, match="--layers needs --transcoders"):
+        config(transcoder_run, transcoders=None, layers="3")
 
 
 def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_path):
