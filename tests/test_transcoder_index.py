@@ -196,3 +196,35 @@ def test_explain_labels_only_the_graphs_latents_and_labels_use_it(tc_indexed, tm
     )
     with pytest.raises(ConfigError, match="no graph 'dog'"):
         run_explain(ExplainConfig(run=str(run), transcoders=SET, graphs="dog"))
+
+
+def test_cached_mlp_inputs_give_the_same_index_as_the_live_model(tc_indexed, tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from conftest import synthetic_corpus, tiny_cache_config
+
+    from jobs.cache import run_cache
+
+    live_run = tc_indexed[0]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(synthetic_corpus(4000), encoding="utf-8")  # the corpus of tiny_run: the same contexts
+    run = tmp_path / "run"
+    cache_cfg = dataclasses.replace(tiny_cache_config(run, tiny_model_dir, corpus), hooks="mlp-in", layers="all")
+    run_cache(cache_cfg)
+    shutil.copytree(live_run / "transcoders", run / "transcoders")
+    for layer in range(4):
+        (layer_dir(run / "transcoders" / SET, layer) / "features.duckdb").unlink()
+    summary = tc_index.run_transcoder_index(config(run, tokens=32 * 200, layers="0,3"))
+    assert summary.source == "cache"
+    for layer in (0, 3):
+        with (
+            open_transcoder_index(run / "transcoders" / SET, layer) as cached,
+            open_transcoder_index(live_run / "transcoders" / SET, layer) as live,
+        ):
+            sql = "SELECT context, tokens FROM contexts ORDER BY context"
+            assert cached._rows(sql, []) == live._rows(sql, [])  # the same contexts, so comparable
+            rows = [index._rows("SELECT * FROM features ORDER BY feature", []) for index in (cached, live)]
+            assert [r["n_active"] for r in rows[0]] == [r["n_active"] for r in rows[1]]
+            torch.testing.assert_close(
+                torch.tensor([r["max_act"] for r in rows[0]]), torch.tensor([r["max_act"] for r in rows[1]])
+            )
