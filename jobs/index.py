@@ -3,7 +3,8 @@
 Memory grows with features x top-k, not with tokens: statistics and top examples
 accumulate in fixed-size tensors, and every non-zero activation is spilled to a
 scratch DuckDB file that sorts out of core. The finished index replaces the old
-one atomically.
+one atomically. With ``--transcoders SET`` the verb indexes a transcoder set instead,
+one index per layer from one pass (``jobs.index_transcoders``).
 """
 
 from __future__ import annotations
