@@ -1,7 +1,8 @@
 """What a transcoder set's feature indexes and explanations hold about some latents, for graph labels.
 
 Per layer with a current index (``saescope index --transcoders``): each latent's density
-and dense mark, the tokens its top examples peak on, its standardised promoted tokens, and
+and dense mark, the tokens its top examples peak on, its standardised promoted tokens, its
+strongest example, and
 its best explanation row when ``saescope explain --transcoders`` has run. Layers without a
 current index are left out; ``pipeline.tracing.feature_labels.facts_from_index`` turns the
 rows into label facts.
@@ -18,7 +19,10 @@ from storage.transcoder_store import layer_dir
 
 
 def layer_rows(set_folder: Path, layer: int, latents: list[int], top_n: int = 3) -> dict[int, dict]:
-    """latent -> {density, dense, peak_ids, promoted_ids, explanation} ({} when the layer has no current index)."""
+    """latent -> {density, dense, peak_ids, promoted_ids, explanation, example} ({} without a current index).
+
+    ``example`` is the strongest top example as (decoded tokens of its window, index of its peak), or None.
+    """
     try:
         index = open_transcoder_index(set_folder, layer)
     except (FeatureIndexError, SaeStoreError):
@@ -27,6 +31,7 @@ def layer_rows(set_folder: Path, layer: int, latents: list[int], top_n: int = 3)
         densities = index.densities(latents)
         peaks = index.peak_tokens(latents, top_n)
         promoted = index.promoted_tokens(latents, top_n)
+        snippets = index.top_snippets(latents)
     folder = layer_dir(set_folder, layer)
     reader = open_explanations(folder, weights_fingerprint(folder))
     explained = {}
@@ -40,6 +45,7 @@ def layer_rows(set_folder: Path, layer: int, latents: list[int], top_n: int = 3)
             "peak_ids": peaks[latent],
             "promoted_ids": promoted[latent],
             "explanation": explained.get(latent),
+            "example": (snippets[latent].tokens, snippets[latent].peak) if latent in snippets else None,
         }
         for latent in latents
     }

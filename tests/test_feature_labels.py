@@ -99,3 +99,13 @@ def test_moments_by_covariance_equal_the_pass_over_every_effect():
     for fast, eager in zip(token_effect_moments_by_covariance(direction, W_U), token_effect_moments(direction, W_U, 16),
                            strict=True):  # fmt: skip
         torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_label_items_read_both_sides_of_both_forms():
+    from pipeline.tracing.feature_labels import label_items, two_sided_label
+
+    label = two_sided_label('fires on " France", "Paris", ...', [" capital", "\n"])
+    assert label_items(label) == ([" France", "Paris"], [" capital", "⏎"])
+    assert label_items('fires on "b" after "a" → promotes "c"') == (["b", "a"], ["c"])
+    assert label_items('French cities → promotes "x"') == (["French cities "], ["x"])
+    assert label_items("the · Paris → city") == (["the ", " Paris "], [" city"])

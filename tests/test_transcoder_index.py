@@ -131,7 +131,7 @@ def test_bad_layers_and_set_are_clear_errors(transcoder_run):
 
 def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_path):
     from jobs.cli import main
-    from pipeline.tracing.feature_labels import quoted_tokens
+    from pipeline.tracing.feature_labels import example_text, quoted_tokens
     from storage.graph_groups import read_graph_json
 
     run = tmp_path / "run"
@@ -147,6 +147,8 @@ def test_traced_graph_labels_and_density_come_from_the_index(tc_indexed, tmp_pat
             density, dense = index.densities([latent])[latent]
             peaks = [index.vocab_text(t) for t in index.peak_tokens([latent])[latent]]
             promoted = [index.vocab_text(t) for t in index.promoted_tokens([latent])[latent]]
+            top = index.top_examples(latent, limit=1)
+        assert node.get("saescope_example") == (example_text(top[0].tokens, top[0].peak) if top else None)
         assert node["saescope_density"] == density and node["saescope_dense"] == dense
         assert node["clerp"].endswith(" → promotes " + quoted_tokens(promoted))
         if peaks:  # it fired in the indexed contexts: the label reads from its top examples, not the prompt

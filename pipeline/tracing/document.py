@@ -7,7 +7,8 @@ what each feature reads and writes: ``describe(layer -> latents)``, if given, br
 knows nothing of, what they read comes from ``label_contexts`` (held-out token
 contexts and their ordinary-position mask; None: the prompt only). Every feature
 node gains ``saescope_density`` (share of indexed tokens it fires on) and
-``saescope_dense`` (the index's dense mark), both null where no index knows it.
+``saescope_dense`` (the index's dense mark), both null where no index knows it, and
+``saescope_example`` (its strongest indexed example, plain text) where one does.
 The document's ``saescope.timings`` gain ``labels_s`` and ``wall_s`` (this function's
 whole time), and ``qk_s`` when ``settings.qk_targets`` asks for QK tracing (``qk``: the
 heads that move information into the strongest targets, and why they attend).
@@ -111,13 +112,16 @@ class TracedPrompt:
 
 
 def mark_density(nodes: list[dict], facts: dict[tuple[int, int], LatentFacts]) -> None:
-    """Add ``saescope_density`` and ``saescope_dense`` to every feature node (null where unknown)."""
+    """Add ``saescope_density`` and ``saescope_dense`` to every feature node (null where unknown), and
+    ``saescope_example`` (its strongest indexed example as plain text) where the index has one."""
     for node in nodes:
         if node["feature_type"] != FEATURE:
             continue
         known = facts.get((int(node["layer"]), int(node["node_id"].split("_")[1])))
         node["saescope_density"] = None if known is None else known.density
         node["saescope_dense"] = None if known is None else known.dense
+        if known is not None and known.example:
+            node["saescope_example"] = known.example
 
 
 def trace_document(

@@ -16,6 +16,7 @@ tokens in order of activation, ties broken by position), else from the prompt it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,6 +106,8 @@ class LatentFacts:
     """Share of indexed tokens it fires on (None: no index)."""
     dense: bool | None = None
     """The index's dense mark (None: no index)."""
+    example: str | None = None
+    """Its strongest indexed example as plain text, a few tokens either side of the peak (None: no index)."""
 
     @property
     def knows_reads(self) -> bool:
@@ -125,6 +128,15 @@ def explanation_phrase(row: dict, shown: int = 3) -> str | None:
     return verb + quoted_tokens(list(row["tokens"][:shown])) + more
 
 
+EXAMPLE_RADIUS = 8
+"""Tokens either side of the peak in a node's example text."""
+
+
+def example_text(tokens: list[str], peak: int, radius: int = EXAMPLE_RADIUS) -> str:
+    """The window's tokens ``radius`` either side of ``peak``, joined as plain text."""
+    return "".join(tokens[max(0, peak - radius) : peak + radius + 1])
+
+
 def facts_from_index(rows: dict[tuple[int, int], dict], shown: int = 3) -> dict[tuple[int, int], LatentFacts]:
     """``LatentFacts`` from the rows ``storage.latent_facts.indexed_latents`` reads."""
     return {
@@ -134,9 +146,20 @@ def facts_from_index(rows: dict[tuple[int, int], dict], shown: int = 3) -> dict[
             promoted_ids=tuple(row["promoted_ids"][:shown]),
             density=row["density"],
             dense=row["dense"],
+            example=example_text(*row["example"]) if row.get("example") else None,
         )
         for key, row in rows.items()
     }
+
+
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def label_items(label: str) -> tuple[list[str], list[str]]:
+    """(what it reads, what it writes): the quoted tokens of each side of a two-sided label, or, for a side
+    without quotes (an LLM's phrase, an older label ``a · b → c``), its `` · ``-separated items."""
+    reads, _, writes = label.partition("→")
+    return tuple(_QUOTED.findall(side) or side.split("·") for side in (reads, writes))
 
 
 def quoted_tokens(texts: list[str]) -> str:
