@@ -1,5 +1,9 @@
 """`saescope explain`: label every feature and score each label against a control, offline by default.
 
+With ``--transcoders SET`` each layer folder of the set is explained the same way from
+its own index (``saescope index --transcoders``), optionally only the latents of saved
+graphs (``--graphs``, ``jobs.graph_latents``).
+
 Per feature: train and test examples from the index (pipeline.explain.examples),
 an explanation (the token explainer, or an LLM), then each scorer twice — on the
 feature's own explanation and on a random other feature's (the control) — on
@@ -15,12 +19,15 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from jobs.console import progress
 from jobs.explain_report import format_report
-from jobs.options import add_config_arguments, config_from_args, option, require
+from jobs.graph_latents import graph_latents
+from jobs.index_transcoders import chosen_layers
+from jobs.options import ConfigError, add_config_arguments, config_from_args, option, require
 from jobs.run import open_run
 from pipeline.explain.embedding import EMBEDDING_MODEL, Embedder
 from pipeline.explain.examples import ExampleRows, ExampleSource, FeatureExamples, WindowMaker
@@ -31,8 +38,11 @@ from pipeline.runtime.precision import resolve_device
 from storage.constants import EXPLAIN_LOCK
 from storage.explanations import ExplanationBatch, ExplanationReader, ExplanationStore
 from storage.home import converted_models_dir
+from storage.index_queries import FeatureIndexError, open_transcoder_index
 from storage.locks import exclusive
 from storage.sae_store import weights_fingerprint
+from storage.shards import activations_dir, read_manifest
+from storage.transcoder_store import layer_dir, read_set, resolve_set
 
 SCORERS = ("simulation", "embedding", "detection", "fuzzing")
 LLM_SCORERS = ("detection", "fuzzing")
@@ -60,6 +70,13 @@ class ExplainConfig:
 
     run: str = option(help="run directory")
     sae: str | None = option(None, "SAE name (default: the run's only SAE)")
+    transcoders: str | None = option(
+        None, "explain a transcoder set's latents instead of an SAE's (after `saescope index --transcoders`)"
+    )
+    layers: str = option("all", "with --transcoders: the layers to explain: all, 5, 0-29 or 1,3,8-10")
+    graphs: str | None = option(
+        None, "with --transcoders: only the latents of these graphs' nodes: all, or names a,b in runs/R/graphs"
+    )
     features: str = option("all", "all, a feature id, or a range A-B")
     explainer: str = option("tokens", "tokens (deterministic, no LLM) or llm")
     llm: str = option("default", "LLM for --explainer llm and LLM scorers: default (SmolLM2), a path, or openai:URL")
@@ -89,6 +106,10 @@ class ExplainConfig:
             "--llm openai: needs the server's base URL, e.g. openai:http://127.0.0.1:8000/v1",
         )
         parse_feature_range(self.features)
+        require(self.sae is None or self.transcoders is None, "--sae and --transcoders exclude each other: pick one")
+        require(self.layers == "all" or self.transcoders is not None, "--layers needs --transcoders (an SAE has one)")
+        require(self.graphs is None or self.transcoders is not None, "--graphs needs --transcoders (graphs are "
+                "made of transcoder latents)")  # fmt: skip
 
     def scorer_list(self) -> list[str]:
         return [s.strip() for s in self.scorers.split(",") if s.strip()]
@@ -130,6 +151,9 @@ class ExplainSummary:
     n_explained: int
     seconds: float
     report: str
+    score_rows: tuple = ()
+    """The score rows the report summarises (with their explanation text)."""
+    settings: Settings | None = None
 
 
 DEFAULT_RADIUS = 8
@@ -183,17 +207,42 @@ def _controls(chunk: list[int], live: list[int], seed: int) -> dict[int, int]:
     return {chunk[0]: int(others[rng.integers(len(others))])} if others else {}
 
 
+class Shared:
+    """What every folder explained in one run of the verb shares: the LLM backend and the embedder, made once."""
+
+    def __init__(self, cfg: ExplainConfig):
+        self.cfg = cfg
+        self.backend = _backend(cfg) if cfg.uses_llm() else None
+        self._embedder: Embedder | None = None
+
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder()
+        return self._embedder
+
+
 def run_explain(cfg: ExplainConfig) -> ExplainSummary:
+    """Explain and score the run's SAE, or with ``--transcoders`` the latents of a transcoder set."""
+    if cfg.transcoders is not None:
+        return run_explain_transcoders(cfg)
     started = time.perf_counter()
     run = open_run(cfg.run, cfg.sae)
-    manifest, sae_folder = run.manifest, run.sae_folder
+    with run.index() as index:
+        return explain_folder(cfg, run.sae_folder, index, run.manifest.special_token_ids, Shared(cfg), started)
+
+
+def explain_folder(
+    cfg: ExplainConfig, sae_folder, index, special_token_ids, shared: Shared, started: float,
+    only: set[int] | None = None, label: str = "explain",
+) -> ExplainSummary:  # fmt: skip
+    """Explain the live features of one SAE folder's ``index`` (those in ``only``, when given); see the module."""
     fingerprint = weights_fingerprint(sae_folder)
-    with run.index() as index, exclusive(sae_folder / EXPLAIN_LOCK, f"the explanations of {sae_folder}"):
+    with exclusive(sae_folder / EXPLAIN_LOCK, f"the explanations of {sae_folder}"):
         store = ExplanationStore(sae_folder, fingerprint)
         cfg = replace(cfg, radius=example_radius(cfg, index.window))
         source, tokens_CT = _source(index, cfg.radius)
-        selected = _selected(source, cfg, index.n_features)
-        backend = _backend(cfg) if cfg.uses_llm() else None
+        selected = [f for f in _selected(source, cfg, index.n_features) if only is None or f in only]
+        backend = shared.backend
         prompt_hash = llm_prompt_hash() if cfg.explainer == "llm" else TOKEN_EXPLAINER_VERSION
         model = backend.name if backend and cfg.explainer == "llm" else "-"
         settings = Settings.of(cfg, fingerprint, prompt_hash, model)
@@ -203,20 +252,53 @@ def run_explain(cfg: ExplainConfig) -> ExplainSummary:
             explainer=cfg.explainer,
             scorers=tuple(cfg.scorer_list()),
             embed_examples=cfg.embed_examples,
-            background=Background(tokens_CT, len(index.vocab), manifest.special_token_ids),
+            background=Background(tokens_CT, len(index.vocab), special_token_ids),
             vocab=index.vocab,
             backend=backend,
-            embedder=Embedder() if todo else None,
+            embedder=shared.embedder() if todo else None,
         )
         job = _Job(cfg, settings, source, context)
         live = source.features()
-        with progress(len(selected), "explain", unit="feat", initial=len(selected) - len(todo)) as bar:
+        with progress(len(selected), label, unit="feat", initial=len(selected) - len(todo)) as bar:
             for start in range(0, len(todo), cfg.batch_features):
                 chunk = todo[start : start + cfg.batch_features]
                 store.append(_explain_chunk(job, chunk, live))
                 bar.update(len(chunk))
-        report = _report(store, settings, selected, cfg)
-    return ExplainSummary(len(selected), len(selected) - len(todo), len(todo), time.perf_counter() - started, report)
+        rows = _score_rows(store, settings, selected, cfg)
+    report = format_report(rows, settings) if store.path.exists() else "no feature had examples to explain"
+    seconds = time.perf_counter() - started
+    return ExplainSummary(len(selected), len(selected) - len(todo), len(todo), seconds, report, tuple(rows), settings)
+
+
+def run_explain_transcoders(cfg: ExplainConfig) -> ExplainSummary:
+    """Explain a transcoder set layer by layer, each layer folder as an SAE (``explain_folder``); ``--graphs``
+    bounds it to the latents of saved graphs. The LLM backend and the embedder load once for every layer."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.run)
+    manifest = read_manifest(activations_dir(run_dir))
+    folder = resolve_set(run_dir, cfg.transcoders)
+    layers = chosen_layers(cfg.layers, read_set(folder)["layers"], folder.name)
+    only = graph_latents(run_dir, cfg.graphs, folder.name) if cfg.graphs is not None else None
+    if only is not None:
+        layers = [layer for layer in layers if only.get(layer)]
+    shared = Shared(cfg)
+    totals, rows, settings = [0, 0, 0], [], None
+    for layer in layers:
+        try:
+            index = open_transcoder_index(folder, layer)
+        except FeatureIndexError as error:
+            raise ConfigError(f"layer {layer} of {folder.name!r} has no current index ({error}): run `saescope "
+                              f"index --run {cfg.run} --transcoders {folder.name}` first") from error  # fmt: skip
+        with index:
+            summary = explain_folder(cfg, layer_dir(folder, layer), index, manifest.special_token_ids, shared,
+                                     time.perf_counter(), None if only is None else only[layer],
+                                     f"explain layer {layer}")  # fmt: skip
+        for i, value in enumerate((summary.n_selected, summary.n_done_before, summary.n_explained)):
+            totals[i] += value
+        rows += [{**row, "feature": f"L{layer}#{row['feature']}"} for row in summary.score_rows]
+        settings = summary.settings or settings
+    report = format_report(rows, settings) if rows else "no layer had latents to explain"
+    return ExplainSummary(*totals, time.perf_counter() - started, report, tuple(rows), settings)
 
 
 @dataclass(frozen=True)
@@ -313,12 +395,12 @@ def _backend(cfg: ExplainConfig):
     return backend_from_spec(cfg.llm, cfg.llm_model, resolve_device(cfg.device), converted_models_dir())
 
 
-def _report(store: ExplanationStore, settings: Settings, selected: list[int], cfg: ExplainConfig) -> str:
+def _score_rows(store: ExplanationStore, settings: Settings, selected: list[int], cfg: ExplainConfig) -> list[dict]:
     if not store.path.exists():
-        return "no feature had examples to explain"
+        return []
     ids = [settings.explanation_id(f, cfg) for f in selected]
     with ExplanationReader(store.path) as reader:
-        return format_report(reader.score_table(ids, settings.test_hash), settings)
+        return reader.score_table(ids, settings.test_hash)
 
 
 def register(subparsers) -> None:

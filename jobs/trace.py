@@ -13,10 +13,12 @@ The model runs in float32; the graph is pruned (pipeline.tracing.pruning) and wr
 saescope's provenance under ``saescope`` and the replacement and completeness scores
 (unpruned and pruned) in ``metadata.scores``; the unpruned graph goes beside it in
 ``runs/R/graphs/NAME.safetensors``.
-Feature labels (the viewer's "clerp") say what each feature reads and writes:
-the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
-contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
-promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
+Feature labels (the viewer's "clerp") say what each feature reads and writes,
+``fires on "a", "b" → promotes "c", "d"`` (``pipeline.tracing.feature_labels``): from the
+layer's feature index and explanations where `saescope index --transcoders` made them
+(``storage.latent_facts``), else from the tokens it fires hardest on over the cache's last
+``--label-contexts`` contexts (or the prompt) and its standardised output tokens. Feature
+nodes carry ``saescope_density`` and ``saescope_dense`` from the index (null without one).
 Suggested supernodes (``pipeline.tracing.supernodes``) go into the graph file's ``qParams`` and
 ``saescope.suggested_supernodes`` unless ``--no-group``; a person's saved groups (NAME.supernodes.json) are
 another file, which a trace never writes.
@@ -52,6 +54,7 @@ from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
 from pipeline.tracing.estimate import Estimate, GiB, GraphShape, estimate, largest_fitting
+from pipeline.tracing.feature_labels import facts_from_index
 from pipeline.tracing.graph_json import graph_nodes, to_json
 from pipeline.tracing.graph_tensors import graph_tensors
 from pipeline.tracing.paths import strongest_paths
@@ -66,6 +69,7 @@ from storage.graph_groups import (
     write_graph_tensors,
 )
 from storage.home import converted_models_dir
+from storage.latent_facts import indexed_latents
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -354,8 +358,10 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
                              group=cfg.group, qk_targets=cfg.qk_targets)  # fmt: skip
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     bars = StageBars()
+    describe = lambda wanted: facts_from_index(indexed_latents(plan.folder, wanted))  # noqa: E731
     try:
-        traced = trace_document(model, tcs, plan.ids, tokenizer, plan.target, settings, source, contexts, bars)
+        traced = trace_document(model, tcs, plan.ids, tokenizer, plan.target, settings, source, contexts, bars,
+                                describe=describe)  # fmt: skip
     finally:
         bars.close()
     graph, pruned, document = traced.graph, traced.pruned, traced.document

@@ -194,7 +194,8 @@ class ExplanationReader:
         """One explanation per listed feature (the best simulation AUROC), with that score and its control."""
         if not features:
             return {}
-        sql = """SELECT e.feature, e.text, e.explainer, s.value AS auroc, s.control_value AS control_auroc
+        sql = """SELECT e.feature, e.text, e.explainer, e.token_kind, e.tokens, s.value AS auroc,
+                        s.control_value AS control_auroc
                  FROM explanations e LEFT JOIN scores s
                    ON s.explanation_id = e.explanation_id AND s.scorer = 'simulation' AND s.metric = 'auroc'
                  WHERE list_contains(?, e.feature)

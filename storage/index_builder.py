@@ -16,7 +16,9 @@ the previous index untouched and readers holding it open keep working.
 
 Tables (one row per feature unless noted; all sorted by feature):
   metadata(key, value)                  JSON values: model, layer, SAE, metrics, build
-  features(feature, n_active, density, log10_density, max_act, mean_act, dead)
+  features(feature, n_active, density, log10_density, max_act, mean_act, dead[, dense])
+                                        dense: only in transcoder indexes (density above the threshold in
+                                        the metadata's "dense" entry)
   histograms(feature, bin_width, counts)
   interval_bins(feature, kind, bin, lower, upper, n_activations)     kind: width | quantile
   examples(feature, kind, bin, rank, context, position, activation, token_id,
@@ -117,22 +119,27 @@ class IndexBuilder:
     def _insert(self, name: str, columns: dict) -> None:
         self._run_with(columns, f"CREATE TABLE {name} AS SELECT * FROM rows ORDER BY feature")
 
-    def write_features(self, n_active, density, max_act, mean_act) -> None:
+    def set_memory_limit(self, memory_limit: str) -> None:
+        """Change DuckDB's memory limit (several builders share one process while they stream)."""
+        self.con.execute(f"SET memory_limit = '{memory_limit}'")
+
+    def write_features(self, n_active, density, max_act, mean_act, dense_threshold: float | None = None) -> None:
+        """Per-feature statistics; with ``dense_threshold`` also a ``dense`` column (density above it)."""
         n_active, density = _np(n_active).astype(np.int64), _np(density).astype(np.float64)
         with np.errstate(divide="ignore"):
             log_density = np.where(n_active > 0, np.log10(np.maximum(density, 1e-300)), np.nan)
-        self._insert(
-            "features",
-            {
-                "feature": np.arange(len(n_active), dtype=np.int32),
-                "n_active": n_active,
-                "density": density,
-                "log10_density": log_density,
-                "max_act": _np(max_act).astype(np.float32),
-                "mean_act": _np(mean_act).astype(np.float32),
-                "dead": n_active == 0,
-            },
-        )
+        columns = {
+            "feature": np.arange(len(n_active), dtype=np.int32),
+            "n_active": n_active,
+            "density": density,
+            "log10_density": log_density,
+            "max_act": _np(max_act).astype(np.float32),
+            "mean_act": _np(mean_act).astype(np.float32),
+            "dead": n_active == 0,
+        }
+        if dense_threshold is not None:
+            columns["dense"] = density > dense_threshold
+        self._insert("features", columns)
         live = log_density[np.isfinite(log_density)]
         edges = np.linspace(np.floor(live.min()), 0.0, 41) if live.size else np.linspace(-8, 0, 41)
         counts, _ = np.histogram(live, bins=edges)

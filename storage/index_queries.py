@@ -20,6 +20,7 @@ from storage.constants import FEATURE_INDEX
 from storage.errors import first_line
 from storage.read_only import open_read_only
 from storage.sae_store import weights_fingerprint
+from storage.transcoder_store import layer_dir
 
 SORT_COLUMNS = {"density": "density", "max": "max_act", "mean": "mean_act", "id": "feature"}
 
@@ -70,6 +71,10 @@ class FeatureIndex:
             self.ctx_len = int(self.metadata["index"]["ctx_len"])
             tables = self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()
             self.has_standardized_effects = ("logit_effects_std",) in tables  # absent from older indexes
+            columns = self.con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'features'"
+            ).fetchall()
+            self.has_dense = ("dense",) in columns  # transcoder indexes only
         except (duckdb.Error, KeyError, ValueError) as error:
             raise FeatureIndexError(
                 f"{path} is damaged or not a feature index ({first_line(error)}): rebuild it with `saescope index`"
@@ -153,6 +158,46 @@ class FeatureIndex:
             "SELECT feature, max_act, mean_act FROM features WHERE feature IN (SELECT unnest(?))", [list(features)]
         )
         return {int(r["feature"]): (float(r["max_act"]), float(r["mean_act"])) for r in rows}
+
+    def dense_count(self) -> int:
+        """How many features the index marks dense (0 for an index without the mark)."""
+        if not self.has_dense:
+            return 0
+        return int(self._rows("SELECT count(*) AS n FROM features WHERE dense", [])[0]["n"])
+
+    def densities(self, features: list[int]) -> dict[int, tuple[float, bool]]:
+        """feature -> (density, dense mark) for the listed features (the mark is False without one)."""
+        for feature in features:
+            self.check_feature(feature)
+        dense = "dense" if self.has_dense else "FALSE"
+        rows = self._rows(
+            f"SELECT feature, density, {dense} AS dense FROM features WHERE list_contains(?, feature)",
+            [[int(f) for f in features]],
+        )
+        return {int(r["feature"]): (float(r["density"]), bool(r["dense"])) for r in rows}
+
+    def peak_tokens(self, features: list[int], top_n: int = 3) -> dict[int, list[int]]:
+        """feature -> the ``top_n`` token ids its top examples peak on most often (ties: the stronger example)."""
+        for feature in features:
+            self.check_feature(feature)
+        sql = """SELECT feature, list(token_id ORDER BY n DESC, best DESC, token_id) AS ids FROM (
+                   SELECT feature, token_id, count(*) AS n, max(activation) AS best FROM examples
+                   WHERE kind = 'top' AND list_contains(?, feature) GROUP BY ALL)
+                 GROUP BY feature"""
+        rows = self._rows(sql, [[int(f) for f in features]])
+        found = {int(r["feature"]): [int(t) for t in r["ids"][:top_n]] for r in rows}
+        return {int(f): found.get(int(f), []) for f in features}
+
+    def promoted_tokens(self, features: list[int], top_n: int = 3) -> dict[int, list[int]]:
+        """feature -> its ``top_n`` promoted token ids, standardised ranking where the index has it."""
+        for feature in features:
+            self.check_feature(feature)
+        effects = "logit_effects_std" if self.has_standardized_effects else "logit_effects"
+        rows = self._rows(
+            f"SELECT feature, promoted_ids[1:{int(top_n)}] AS ids FROM {effects} WHERE list_contains(?, feature)",
+            [[int(f) for f in features]],
+        )
+        return {int(r["feature"]): [int(t) for t in r["ids"]] for r in rows}
 
     def summary(self, feature: int, ranking: str = "standardized") -> dict:
         """Statistics, histogram, logit effects and nearest features of one feature.
@@ -377,6 +422,12 @@ class FeatureIndex:
         )[0]
         hist = self._rows("SELECT * FROM density_histogram ORDER BY bin_low", [])
         return {**self.metadata, **counts, "density_histogram": hist}
+
+
+def open_transcoder_index(set_folder: Path, layer: int) -> FeatureIndex:
+    """The feature index of one layer of a transcoder set (``saescope index --transcoders``), checked against
+    the layer's weights now; FeatureIndexError when there is none or it is stale."""
+    return open_sae_index(layer_dir(set_folder, layer))
 
 
 def open_sae_index(sae_folder: Path) -> FeatureIndex:

@@ -106,9 +106,12 @@ def test_feature_labels_say_what_a_feature_fires_on_and_writes(traced_run, conte
     assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat", "--name", "all", *keep_all]) == 0
     doc = read_graph_json(traced_run, "all")
     clerps = [node["clerp"] for node in doc["nodes"] if node["feature_type"] == "cross layer transcoder"]
-    assert clerps and all(" → " in c or c.startswith("→ ") for c in clerps)
-    reads = [c for c in clerps if not c.startswith("→ ")]
-    assert bool(reads) == (contexts > 0)  # with held-out contexts, some feature fires on them
+    assert clerps and all(" → promotes " in c for c in clerps)
+    from_contexts = [c for c in clerps if c.startswith("fires on ")]
+    assert bool(from_contexts) == (contexts > 0)  # with held-out contexts, some feature fires on them
+    assert all(c.startswith(("fires on ", "fires here on ")) for c in clerps)  # else on the prompt
+    features = [node for node in doc["nodes"] if node["feature_type"] == "cross layer transcoder"]
+    assert all(node["saescope_density"] is None and node["saescope_dense"] is None for node in features)  # no index
     assert doc["saescope"]["timings"]["labels_s"] >= 0
 
 

@@ -189,3 +189,32 @@ def test_render_helpers_escape_token_text(tiny_model):
     assert "&lt;b&gt;" in markup and "&amp;amp;" in markup and "<b>" not in markup
     promoted, suppressed = logit_lens_html(tiny_model, Tricky(), torch.randn(32))
     assert "&lt;b&gt;" in promoted and "<b>" not in promoted + suppressed
+
+
+def test_page_reads_the_layer_index_when_there_is_one(tc_run, tmp_path, monkeypatch):
+    from jobs.index import IndexConfig
+    from jobs.index_transcoders import run_transcoder_index
+    from storage.index_queries import open_transcoder_index
+
+    run = tmp_path / "run"
+    shutil.copytree(tc_run, run)
+    cfg = IndexConfig(run=str(run), transcoders="tc", layers=str(LAYER), device="cpu", top_k=5, window=4,
+                      tokens=32 * 100, dense_threshold=0.05)  # fmt: skip
+    run_transcoder_index(cfg)
+    with open_transcoder_index(set_dir(run, "tc"), LAYER) as index:
+        latent = next(f for f in range(64) if index.summary(f)["n_active"])
+        stats, top = index.summary(latent), index.top_examples(latent, 10)
+        promoted = [e["token"] for e in index.logit_tokens(latent)["promoted"]]
+    monkeypatch.setenv("SAESCOPE_RUN", str(run))
+    app = page(id=latent, layer=LAYER, transcoders="tc").run()
+    assert not app.exception, app.exception
+    assert not app.error, app.error[0].value
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["max activation"] == f"{stats['max_act']:.4g}"
+    assert metrics["mean (when active)"] == f"{stats['mean_act']:.4g}"
+    assert blocks(app, "promoted")[0][1] == "".join(promoted).replace("\n", "↵")
+    shown = blocks(app, "example")  # top examples first, then the interval examples
+    assert top and [text.split(" ")[0] for _, text in shown[: len(top)]] == [f"{e.activation:.3f}" for e in top]
+    captions = " ".join(c.value for c in app.caption)
+    assert "indexed tokens" in captions and "computed live" not in captions
+    assert ("dense:" in captions) == (stats["density"] > 0.05)

@@ -1,18 +1,20 @@
-"""One transcoder latent (``/feature?id=F&layer=L[&transcoders=NAME]``): what it writes and where it fires, live.
+"""One transcoder latent (``/feature?id=F&layer=L[&transcoders=NAME]``): what it writes and where it fires.
 
-Transcoder sets have no feature index, so this page computes what it shows. The
-tokens latent F's decoder row promotes and suppresses through the unembedding
-(its direct logit effects, final norm weight folded in: ``logit_effects`` on that
-one row) and its top examples: the model runs over the run's held-out contexts
-(the cache's last ones, at most ``MAX_CONTEXTS``) up to block L, the transcoder
-encodes that layer's MLP input, and the ``TOP_N`` contexts with the highest peak
-of F are drawn as token windows shaded by F's activation, then examples from
-``N_BINS`` equal-count activation ranges, then a form that steers a generation by
-clamping F at every position (``dashboards.transcoder_steer``). The codes of a whole
-layer are kept per (run, set, layer, weights sha256), so another latent of the
-same layer, or the same page again, is instant. ``NAME`` defaults to the run's
-only set. Token text reaches the page only through ``token_spans`` or
-``html.escape``.
+When the layer has a current feature index (``saescope index --transcoders``), the page reads
+it, as an SAE feature page does: density (and the dense mark), max and mean, the tokens its
+decoder row promotes and suppresses standardised per token over the layer's latents, top and
+interval examples over the indexed contexts, and the layer's explanation with its scores
+beside their controls (after ``saescope explain --transcoders``). Without one the page
+computes what it shows, live: the raw direct logit effects of F's decoder row
+(``logit_effects`` on that one row, final norm weight folded in) and its top examples: the
+model runs over the run's held-out contexts (the cache's last ones, at most ``MAX_CONTEXTS``)
+up to block L, the transcoder encodes that layer's MLP input, and the ``TOP_N`` contexts with
+the highest peak of F are drawn as token windows shaded by F's activation, then examples from
+``N_BINS`` equal-count activation ranges. The codes of a whole layer are kept per (run, set,
+layer, weights sha256), so another latent of the same layer, or the same page again, is
+instant. Either way a form follows that steers a generation by clamping F at every position
+(``dashboards.transcoder_steer``). ``NAME`` defaults to the run's only set. Token text
+reaches the page only through ``token_spans`` or ``html.escape``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import streamlit as st
 import torch
 
 from dashboards.render import format_density, token_spans
-from dashboards.resources import app_settings, hook_lock, show_error
+from dashboards.resources import app_settings, explanations, feature_index, hook_lock, show_error
 from dashboards.transcoder_steer import steer_panel
 from pipeline.features.decoder_geometry import final_norm_weight, logit_effects, unembedding
 from pipeline.features.transcoder_examples import (
@@ -41,7 +43,9 @@ from pipeline.lm.models import load_model
 from pipeline.lm.packing import special_mask
 from pipeline.lm.token_text import REPLACEMENT, vocab_bytes
 from pipeline.sae.transcoder_format import transcoder_from_saelens
+from storage.constants import FEATURE_INDEX
 from storage.home import converted_models_dir
+from storage.index_queries import FeatureIndex, FeatureIndexError
 from storage.sae_store import read_sae_cfg, weights_fingerprint
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -226,6 +230,93 @@ def examples_html(examples: list[LatentExample], max_act: float, tokens_CT, toke
     return "".join(rows)
 
 
+def layer_index(choice: Choice) -> FeatureIndex | None:
+    """The layer's feature index (shared, reopened when replaced), or None when it has none built from its weights."""
+    folder = layer_dir(choice.folder, choice.layer)
+    if not (folder / FEATURE_INDEX).is_file():
+        return None
+    try:
+        return feature_index(folder)
+    except (FeatureIndexError, FileNotFoundError):
+        return None
+
+
+def index_tokens_html(entries: list[dict]) -> str:
+    """Output tokens of the index ({"token", "raw", "z"}), shaded by |z| (or |raw| without z-scores), escaped."""
+    values = [abs(e["z"] if e["z"] is not None else e["raw"]) for e in entries]
+    scale = max(values, default=1.0) or 1.0
+    chips = [
+        '<span style="margin-right:0.7em">'
+        + token_spans(
+            [e["token"]],
+            [v],
+            scale,
+            titles=[f"raw {e['raw']:+.4g}" + (f", z {e['z']:.2f}" if e["z"] is not None else "")],
+        )
+        + "</span>"
+        for e, v in zip(entries, values, strict=True)
+    ]
+    return "".join(chips)
+
+
+def stats_caption(stats: dict, index: FeatureIndex) -> str:
+    """What the statistics were computed over, and the dense mark when the index has one."""
+    dense = index.metadata.get("dense") or {}
+    text = f"over the {int(index.metadata.get('tokens_indexed', 0)):,} indexed tokens"
+    if stats.get("dense"):
+        text += f" · dense: fires on more than {dense.get('threshold', 0):.0%} of tokens (graph pages can hide it)"
+    return text
+
+
+def render_indexed(choice: Choice, index: FeatureIndex) -> None:
+    """Statistics, standardised output tokens, explanation, top and interval examples from the layer's index."""
+    from dashboards.views.feature import examples_html as index_examples_html
+    from dashboards.views.feature import interval_html
+
+    latent = choice.latent
+    stats = index.summary(latent)
+    cols = st.columns(3)
+    cols[0].metric("density", format_density(stats["density"]) if stats["n_active"] else "dead")
+    cols[1].metric("max activation", f"{stats['max_act']:.4g}")
+    cols[2].metric("mean (when active)", f"{stats['mean_act']:.4g}")
+    st.caption(stats_caption(stats, index))
+    st.subheader("Output tokens (decoder row through the unembedding, standardised per token)")
+    effects = index.logit_tokens(latent, "standardized")
+    left, right = st.columns(2)
+    left.caption("promotes")
+    left.html(f'<div class="promoted">{index_tokens_html(effects["promoted"])}</div>')
+    right.caption("suppresses")
+    right.html(f'<div class="suppressed">{index_tokens_html(effects["suppressed"])}</div>')
+    explanation_lines(layer_dir(choice.folder, choice.layer), latent)
+    st.subheader("Top examples")
+    top = index.top_examples(latent, TOP_N)
+    if not top:
+        st.info(f"latent {latent} never fires on the indexed tokens")
+        return
+    st.html(index_examples_html(top, stats["max_act"]))
+    st.subheader("Interval examples")
+    st.caption("the active tokens cut into equal-count activation ranges, lowest first")
+    st.html(
+        "".join(interval_html(entry, stats["max_act"]) for entry in index.interval_examples(latent, per_bin=PER_BIN))
+    )
+
+
+def explanation_lines(folder: Path, latent: int) -> None:
+    """The latent's explanations with their scores beside the controls (a hint before `saescope explain`)."""
+    reader = explanations(folder)
+    if reader is None:
+        st.caption("no explanation yet: `saescope explain --transcoders` labels latents (e.g. with --graphs all)")
+        return
+    for explanation in reader.for_feature(latent):
+        scores = ", ".join(
+            f"{s['scorer']} {s['metric']} {s['value']:.2f}"
+            + ("" if s["control_value"] is None else f" (control {s['control_value']:.2f})")
+            for s in explanation["scores"]
+        )
+        st.html(f'<div class="explanation"><b>Explanation</b> ({html.escape(explanation["explainer"])}): '
+                f"{html.escape(explanation['text'])} <small>{html.escape(scores)}</small></div>")  # fmt: skip
+
+
 def render() -> None:
     try:
         settings = app_settings()
@@ -239,6 +330,18 @@ def render() -> None:
         return
     st.title(f"Transcoder feature {choice.latent} · layer {choice.layer}")
     st.html(header_html(choice))
+    index = layer_index(choice)
+    if index is not None:
+        render_indexed(choice, index)
+        st.subheader("Steer with this latent")
+        steer_panel(
+            loaded, tc, choice.layer, choice.latent, index.typical_activations([choice.latent])[choice.latent][0]
+        )
+        return
+    st.caption(
+        f"no feature index for this layer: examples are computed live; build one with "
+        f"`saescope index --run {settings.run} --transcoders {choice.name}`"
+    )
     st.subheader("Output tokens (logit lens of the decoder row)")
     promoted, suppressed = logit_lens_html(loaded.model, loaded.tokenizer, tc.W_dec[choice.latent].detach())
     left, right = st.columns(2)

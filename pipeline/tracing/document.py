@@ -1,13 +1,18 @@
 """One prompt to its graph document: trace, prune, label, and lay out as Neuronpedia's graph JSON.
 
 Shared by `saescope trace` and the /trace page's prompt box, so a graph made in
-the browser is the same file the command writes. Labels (``feature_labels``)
-name what each kept feature fires on over ``label_contexts`` (held-out token
-contexts and their ordinary-position mask; None to label by output tokens only)
-and what it writes. The document's ``saescope.timings`` gain ``labels_s`` and
-``wall_s`` (this function's whole time), and ``qk_s`` when ``settings.qk_targets`` asks for
-QK tracing (``qk``: the heads that move information into the strongest targets, and why they
-attend). ``on_progress(stage, done, total)``, if given, hears of each backward pass (stage
+the browser is the same file the command writes. Labels (``feature_labels``) say
+what each feature reads and writes: ``describe(layer -> latents)``, if given, brings
+``LatentFacts`` from the layers' feature indexes and explanations; for latents it
+knows nothing of, what they read comes from ``label_contexts`` (held-out token
+contexts and their ordinary-position mask; None: the prompt only). Every feature
+node gains ``saescope_density`` (share of indexed tokens it fires on) and
+``saescope_dense`` (the index's dense mark), both null where no index knows it, and
+``saescope_example`` (its strongest indexed example, plain text) where one does.
+The document's ``saescope.timings`` gain ``labels_s`` and ``wall_s`` (this function's
+whole time), and ``qk_s`` when ``settings.qk_targets`` asks for QK tracing (``qk``: the
+heads that move information into the strongest targets, and why they attend).
+``on_progress(stage, done, total)``, if given, hears of each backward pass (stage
 "backward passes") and each batch of label contexts ("label contexts").
 Unless ``settings.group`` is off, suggested supernodes (``supernodes.with_suggestions``) go into
 ``qParams`` and ``saescope.suggested_supernodes`` (with their own ``seconds``).
@@ -25,8 +30,8 @@ from torch import nn
 from pipeline.lm.packing import SpecialTokens
 from pipeline.lm.token_text import token_text
 from pipeline.tracing.attribution import Graph
-from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
-from pipeline.tracing.graph_json import graph_document
+from pipeline.tracing.feature_labels import LatentFacts, feature_labels, graph_latents, top_input_tokens
+from pipeline.tracing.graph_json import FEATURE, graph_document
 from pipeline.tracing.pruning import Pruned, prune
 from pipeline.tracing.qk import qk_into_document
 from pipeline.tracing.supernodes import with_suggestions
@@ -106,6 +111,19 @@ class TracedPrompt:
     document: dict
 
 
+def mark_density(nodes: list[dict], facts: dict[tuple[int, int], LatentFacts]) -> None:
+    """Add ``saescope_density`` and ``saescope_dense`` to every feature node (null where unknown), and
+    ``saescope_example`` (its strongest indexed example as plain text) where the index has one."""
+    for node in nodes:
+        if node["feature_type"] != FEATURE:
+            continue
+        known = facts.get((int(node["layer"]), int(node["node_id"].split("_")[1])))
+        node["saescope_density"] = None if known is None else known.density
+        node["saescope_dense"] = None if known is None else known.dense
+        if known is not None and known.example:
+            node["saescope_example"] = known.example
+
+
 def trace_document(
     model: nn.Module,
     transcoders: dict,
@@ -116,6 +134,7 @@ def trace_document(
     source: GraphSource,
     label_contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    describe: Callable[[dict[int, list[int]]], dict[tuple[int, int], LatentFacts]] | None = None,
 ) -> TracedPrompt:
     """The graph of ``ids`` through ``transcoders`` (one per layer), pruned and labelled, as a document."""
     started = time.perf_counter()
@@ -127,15 +146,19 @@ def trace_document(
     pruned = prune(graph.adjacency, graph.target_weights(), graph.n_features, graph.n_errors,
                    settings.node_threshold, settings.edge_threshold)  # fmt: skip
     labelled = time.perf_counter()
+    facts = describe(graph_latents(graph)) if describe is not None else {}
     inputs = {}
-    if label_contexts is not None:
-        inputs = top_input_tokens(model, transcoders, graph_latents(graph), *label_contexts,
+    unknown = {layer: [latent for latent in latents if not (facts.get((layer, latent)) or LatentFacts()).knows_reads]
+               for layer, latents in graph_latents(graph).items()}  # fmt: skip
+    if label_contexts is not None and any(unknown.values()):
+        inputs = top_input_tokens(model, transcoders, unknown, *label_contexts,
                                   on_batch=_stage(on_progress, "label contexts"))  # fmt: skip
-    labels = feature_labels(model, transcoders, graph, tokenizer, inputs)
+    labels = feature_labels(model, transcoders, graph, tokenizer, inputs, facts=facts)
     document = graph_document(
         graph, pruned, lambda t: token_text(tokenizer, t), source.name, source.scan, source.prompt,
         settings.node_threshold, settings.edge_threshold, source.provenance, labels, source.transcoder_list,
     )  # fmt: skip
+    mark_density(document["nodes"], facts)
     timings = document["saescope"]["timings"]
     timings["labels_s"] = time.perf_counter() - labelled
     if settings.group:

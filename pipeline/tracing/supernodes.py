@@ -32,8 +32,8 @@ all (the Neuronpedia viewer draws a supernode only from pinned nodes and pins at
 most 200). Ties break by node order, so the result is deterministic.
 
 Names. From the members' labels (clerps, ``feature_labels``' form
-``in1 · in2 → out1 · out2``), per side (what features fire on, what they
-promote): a word (a label item stripped and lower-cased, with a letter or digit
+``fires on "in1", "in2" → promotes "out1", "out2"``, read by ``label_items``), per side
+(what features fire on, what they promote): a word (a label item stripped and lower-cased, with a letter or digit
 outside backslash escapes such as a newline's ``\\n``) counts when at least two
 members and at least a third of the group carry it, and scores its share of the
 group times log((1 + L) / (1 + l)), L the graph's kept feature labels and l those
@@ -61,6 +61,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from pipeline.tracing.feature_labels import label_items
 from pipeline.tracing.graph_json import FEATURE, uncantor
 from pipeline.tracing.pruning import Pruned
 
@@ -161,8 +162,7 @@ def _is_word(item: str) -> bool:
 
 def _words(label: str) -> tuple[list[str], list[str]]:
     """The label's (fires-on, promotes) items, stripped, keeping the words."""
-    fires, _, promotes = label.partition("→")
-    fires_on, promoted = ([w.strip() for w in side.split("·") if _is_word(w)] for side in (fires, promotes))
+    fires_on, promoted = ([w.strip() for w in side if _is_word(w)] for side in label_items(label))
     return fires_on, promoted
 
 
