@@ -277,6 +277,16 @@ def rich_graph() -> dict:
     return data
 
 
+def test_the_index_s_dense_mark_wins_over_the_page_s_density_cut():
+    data = small_graph()
+    by_id = {n["node_id"]: n for n in data["nodes"]}
+    by_id["0_3_1"].update(saescope_density=0.5, saescope_dense=False)  # the index used a higher threshold
+    by_id["0_7_1"].update(saescope_density=0.05, saescope_dense=True)
+    by_id["1_12_1"].update(saescope_density=0.5)  # no mark: the page's own cut
+    graph = parse_graph(data, "cat")
+    assert [graph.by_id[i].dense for i in ("0_3_1", "0_7_1", "1_12_1")] == [False, True, True]
+
+
 def test_the_file_s_extras_parse_and_saved_supernodes_win_over_suggestions():
     from dashboards.views.trace.layout import export_json, merged_groups, parse_ids, without_dense
 

@@ -19,6 +19,7 @@ from dashboards.resources import hook_lock, show_error
 from dashboards.views.trace.intervene import live_tracing
 from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
+from pipeline.tracing.feature_labels import facts_from_index
 from pipeline.tracing.graph_json import to_json
 from pipeline.tracing.graph_tensors import graph_tensors
 from storage.graph_groups import (
@@ -29,6 +30,7 @@ from storage.graph_groups import (
     write_graph_json,
     write_graph_tensors,
 )
+from storage.latent_facts import indexed_latents
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
@@ -76,9 +78,11 @@ def _trace(run: Path, prompt: str, target: str, name: str, max_nodes: int, set_n
     tokens_CT = last_context_tokens(activations_dir(run), manifest, LABEL_CONTEXTS)
     contexts = (tokens_CT, ~special_mask(tokens_CT, manifest.special_token_ids))
     source = set_source(graph_name, prompt, ids, run.resolve().name, set_name, layers, manifest.provenance["model"])
+    folder = set_dir(run, set_name)
     with st.spinner(f"tracing {len(ids)} tokens through {len(layers)} transcoders…"), hook_lock():
         traced = trace_document(loaded.model, transcoders, ids, loaded.tokenizer, target_id,
-                                TraceSettings(max_feature_nodes=max_nodes), source, contexts)  # fmt: skip
+                                TraceSettings(max_feature_nodes=max_nodes), source, contexts,
+                                describe=lambda wanted: facts_from_index(indexed_latents(folder, wanted)))  # fmt: skip
     write_graph_tensors(run, graph_name, *graph_tensors(traced.graph))  # each write replaces the old file atomically
     write_graph_json(run, graph_name, to_json(traced.document))
     if replace:

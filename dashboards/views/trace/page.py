@@ -219,7 +219,7 @@ def shown_graph(graph: TraceGraph) -> TraceGraph:
     n_dense = sum(node.dense for node in graph.nodes)
     if not n_dense:
         return graph
-    label = f"show dense latents ({n_dense} fire on more than {DENSE_DENSITY:.0%} of tokens)"
+    label = f"show dense latents ({n_dense} marked dense by the index, or firing on over {DENSE_DENSITY:.0%} of tokens)"
     return graph if st.toggle(label, False, key="trace_dense") else without_dense(graph)
 
 
