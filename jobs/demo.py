@@ -12,7 +12,11 @@ page opens. Plain, not skip: over the first 8 prompts of ``bench/trace_prompts.j
 100k-token sets of each scored a mean unpruned replacement score of 0.46 (plain) against
 0.35 (skip), on every prompt higher, although the skip set reconstructs better (all-layer
 KL 1.86 vs 3.75; ``bench/trace_quality.py``). A graph traced with another set is traced
-again; one traced with this set is reused.
+again; one traced with this set is reused. Between the two, the transcoders' latents are
+indexed over the first ``DEMO_TRANSCODER_INDEX_TOKENS`` cached tokens (``saescope index
+--transcoders``), so every graph node's label says what the latent reads (its top examples)
+and writes (output tokens standardised per token), and dense latents are marked; a graph
+traced before that index existed is traced again.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import cache, explain, features, index, serve, trace, train
+from jobs import cache, explain, features, index, index_transcoders, serve, trace, train
 from jobs.features import render_example
 from jobs.options import add_config_arguments, config_from_args, counted, option
 from jobs.training.transcoders import format_transcoder_summary, run_transcoders
@@ -38,6 +42,8 @@ DEMO_TRANSCODERS = "transcoders-plain"
 DEMO_TRANSCODER_D_SAE = 2304
 DEMO_TRANSCODER_TOKENS = 400_000
 DEMO_TRANSCODER_BATCH = 1024
+DEMO_TRANSCODER_INDEX_TOKENS = 50_000
+"""A quarter of the cache: the index's top examples need breadth more than depth, and a full pass costs ~20 min."""
 DEMO_PROMPTS = (("The capital of France is", "capital-of-france"), ("36+59=", "36-plus-59"))
 
 
@@ -64,7 +70,7 @@ def _stage(number: int, text: str, total: int = 4) -> None:
 
 def command(args: DemoConfig) -> int:
     started = time.perf_counter()
-    stages = 6 if args.trace else 4
+    stages = 7 if args.trace else 4
     stage = _numbered(stages)
     stage(1, f"caching {args.tokens:,} tokens of SmolLM2-135M-Instruct activations into {args.run}")
     print(cache.format_summary(cache.run_cache(cache.CacheConfig(run=args.run, tokens=args.tokens))))
@@ -103,21 +109,31 @@ def _numbered(total: int):
 
 
 def run_tracing_stages(run: str, stage) -> None:
-    """Stages 5 and 6: transcoders at every layer, then the demo prompts' graphs (each reused when done)."""
+    """Stages 5 to 7: transcoders at every layer, their index, then the demo prompts' graphs (each reused when
+    done)."""
     stage(5, f"training a plain transcoder at every layer (d_sae {DEMO_TRANSCODER_D_SAE}) from the live model")
     tc_cfg = train.TrainJobConfig(
         run=run, name=DEMO_TRANSCODERS, transcoder=True, layers="all", d_sae=DEMO_TRANSCODER_D_SAE,
         tokens=DEMO_TRANSCODER_TOKENS, batch_size=DEMO_TRANSCODER_BATCH, skip=False,
     )  # fmt: skip
     print(format_transcoder_summary(run_transcoders(tc_cfg, say=print)))
-    stage(6, "tracing the demo prompts through the transcoders")
+    stage(6, f"indexing the transcoders' latents over the first {DEMO_TRANSCODER_INDEX_TOKENS:,} cached tokens")
+    index_cfg = index.IndexConfig(run=run, transcoders=DEMO_TRANSCODERS, tokens=DEMO_TRANSCODER_INDEX_TOKENS)
+    print(index_transcoders.format_summary(index_transcoders.run_transcoder_index(index_cfg), run))
+    stage(7, "tracing the demo prompts through the transcoders")
     for prompt, name in DEMO_PROMPTS:
-        if traced_with(Path(run), name) == DEMO_TRANSCODERS:
+        if traced_with(Path(run), name) == DEMO_TRANSCODERS and labelled_from_index(Path(run), name):
             print(f"  graph {name!r} already traced: reusing it (saescope trace --name {name} --force redoes it)")
             continue
         force = bool(graph_files(Path(run), name))  # traced with another set: trace it again
         cfg = trace.TraceConfig(run=run, prompt=prompt, name=name, transcoders=DEMO_TRANSCODERS, force=force)
         print(trace.format_trace(trace.run_trace(cfg)))
+
+
+def labelled_from_index(run: Path, name: str) -> bool:
+    """Whether a saved graph's feature labels came from a transcoder index (its feature nodes carry densities)."""
+    features = [n for n in read_graph_json(run, name)["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    return all(n.get("saescope_density") is not None for n in features)
 
 
 def traced_with(run: Path, name: str) -> str | None:
