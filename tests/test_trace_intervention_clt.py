@@ -139,3 +139,16 @@ def test_generation_with_a_clt_and_decode_steps_untouched(model, clt, views):
     assert len(result.edited_ids) == 4 and result.edited_top != result.original_top
     with pytest.raises(ValueError, match="out of range: layer 3 has 16"):
         run_intervention(model, views, [FeatureEdit(3, 1, F)], PROMPT, max_new_tokens=1)
+
+
+def test_the_source_layer_s_view_alone_is_enough(model, clt, views):
+    """A steering page may hold one layer's view only: its features still write into every later layer."""
+    codes = codes_by_layer(model, clt, PROMPT)
+    feature, _ = strongest(codes, 1, 2)
+    edits = [FeatureEdit(1, None, feature, 2.0)]
+    with intervene(model, {1: views[1]}, edits):
+        alone = logits64(model, PROMPT)
+    with intervene(model, views, edits):
+        whole = logits64(model, PROMPT)
+    torch.testing.assert_close(alone, whole, rtol=0, atol=0)
+    assert (alone - logits64(model, PROMPT)).abs().max() > 1e-4
