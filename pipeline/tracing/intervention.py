@@ -1,6 +1,6 @@
 """Intervene on transcoder features at chosen positions and see what the model predicts and writes.
 
-Shape legend: B batch, T positions, D d_model, F latents, V vocabulary, K top-k.
+Shape legend: B batch, T positions, D d_model, F latents, V vocabulary, K top-k, N edited positions.
 
 Semantics. For an edit (feature f of layer L's transcoder, position t, value v),
 a forward hook on layer L's MLP adds
@@ -21,6 +21,19 @@ correctly; models that pass none fall back to a running count.
 
 Several edits at one layer read every a_f(t) from the same unedited MLP input.
 The transcoder's reconstruction error is kept: the MLP itself still runs.
+
+Cross-layer transcoders. ``transcoders`` may hold the layer views of a CLT
+(``CrossLayerTranscoder.layer_view``): a feature of source layer l writes into the MLP
+outputs of l..L-1, so its edit adds
+
+    (v - a_f(t)) * W_dec[l][f, l' - l]
+
+to the MLP output of every layer l' >= l at position t, with a_f(t) read once, from
+layer l's MLP input of the same forward pass (the coefficient is fixed there; what
+it changes downstream does not feed back into it). Equivalently, each MLP output
+becomes the CLT's reconstruction with a_f(t) set to v plus the live reconstruction
+error (MLP output minus the unedited reconstruction). A per-layer transcoder is the
+case L - l = 1.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from torch import nn
 
 from pipeline.lm.hook_points import replace_mlp_out
 from pipeline.lm.hooks import decoder_blocks
+from pipeline.sae.cross_layer import CltLayer
 from pipeline.sae.transcoder import Transcoder
 from pipeline.steering.generation import SamplingConfig, sample
 
@@ -50,7 +64,7 @@ class FeatureEdit:
     """0 ablates; any other value clamps."""
 
 
-def check_edits(edits: Sequence[FeatureEdit], transcoders: dict[int, Transcoder], prompt_len: int) -> None:
+def check_edits(edits: Sequence[FeatureEdit], transcoders: dict[int, Transcoder | CltLayer], prompt_len: int) -> None:
     """ValueError naming the first edit whose layer, feature or position does not exist."""
     if not edits:
         raise ValueError("choose at least one feature node to intervene on")
@@ -64,44 +78,107 @@ def check_edits(edits: Sequence[FeatureEdit], transcoders: dict[int, Transcoder]
             raise ValueError(f"position {edit.position} out of range: the prompt has {prompt_len} tokens")
 
 
+def output_decoders(tc: Transcoder | CltLayer, layer: int) -> dict[int, torch.Tensor]:
+    """Output layer -> [F, D]: where the features of ``tc`` (layer ``layer``'s) write (a CLT view: l..L-1)."""
+    if isinstance(tc, CltLayer):
+        return {out: tc.clt.decoder(layer)[:, out - layer] for out in tc.output_layers}
+    return {layer: tc.W_dec}
+
+
+def compute_dtype(tc: Transcoder | CltLayer) -> torch.dtype:
+    """float32, or float64 for a float64 transcoder."""
+    return torch.promote_types(torch.float32, tc.W_dec.dtype)
+
+
+@dataclass(frozen=True)
+class EditCoefficient:
+    """One edit's (v - a_f(t)) where it applies, read at its source layer's MLP input."""
+
+    at_BT: torch.Tensor
+    """Where the edit applies (bool)."""
+    coef_N: torch.Tensor
+    """v - a_f(t) at each of those positions."""
+
+
 @torch.no_grad()
-def edit_delta(tc: Transcoder, x_BTD: torch.Tensor, positions_BT: torch.Tensor, edits: Sequence[FeatureEdit]):
-    """What to add to the MLP output [B, T, D] for ``edits`` (one layer's), given the MLP input ``x_BTD``."""
-    delta_BTD = torch.zeros(x_BTD.shape, dtype=torch.float32, device=x_BTD.device)
+def edit_coefficients(
+    tc: Transcoder | CltLayer, x_BTD: torch.Tensor, positions_BT: torch.Tensor, edits: Sequence[FeatureEdit]
+) -> list[EditCoefficient | None]:
+    """Per edit (one source layer's), its coefficients from the MLP input ``x_BTD``; None where no position matches."""
+    dtype = compute_dtype(tc)
+    coefs: list[EditCoefficient | None] = []
     for edit in edits:
         at_BT = (
             torch.ones_like(positions_BT, dtype=torch.bool) if edit.position is None else positions_BT == edit.position
         )
         if not bool(at_BT.any()):
+            coefs.append(None)
             continue
-        acts_N = tc.encode(x_BTD[at_BT].float())[:, edit.feature]
-        coef_N = edit.value - acts_N
-        delta_BTD[at_BT] += coef_N.unsqueeze(-1) * tc.W_dec[edit.feature].float()
+        acts_N = tc.encode(x_BTD[at_BT].to(dtype))[:, edit.feature]
+        coefs.append(EditCoefficient(at_BT, edit.value - acts_N))
+    return coefs
+
+
+@torch.no_grad()
+def _delta(like_BTD: torch.Tensor, writes, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of coef * W_FD[feature] over (edit, coefficient, W_FD) triples, at each edit's positions."""
+    delta_BTD = torch.zeros(like_BTD.shape, dtype=dtype, device=like_BTD.device)
+    for edit, coef, W_FD in writes:
+        if coef is not None:
+            delta_BTD[coef.at_BT] += coef.coef_N.unsqueeze(-1).to(dtype) * W_FD[edit.feature].to(dtype)
     return delta_BTD
 
 
 @contextmanager
 def intervene(
     model: nn.Module,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder | CltLayer],
     edits: Sequence[FeatureEdit],
     on_edit: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[None]:
-    """Attach the edits to the MLPs of their layers for the duration of the block; hooks always removed.
+    """Attach the edits to the MLPs they write into for the duration of the block; hooks always removed.
 
     ``on_edit(layer, delta_BTD)`` is called after every edited MLP forward (for tests).
     """
     blocks = decoder_blocks(model)
-    by_layer: dict[int, list[FeatureEdit]] = {}
+    by_source: dict[int, list[FeatureEdit]] = {}
     for edit in edits:
-        by_layer.setdefault(edit.layer, []).append(edit)
+        by_source.setdefault(edit.layer, []).append(edit)
+    decoders = {source: output_decoders(transcoders[source], source) for source in by_source}
+    outputs = sorted({out for per_out in decoders.values() for out in per_out})
+    plan = _Plan(transcoders, by_source, decoders, {})
     with ExitStack() as stack:
-        for layer, layer_edits in by_layer.items():
-            _attach(stack, model, blocks[layer], transcoders[layer], layer, layer_edits, on_edit)
+        for layer in outputs:
+            _attach(stack, model, blocks[layer], layer, plan, on_edit)
         yield
 
 
-def _attach(stack: ExitStack, model: nn.Module, block: nn.Module, tc: Transcoder, layer: int, edits, on_edit) -> None:
+@dataclass(frozen=True)
+class _Plan:
+    """The edits of one ``intervene`` block; ``coefs`` holds each source layer's coefficients of the current forward
+    (set by the source layer's hook, read by its output layers' hooks later in the same forward)."""
+
+    transcoders: dict
+    by_source: dict[int, list[FeatureEdit]]
+    decoders: dict[int, dict[int, torch.Tensor]]
+    coefs: dict[int, list[EditCoefficient | None]]
+
+    def delta(self, layer: int, x_BTD: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
+        """What to add to MLP ``layer``'s output: first read the coefficients of edits at this layer, then sum the
+        writes of every edited source layer that decodes into it."""
+        if layer in self.by_source:
+            tc = self.transcoders[layer]
+            self.coefs[layer] = edit_coefficients(tc, x_BTD, positions_BT, self.by_source[layer])
+        writes, dtypes = [], [torch.float32]
+        for source, per_out in self.decoders.items():
+            if source <= layer and layer in per_out:
+                dtypes.append(compute_dtype(self.transcoders[source]))
+                edits, coefs = self.by_source[source], self.coefs[source]
+                writes += [(edit, c, per_out[layer]) for edit, c in zip(edits, coefs, strict=True)]
+        return _delta(x_BTD, writes, torch.float64 if torch.float64 in dtypes else torch.float32)
+
+
+def _attach(stack: ExitStack, model: nn.Module, block: nn.Module, layer: int, plan: _Plan, on_edit) -> None:
     """Hooks on one block: read its positions, then edit its MLP's output."""
     state: dict = {"positions": None, "seen": 0}
 
@@ -115,7 +192,7 @@ def _attach(stack: ExitStack, model: nn.Module, block: nn.Module, tc: Transcoder
 
     def edit_output(x_BTD: torch.Tensor, out_BTD: torch.Tensor) -> torch.Tensor:
         positions_BT = state["positions"].to(out_BTD.device).expand(out_BTD.shape[0], out_BTD.shape[1])
-        delta_BTD = edit_delta(tc, x_BTD, positions_BT, edits)
+        delta_BTD = plan.delta(layer, x_BTD, positions_BT)
         if on_edit is not None:
             on_edit(layer, delta_BTD)
         return out_BTD + delta_BTD.to(out_BTD.dtype)
@@ -154,7 +231,7 @@ class InterventionResult:
 
 def run_intervention(
     model: nn.Module,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder | CltLayer],
     edits: Sequence[FeatureEdit],
     prompt_ids: list[int],
     k: int = 10,

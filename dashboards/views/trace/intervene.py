@@ -4,6 +4,8 @@ The compute is ``pipeline.tracing.intervention`` (its docstring holds the semant
 Here: the model from the run's activation manifest, and layer L's transcoder from
 the set ``RUN/transcoders/<transcoders>/layer-LL/`` (``storage.transcoder_store``),
 where ``<transcoders>`` and the layers come from the graph file's ``saescope`` block.
+A cross-layer set loads whole, as one ``CrossLayerTranscoder``, and each layer is its
+``layer_view``: an edit of a feature of layer l then changes its writes into layers l..L-1.
 Tokens are shown as escaped text only.
 """
 
@@ -19,23 +21,35 @@ from dashboards.resources import hook_lock, show_error
 from dashboards.views.trace.layout import TraceGraph, TraceNode
 from pipeline.lm.models import load_model
 from pipeline.lm.packing import encode_prompt
+from pipeline.sae.cross_layer_format import clt_from_circuit_tracer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.intervention import FeatureEdit, InterventionResult, run_intervention
+from storage.constants import TRANSCODER_SET
 from storage.home import converted_models_dir
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
-from storage.transcoder_store import load_layer_files, set_dir
+from storage.transcoder_store import is_cross_layer, load_clt_files, load_layer_files, read_set, set_dir
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model and transcoders (once per server)…")
 def live_tracing(run: str, name: str, layers: tuple[int, ...]):
-    """(loaded model, {layer: Transcoder}) on the CPU, shared by every session."""
+    """(loaded model, {layer: Transcoder or CltLayer}) on the CPU, shared by every session."""
     manifest = read_manifest(activations_dir(Path(run)))
     loaded = load_model(
         manifest.model_spec, "cpu", convert_dir=converted_models_dir(), expect_revision=manifest.model_revision
     )
-    folder = set_dir(Path(run), name)
-    return loaded, {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in layers}
+    return loaded, set_transcoders(set_dir(Path(run), name), layers)
+
+
+def set_transcoders(folder: Path, layers: tuple[int, ...]) -> dict:
+    """Layer -> transcoder of a per-layer set (``layers`` of it), or -> ``CltLayer`` of a cross-layer set (all)."""
+    if not (folder / TRANSCODER_SET).is_file() or not is_cross_layer(read_set(folder)):  # per-layer: layer by layer
+        return {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in layers}
+    try:
+        clt = clt_from_circuit_tracer(*load_clt_files(folder))
+    except ValueError as error:
+        raise SaeStoreError(f"{folder}: {error}") from error
+    return {layer: clt.layer_view(layer) for layer in range(clt.cfg.n_layers)}
 
 
 def prompt_ids(tokenizer, graph: TraceGraph) -> list[int]:

@@ -4,7 +4,8 @@ The compute is ``pipeline.tracing.document.trace_document``, the same as `saesco
 trace`, on the server's shared CPU model and transcoders (``intervene.live_tracing``)
 under the hook lock. Labels search the cache's last ``LABEL_CONTEXTS`` contexts.
 The graph is written to ``RUN/graphs/NAME.json`` (NAME from the prompt unless
-given) and the page then opens it. The set must cover every layer, as tracing needs.
+given) and the page then opens it. The set must cover every layer, as tracing needs; a cross-layer
+set does by construction (``intervene.set_transcoders`` loads it whole).
 A saved graph of the same name is refused unless "replace" is ticked; then all of that
 name's files (graph, unpruned graph, supernodes) are replaced together, after the trace.
 """
