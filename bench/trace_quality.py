@@ -5,7 +5,8 @@ For each finished transcoder set of ``--run`` (or those named by ``--sets``), ev
 grammar, sequences, three other languages) is traced exactly as `saescope trace` traces it
 (float32, BOS and special tokens as constants, ``--max-feature-nodes`` as given), pruned with
 the default thresholds, and scored by circuit-tracer's definitions (``pipeline.tracing.scores``).
-One row per set: its kind, activation, width, k, training tokens and minutes (from its
+One row per set, per-layer (skip or plain) or cross-layer (clt): its kind, activation, width, k,
+training tokens and minutes (from its
 ``set.json``), mean per-layer FVU and dead %, all-layers CE-loss recovered and KL, mean
 replacement and completeness scores unpruned and pruned, and mean kept nodes (features, errors,
 tokens and logits). Nothing is
@@ -25,15 +26,15 @@ from pathlib import Path
 import torch
 
 from jobs.run import load_run_model
+from jobs.trace import load_transcoders
 from pipeline.lm.packing import SpecialTokens, encode_prompt
 from pipeline.lm.token_text import load_tokenizer
-from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.pruning import prune
 from pipeline.tracing.scores import unpruned_and_pruned
 from pipeline.tracing.trace import trace
 from storage.home import converted_models_dir
 from storage.shards import activations_dir, read_manifest
-from storage.transcoder_store import finished_sets, load_layer_files, read_set, set_dir
+from storage.transcoder_store import finished_sets, is_cross_layer, read_set, set_dir
 
 PROMPTS = Path(__file__).with_name("trace_prompts.json")
 
@@ -45,7 +46,7 @@ def set_row(record: dict) -> dict:
     training = record["training"]
     first = next(iter(layers), {})
     return {
-        "kind": "skip" if training.get("skip", True) else "plain",
+        "kind": "clt" if is_cross_layer(record) else ("skip" if training.get("skip", True) else "plain"),
         "activation": record["architecture"],
         "width": record["d_sae"],
         "k": record["k"],
@@ -104,7 +105,7 @@ def main() -> None:
     for name in names:
         folder = set_dir(run, name)
         record = read_set(folder)
-        tcs = {layer: transcoder_from_saelens(*load_layer_files(folder, layer)) for layer in record["layers"]}
+        tcs = load_transcoders(folder, record)[0]
         print(f"{name}: tracing {len(prompts)} prompts", flush=True)
         started = time.perf_counter()
         graphs = graph_row(model, tcs, tokenizer, prompts, args.max_feature_nodes)

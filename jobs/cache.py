@@ -41,7 +41,7 @@ from jobs.console import human_bytes, human_count
 from jobs.options import add_config_arguments, config_from_args, config_to_mapping
 from jobs.torchrun import agreed_dtype, exclusive_on_main
 from pipeline.lm.corpus import CorpusError, check_corpus, fingerprint
-from pipeline.lm.hook_points import HookPoint
+from pipeline.lm.hook_points import HookPoint, check_points
 from pipeline.lm.models import LoadedModel, load_model
 from pipeline.lm.packing import SpecialTokens
 from pipeline.runtime.distributed import Group, from_environment, is_main_process
@@ -171,6 +171,10 @@ def _load(cfg: CacheConfig, existing: CacheManifest | None, group: Group):
     choice = agreed_dtype(group, recorded, device)
     loaded = load_model(cfg.model, device=device, dtype=choice.dtype, convert_dir=converted_models_dir())
     points = cached_points(existing) if existing is not None else _new_points(cfg, loaded)
+    try:
+        check_points(loaded.model, points)
+    except ValueError as error:
+        raise CacheError(str(error)) from error
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.ctx_len > max_positions:
         raise CacheError(f"--ctx-len {cfg.ctx_len} is beyond the model's {max_positions} positions")

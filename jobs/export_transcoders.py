@@ -12,6 +12,8 @@ so a killed export leaves no config pointing at missing files. ``config.yaml``
 lists the files by absolute path (circuit-tracer's ``load_transcoders`` opens them
 as given); drop that list to publish the folder on the Hub, where circuit-tracer
 finds ``layer_*.safetensors`` by itself.
+A cross-layer set is already in circuit-tracer's CLT layout: it is read, checked and
+written again (``W_enc_{i}`` / ``W_dec_{i}`` files, then ``config.yaml`` with the model's hub id).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from safetensors.torch import save as save_safetensors_bytes
 from jobs.options import ConfigError, add_config_arguments, check_can_create, config_from_args, option
 from pipeline.lm.models import DEFAULT_MODEL
 from pipeline.sae.circuit_tracer_format import circuit_tracer_config, circuit_tracer_tensors, layer_file
+from pipeline.sae.cross_layer_format import clt_config, clt_file_tensors, clt_from_circuit_tracer
 from pipeline.sae.transcoder import Transcoder
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
-from storage.transcoder_store import load_layer_files, read_set, resolve_set
+from storage.transcoder_store import is_cross_layer, load_clt_files, load_layer_files, read_set, resolve_set
 
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub id of the model the default GGUF file holds (circuit-tracer loads models by hub id)."""
@@ -118,8 +121,10 @@ def command(args: ExportConfig) -> int:
     folder = resolve_set(run_dir, args.transcoders)
     check_set_layers(folder, read_set(folder)["layers"], int(manifest.provenance["model"]["n_layers"]), run_dir)
     check_out(out, folder, args.force)
-    tcs = load_set(folder)
     model = hub_model_name(manifest.model_spec, str(manifest.provenance["model"]["name"]))
+    if is_cross_layer(read_set(folder)):
+        return export_clt(folder, out, model)
+    tcs = load_set(folder)
     files = [str((out / layer_file(layer)).resolve()) for layer in sorted(tcs)]
     try:
         config = circuit_tracer_config(tcs, model, f"{model.split('/')[-1]}/{folder.name}", files)
@@ -134,4 +139,23 @@ def command(args: ExportConfig) -> int:
     if arch == "topk":
         print(TOPK_NOTE)
     print(f"load with: circuit_tracer.utils.hf_utils.load_transcoders(yaml.safe_load(open('{out / CONFIG}')))")
+    return 0
+
+
+def export_clt(folder: Path, out: Path, model: str) -> int:
+    """A cross-layer set, checked by loading it, written again in circuit-tracer's CLT layout."""
+    try:
+        clt = clt_from_circuit_tracer(*load_clt_files(folder))
+        config = clt_config(clt, model, f"{model.split('/')[-1]}/{folder.name}")
+    except ValueError as error:
+        raise SaeStoreError(f"{folder}: {error}") from error
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tensors in clt_file_tensors(clt).items():
+        atomic_write_bytes(out / name, save_safetensors_bytes(tensors))
+    atomic_write_text(out / CONFIG, yaml_text(config))
+    print(f"exported the cross-layer transcoder {folder} ({clt.cfg.architecture}) to {out} for circuit-tracer")
+    if clt.cfg.architecture == "topk" or clt.cfg.skip:
+        print("note: circuit-tracer's CLT has no TopK (it would run this one as ReLU) and reads no skip path")
+    print(f"load with: circuit_tracer.transcoder.cross_layer_transcoder.load_clt('{out}', "
+          "feature_input_hook='mlp.hook_in', feature_output_hook='hook_mlp_out')")  # fmt: skip
     return 0

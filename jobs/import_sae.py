@@ -1,10 +1,14 @@
-"""`saescope import-sae`: bring an SAE (SAELens or sparsify format) or sparsify transcoders into a run.
+"""`saescope import-sae`: bring an SAE (SAELens or sparsify format) or a transcoder set into a run.
 
 A SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) or a sparsify SAE
 (``layers.L/`` with ``cfg.json`` + ``sae.safetensors``) becomes an SAE of the run,
 checked against the cache's width and layer. sparsify transcoders (``layers.L.mlp/``
 folders with ``transcode: true``, e.g. EleutherAI's skip transcoders of SmolLM2)
 become a transcoder set of the run (``transcoders/NAME/layer-LL``), for `saescope trace`.
+circuit-tracer folders (``config.yaml``: per-layer sets and cross-layer transcoders) and
+SAELens / Gemma Scope transcoder folders go through ``jobs.import_transcoders``. PATH may be
+``hf://owner/repo[/sub]`` for any of them (downloaded through huggingface_hub; refused offline).
+sparsify's cross-layer coders (``n_targets`` > 0, on its experimental ``clt`` branch) are refused.
 Nothing is written until every check passes: a safe ``--name``, finite weights
 (NaN or infinity would give FVU nan and L0 0 downstream), well-typed cfg.json
 fields, and one width for all layers of a set.
@@ -16,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.import_transcoders import import_transcoder_set, looks_like_transcoders
 from jobs.options import POSITIONAL, add_config_arguments, config_from_args, option
 from jobs.run import (
     as_read_by,
@@ -33,6 +38,7 @@ from storage.constants import TRANSCODER_SET
 from storage.sae_store import SaeStoreError, check_name, is_finished, sae_dir, save_sae
 from storage.shards import activations_dir, read_manifest
 from storage.sparsify_files import SPARSIFY_WEIGHTS, coder_folders, is_sparsify, load_coder
+from storage.transcoder_sources import is_hub, local_folder, source_layout
 from storage.transcoder_store import layer_dir, set_dir, write_set
 
 
@@ -41,26 +47,41 @@ class ImportConfig:
     """Options of `saescope import-sae`."""
 
     path: str = option(
-        help="SAELens folder (cfg.json + sae_weights.safetensors), or a sparsify coder folder or folder of them",
+        help="SAELens folder (cfg.json + sae_weights.safetensors), a sparsify coder folder or folder of them, a "
+        "circuit-tracer folder (config.yaml) or SAELens / Gemma Scope transcoder folders; local or hf://owner/repo[/sub]",
         flag=POSITIONAL,
     )
     run: str = option(help="run directory whose cache the SAE reads")
     name: str | None = option(None, "name inside the run (default: the folder's name)")
-    force: bool = option(False, "replace an SAE of the same name")
+    force: bool = option(False, "replace an SAE or transcoder set of the same name")
+    transcoders: bool = option(
+        False, "PATH is a transcoder set (SAELens transcoders are found by their cfg.json; use this for others)"
+    )
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("import-sae", help="add a SAELens-format SAE folder to a run")
+    parser = subparsers.add_parser("import-sae", help="add an SAE or a transcoder set (SAELens, sparsify, "
+                                   "circuit-tracer, Gemma Scope) to a run")  # fmt: skip
     add_config_arguments(parser, ImportConfig)
     parser.set_defaults(handler=lambda args: command(config_from_args(ImportConfig, args)))
 
 
+def _default_name(spec: str) -> str:
+    last = spec.rstrip("/").split("@")[0].rsplit("/", 1)[-1] if is_hub(spec) else Path(spec).resolve().name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", last).lstrip(".") or "imported"
+
+
 def command(args: ImportConfig) -> int:
-    source = Path(args.path)
     run_dir = Path(args.run)
     manifest = read_manifest(activations_dir(run_dir))
-    default = re.sub(r"[^A-Za-z0-9_.-]", "_", source.resolve().name)
-    name = check_name(default if args.name is None else args.name, "SAE or transcoder set")
+    name = check_name(_default_name(args.path) if args.name is None else args.name, "SAE or transcoder set")
+    source = local_folder(args.path)
+    layout = source_layout(source)
+    if layout == "circuit-tracer" or (layout == "saelens" and (args.transcoders or looks_like_transcoders(source))):
+        return import_transcoder_set(source, layout, args.path, run_dir, manifest, name, args.force)
+    if args.transcoders:
+        raise SaeStoreError(f"{args.path} holds no transcoder set: expected a circuit-tracer folder (config.yaml) or "
+                            "SAELens / Gemma Scope transcoder folders")  # fmt: skip
     if is_sparsify(source):
         return import_sparsify(source, run_dir, manifest, name, args.force)
     sae, cfg = read_sae(source)
@@ -90,6 +111,11 @@ def import_sparsify(source: Path, run_dir: Path, manifest, name: str, force: boo
     coders = {}
     for hookpoint, folder in coder_folders(source).items():
         tensors, cfg = load_coder(folder)
+        if cfg.get("n_targets") or cfg.get("cross_layer"):
+            raise SaeStoreError(
+                f"{folder} is a sparsify cross-layer coder (n_targets {cfg.get('n_targets')}): not supported yet; "
+                "import a circuit-tracer cross-layer transcoder (config.yaml + W_enc_i/W_dec_i) instead"
+            )
         check_finite(tensors, folder / SPARSIFY_WEIGHTS)
         try:
             point = hook_point_of(hookpoint, bool(cfg.get("transcode", False)))

@@ -17,6 +17,9 @@ Feature labels (the viewer's "clerp") say what each feature reads and writes:
 the distinct tokens it fires hardest on over the cache's last ``--label-contexts``
 contexts (``pipeline.tracing.feature_inputs``) and the tokens its decoder row
 promotes most through the unembedding, as ``tok1 · tok2 → tok3 · tok4``.
+Suggested supernodes (``pipeline.tracing.supernodes``) go into the graph file's ``qParams`` and
+``saescope.suggested_supernodes`` unless ``--no-group``; a person's saved groups (NAME.supernodes.json) are
+another file, which a trace never writes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from jobs.run import load_run_model
 from pipeline.lm.packing import encode_prompt, special_mask
 from pipeline.lm.token_text import load_tokenizer
 from pipeline.runtime.precision import linear_gflops
+from pipeline.sae.cross_layer import CrossLayerTranscoder
+from pipeline.sae.cross_layer_format import clt_from_circuit_tracer
 from pipeline.sae.transcoder_format import transcoder_from_saelens
 from pipeline.tracing.attribution import Graph
 from pipeline.tracing.document import TraceSettings, check_every_layer, set_source, target_token, trace_document
@@ -61,9 +66,10 @@ from storage.graph_groups import (
     write_graph_tensors,
 )
 from storage.home import converted_models_dir
+from storage.sae_store import SaeStoreError
 from storage.shards import activations_dir, read_manifest
 from storage.training_data import last_context_tokens
-from storage.transcoder_store import load_layer_files, read_set, resolve_set
+from storage.transcoder_store import is_cross_layer, load_clt_files, load_layer_files, read_set, resolve_set
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,10 @@ class TraceConfig:
     label_contexts: int = option(
         16, "cached contexts searched for the tokens each feature fires on, for its label (0: output tokens only)"
     )
+    group: bool = option(True, "suggest supernodes in the graph file (qParams.supernodes); --no-group leaves them out")
+    qk_targets: int = option(
+        2, "targets whose heads get QK tracing (why they attend): strongest feature, top logit, more features; 0: off"
+    )
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     force: bool = option(False, "replace a saved graph of the same name (its supernodes go with it)")
@@ -96,6 +106,7 @@ class TraceConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.paths >= 0, f"--paths must be >= 0, got {self.paths}")
         require(self.label_contexts >= 0, f"--label-contexts must be >= 0, got {self.label_contexts}")
+        require(self.qk_targets >= 0, f"--qk-targets must be >= 0, got {self.qk_targets}")
         for flag, value in (("--node-threshold", self.node_threshold), ("--edge-threshold", self.edge_threshold)):
             require(0 < value <= 1, f"{flag} must be in (0, 1], got {value}")
         if self.name is not None:
@@ -136,6 +147,15 @@ class Plan:
     transcoders: dict
     name: str
     shape: GraphShape
+    clt: CrossLayerTranscoder | None = None
+    """The set's cross-layer transcoder (``transcoders`` then holds its layer views), else None."""
+
+    def on_device(self, device: str) -> dict:
+        """Layer -> transcoder (or CLT layer view) on ``device``."""
+        if self.clt is not None:
+            clt = self.clt.to(device)
+            return {layer: clt.layer_view(layer) for layer in range(clt.cfg.n_layers)}
+        return {layer: tc.to(device) for layer, tc in self.transcoders.items()}
 
 
 def check_name_free(run_dir: Path, name: str, force: bool) -> None:
@@ -167,10 +187,11 @@ def active_per_token(tc, cfg: dict) -> float:
     return float(tc.cfg.d_sae)
 
 
-def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_files: dict, tcs: dict, target) -> GraphShape:
-    """The estimate's inputs: the prompt, the model's record in the cache, the transcoders, the options."""
+def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_cfgs: dict, tcs: dict, target) -> GraphShape:
+    """The estimate's inputs: the prompt, the model's record in the cache, the transcoders (and each layer's cfg.json),
+    the options (a CLT's layers write (L+1)/2 output layers on average)."""
     model = manifest.provenance["model"]
-    per_token = [active_per_token(tcs[layer], layer_files[layer][1]) for layer in tcs]
+    per_token = [active_per_token(tcs[layer], layer_cfgs[layer]) for layer in tcs]
     return GraphShape(
         n_tokens=n_tokens,
         n_layers=len(tcs),
@@ -182,7 +203,13 @@ def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_files: dict, tc
         max_feature_nodes=cfg.max_feature_nodes,
         n_logits=1 if target is not None else 10,
         label_tokens=cfg.label_contexts * manifest.ctx_len,
+        decoder_outputs=_mean_outputs(tcs),
     )
+
+
+def _mean_outputs(tcs: dict) -> float:
+    """Output layers a feature writes, on average over the layers (CLT layer views: l..L-1; else 1)."""
+    return sum(len(getattr(tc, "output_layers", range(1))) for tc in tcs.values()) / len(tcs)
 
 
 def _load(cfg: TraceConfig) -> Plan:
@@ -205,10 +232,23 @@ def _load(cfg: TraceConfig) -> Plan:
     limit = getattr(tokenizer, "model_max_length", None)
     if limit and limit < 10**9 and len(ids) > limit:
         raise ConfigError(f"--prompt is {len(ids)} tokens, beyond the model's {limit} positions")
-    files = {layer: load_layer_files(folder, layer) for layer in layers}
-    tcs = {layer: transcoder_from_saelens(*files[layer]) for layer in layers}
-    shape = graph_shape(cfg, manifest, len(ids), files, tcs, target)
-    return Plan(run_dir, manifest, folder, tokenizer, target, ids, tcs, name, shape)
+    tcs, layer_cfgs, clt = load_transcoders(folder, read_set(folder))
+    shape = graph_shape(cfg, manifest, len(ids), layer_cfgs, tcs, target)
+    return Plan(run_dir, manifest, folder, tokenizer, target, ids, tcs, name, shape, clt)
+
+
+def load_transcoders(folder: Path, record: dict) -> tuple[dict, dict, CrossLayerTranscoder | None]:
+    """(layer -> transcoder or CLT layer view, layer -> cfg.json, the CLT or None) of a finished set."""
+    if is_cross_layer(record):
+        try:
+            clt = clt_from_circuit_tracer(*load_clt_files(folder))
+        except ValueError as error:
+            raise SaeStoreError(f"{folder}: {error}") from error
+        cfgs = {layer: {"saescope": {"metrics": record.get("metrics") or {}}} for layer in range(clt.cfg.n_layers)}
+        return {layer: clt.layer_view(layer) for layer in range(clt.cfg.n_layers)}, cfgs, clt
+    files = {layer: load_layer_files(folder, layer) for layer in record["layers"]}
+    tcs = {layer: transcoder_from_saelens(*layer_files) for layer, layer_files in files.items()}
+    return tcs, {layer: layer_files[1] for layer, layer_files in files.items()}, None
 
 
 def free_memory(device: str) -> int | None:
@@ -306,11 +346,12 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     run_dir, manifest, tokenizer = plan.run_dir, plan.manifest, plan.tokenizer
     loaded = load_run_model(manifest, cfg.device)
     model = loaded.model.float()
-    tcs = {layer: tc.to(cfg.device) for layer, tc in plan.transcoders.items()}
+    tcs = plan.on_device(cfg.device)
     model_record = manifest.provenance["model"]
     source = set_source(plan.name, cfg.prompt, plan.ids, run_dir.resolve().name, plan.folder.name, sorted(tcs),
                         model_record)  # fmt: skip
-    settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size)
+    settings = TraceSettings(cfg.max_feature_nodes, cfg.node_threshold, cfg.edge_threshold, cfg.batch_size,
+                             group=cfg.group, qk_targets=cfg.qk_targets)  # fmt: skip
     contexts = label_contexts(run_dir, manifest, cfg.label_contexts)
     bars = StageBars()
     try:
@@ -378,7 +419,26 @@ def summarize(graph: Graph, pruned: Pruned, document: dict, tokenizer, n_paths: 
         "direct": direct,
         "timings": document["saescope"]["timings"],
         "backward_passes": graph.n_backward_passes,
+        "qk": qk_lines(document),
     }
+
+
+def qk_lines(document: dict) -> list[str]:
+    """One line per QK-traced target: its strongest head, the attention edge, the top pair and its share."""
+    tokens, lines, seen = document["metadata"]["prompt_tokens"], [], set()
+    for entry in document["saescope"].get("qk_tracing", []):
+        if entry["target"] in seen:
+            continue
+        seen.add(entry["target"])
+        q_id, k_id, value = entry["qk_tracing_results"]["pair_wise_contributors"][0]
+        share = value / entry["score"] if entry["score"] else float("nan")
+        q, k = entry["query_pos"], entry["key_pos"]
+        lines.append(
+            f"  QK into {entry['target']}: L{entry['layer']}.H{entry['head']} attends {tokens[q]!r}@{q} -> "
+            f"{tokens[k]!r}@{k} (p={entry['pattern']:.2f}, score {entry['score']:.2f}); "
+            f"top pair {q_id} x {k_id}: {value:.2f} ({share:.0%} of the score)"
+        )
+    return lines
 
 
 def _all_nodes(graph: Graph, document: dict, tokenizer) -> dict[int, str]:
@@ -410,6 +470,7 @@ def format_trace(result: dict) -> str:
             lines.append(f"  strongest paths to {text!r} through features (strongest direct: {share:.3f} from "
                          f"{edge[0] if edge else '-'}):")  # fmt: skip
             lines.extend(f"    {strength:.3f}  " + " -> ".join(nodes) for strength, nodes in paths)
+    lines.extend(s.get("qk", []))
     lines.append(f"  saved {result['path']}")
     lines.append(
         f"next: saescope serve --run {Path(result['path']).parent.parent}  (page /trace?graph={result['name']})"

@@ -44,6 +44,7 @@ from jobs.options import (
 from jobs.run import check_reads_point, saelens_meta, write_sae
 from jobs.torchrun import agreed_dtype, exclusive_on_main
 from jobs.training.config import TrainJobConfig, grid_members, resolve, sae_shape, trainer_config
+from jobs.training.cross_layer import format_cross_layer_summary, run_cross_layer
 from jobs.training.grid import (
     announce,
     format_grid_summary,
@@ -276,6 +277,9 @@ def command(args) -> int:
     started = time.perf_counter()
     cfg = config_from_args(TrainJobConfig, args)
     given = given_options(TrainJobConfig, args)
+    if cfg.transcoder and cfg.cross_layer:
+        print(format_cross_layer_summary(run_cross_layer(cfg, say=print)))
+        return 0
     if cfg.transcoder:
         print(format_transcoder_summary(run_transcoders(cfg, say=print, given=given)))
         return 0

@@ -5,16 +5,30 @@ Each layer folder holds ``sae_weights.safetensors`` and ``cfg.json`` as written 
 saved: it lists the layers, the metrics with all of them replaced at once, and how
 the set was trained; a set without it is unfinished (training resumes it from
 ``checkpoints/``).
+A cross-layer transcoder (``set.json`` has ``"kind": "cross_layer"``) is kept in
+circuit-tracer's CLT layout instead: ``config.yaml`` + ``W_enc_{i}.safetensors`` and
+``W_dec_{i}.safetensors`` per layer (``pipeline.sae.cross_layer_format`` has the fields),
+so circuit-tracer's ``load_clt`` reads the folder as it is.
+An imported set is filled in ``.<name>.incomplete/`` and renamed into place (``publish_set``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from storage.atomic import atomic_write_json
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from storage.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from storage.constants import SAE_CFG, TRANSCODER_SET, TRANSCODERS_DIR
 from storage.sae_store import SaeStoreError, check_name, load_sae_files, set_repair_hint
+from storage.transcoder_sources import CONFIG_YAML, read_clt_layers, read_config_yaml
+
+CROSS_LAYER = "cross_layer"
+"""``set.json``'s ``kind`` of a cross-layer transcoder (per-layer sets have no ``kind``)."""
 
 
 def transcoders_dir(run_dir: Path) -> Path:
@@ -33,7 +47,7 @@ def finished_sets(run_dir: Path) -> list[str]:
     root = transcoders_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / TRANSCODER_SET).is_file())
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / TRANSCODER_SET).is_file())
 
 
 def write_set(folder: Path, record: dict) -> None:
@@ -74,9 +88,50 @@ def resolve_set(run_dir: Path, name: str | None) -> Path:
     return set_dir(run_dir, names[0])
 
 
+def is_cross_layer(record: dict) -> bool:
+    """Whether a ``read_set`` record is a cross-layer transcoder's."""
+    return record.get("kind") == CROSS_LAYER
+
+
 def load_layer_files(folder: Path, layer: int) -> tuple[dict, dict]:
     """(tensors, cfg) of one layer's transcoder."""
     path = layer_dir(folder, layer)
+    if (Path(folder) / "W_enc_0.safetensors").is_file():
+        raise SaeStoreError(
+            f"transcoder set {Path(folder).name!r} is a cross-layer transcoder: this reads per-layer sets only "
+            "(`saescope trace` reads both)"
+        )
     if not (path / SAE_CFG).is_file():
         raise SaeStoreError(f"{path} is missing: the transcoder set {folder.name!r} is incomplete")
     return load_sae_files(path)
+
+
+def save_clt_files(folder: Path, files: dict[str, dict[str, torch.Tensor]], config_text: str) -> None:
+    """A CLT's safetensors files (name -> tensors) and its config.yaml, each written atomically."""
+    for name, tensors in files.items():
+        atomic_write_bytes(Path(folder) / name, save_safetensors_bytes(tensors))
+    atomic_write_text(Path(folder) / CONFIG_YAML, config_text)
+
+
+def load_clt_files(folder: Path) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """(each layer's tensors, config.yaml) of a cross-layer set."""
+    return read_clt_layers(folder), read_config_yaml(folder)
+
+
+def publish_set(run_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(folder)`` on a fresh ``.<name>.incomplete`` folder (it writes set.json last), then move it to the
+    set ``name``, replacing a set of that name: a failed fill leaves the old set whole."""
+    final = set_dir(run_dir, name)
+    staging = final.parent / f".{final.name}.incomplete"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    fill(staging)
+    if final.exists():
+        old = final.parent / f".{final.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    return final

@@ -239,8 +239,10 @@ def test_default_width_fits_24_gib_with_headroom_on_smollm2():
 
 
 def test_bad_configs_say_what_is_wrong():
-    with pytest.raises(ValueError, match="unknown cross-layer transcoder architecture 'relu'"):
-        CltConfig(2, 8, 16, "relu")
+    with pytest.raises(ValueError, match="unknown cross-layer transcoder architecture 'groupmax'"):
+        CltConfig(2, 8, 16, "groupmax")
+    with pytest.raises(ValueError, match="a relu CLT cannot be trained here"):
+        train_clt(CrossLayerTranscoder(CltConfig(2, 8, 16, "relu")), iter([]), TrainConfig(1, 1e-3))
     with pytest.raises(ValueError, match="k must be between 1 and d_sae - 1 = 15"):
         CltConfig(2, 8, 16, "topk", k=16)
     with pytest.raises(ValueError, match="reads \\[L=2, N, D=8\\]"):

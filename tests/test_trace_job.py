@@ -39,6 +39,16 @@ def test_trace_saves_a_graph_with_the_viewers_fields(traced_run, capsys):
     assert doc["saescope"]["logit_error"] < 1e-3
     assert "completeness" in out and "saved" in out and "/trace?graph=cat" in out
     assert "scores (unpruned / pruned): replacement" in out
+    # QK tracing (default --qk-targets 2): the strongest kept feature (if any) and the top logit, Neuronpedia's form
+    carrying = [node for node in doc["nodes"] if "qk_tracing_results" in node]
+    assert {node["feature_type"] for node in carrying} == {"logit"} | (kinds & {"cross layer transcoder"})
+    known = ids | set(doc["qk_only_nodes"])
+    for node in carrying:
+        pairs = node["qk_tracing_results"]["pair_wise_contributors"]
+        assert pairs and all(q in known and k in known for q, k, _ in pairs)
+    assert all(entry["score"] == pytest.approx(entry["model_score"], rel=1e-3, abs=1e-4)
+               for entry in doc["saescope"]["qk_tracing"])  # fmt: skip
+    assert out.count("QK into ") == len(carrying)
 
 
 def _strings(value):
@@ -103,9 +113,11 @@ def test_feature_labels_say_what_a_feature_fires_on_and_writes(traced_run, conte
 
 
 def test_json_prints_the_document(traced_run, capsys):
-    assert main(["trace", "--run", str(traced_run), "--prompt", "a b", "--name", "ab", "--json"]) == 0
+    args = ["--prompt", "a b", "--name", "ab", "--json", "--qk-targets", "0"]
+    assert main(["trace", "--run", str(traced_run), *args]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["metadata"]["slug"] == "ab" and doc["metadata"]["prompt"] == "a b"
+    assert "qk_only_nodes" not in doc and not any("qk_tracing_results" in node for node in doc["nodes"])
 
 
 @pytest.mark.parametrize(
@@ -113,6 +125,7 @@ def test_json_prints_the_document(traced_run, capsys):
     [
         (["--prompt", "  "], "--prompt is empty"),
         (["--prompt", "x", "--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
+        (["--prompt", "x", "--qk-targets", "-1"], "--qk-targets must be >= 0"),
         (["--prompt", "x", "--name", "../up"], "--name '../up' is not a valid graph name"),
         (["--prompt", "x", "--name", "cat\n"], "--name 'cat\\n' is not a valid graph name"),
         (["--prompt", "x", "--transcoders", "nope"], "has no trained transcoder set 'nope'"),

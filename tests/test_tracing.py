@@ -93,7 +93,7 @@ def test_replacement_logits_equal_the_models(model, ids, rep):
         final = replacement_forward(model, rep, rep.record.embed_TD[None], no_error).final_BTD
     assert (model.lm_head(final)[0] - logits).abs().max() > 1e-4
     # the norm rounding terms only absorb HF's float32 RMSNorm (~1e-7 relative), nothing else
-    assert max(float(layer.fix_post_TD.abs().max()) for layer in rep.record.layers) < 1e-5
+    assert max(float(layer.mlp_norm.fix_TD.abs().max()) for layer in rep.record.layers) < 1e-5
 
 
 def test_feature_values_are_the_transcoders_pre_activations(model, ids, transcoders, graph):

@@ -122,6 +122,11 @@ class TrainJobConfig:
     skip: bool = option(
         True, "with --transcoder: a linear skip path W_skip beside the features (--no-skip: plain transcoders)"
     )
+    cross_layer: bool = option(
+        False,
+        "with --transcoder: one cross-layer transcoder over every layer (each layer's features write that MLP's "
+        "output and every later one's) instead of one per layer; --d-sae per layer, default 4 x d_model",
+    )
     hook: Literal["resid-post", "attn-out", "mlp-in", "mlp-out"] | None = option(
         None, "in a cache of several hook points, the kind to train on (default: the cache's primary point's)"
     )
@@ -132,6 +137,7 @@ class TrainJobConfig:
     def __post_init__(self):
         require(self.layers is None or self.transcoder, "--layers applies to --transcoder only")
         require(self.skip or self.transcoder, "--no-skip applies to --transcoder only (SAEs have no skip path)")
+        require(self.transcoder or not self.cross_layer, "--cross-layer applies to --transcoder only")
         if self.layers is not None:
             check_layers_text(self.layers)
         require(

@@ -60,8 +60,9 @@ def newest_checkpoint(folder: Path, group: Group = SINGLE) -> dict | None:
 def saved_weights_config(saved: dict, wanted: dict) -> dict:
     """A checkpoint's options with those older versions did not record filled in: checkpoints from
     before --optimizer were Adam; from before --hook/--layer, on the cache's one point; from before
-    --no-skip, skip transcoders."""
-    return {"optimizer": "adam", "hook": wanted.get("hook"), "layer": wanted.get("layer"), "skip": True, **saved}
+    --no-skip, skip transcoders; from before --cross-layer, not cross-layer."""
+    defaults = {"optimizer": "adam", "hook": wanted.get("hook"), "layer": wanted.get("layer"), "skip": True}
+    return {**defaults, "cross_layer": False, **saved}
 
 
 def resume(tree: dict | None, folder: Path, cfg, sae_shape: SaeConfig, device, tcfg: TrainConfig):

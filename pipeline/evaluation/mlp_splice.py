@@ -21,31 +21,27 @@ import torch
 from torch import nn
 
 from pipeline.evaluation.lm_loss import SpliceMetrics, three_run_metrics
-from pipeline.lm.hook_points import mlp_module
-from pipeline.lm.hooks import decoder_blocks
+from pipeline.lm.hook_points import replace_mlp_out
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
 """MLP input [N, D] -> replacement MLP output [N, D]."""
 
 
-def _mlp_hook(replace: Replacement, ordinary_BT: torch.Tensor):
-    def hook(_module, inputs, output):
-        x_BTD = inputs[0]
-        patched = output.clone()
-        patched[ordinary_BT] = replace(x_BTD[ordinary_BT]).to(output.dtype)
+def _splice(replace: Replacement, ordinary_BT: torch.Tensor):
+    def splice(x_BTD: torch.Tensor, out_BTD: torch.Tensor) -> torch.Tensor:
+        patched = out_BTD.clone()
+        patched[ordinary_BT] = replace(x_BTD[ordinary_BT]).to(out_BTD.dtype)
         return patched
 
-    return hook
+    return splice
 
 
 def _logits(
     model: nn.Module, ids_BT: torch.Tensor, replacements: Mapping[int, Replacement], ordinary_BT
 ) -> torch.Tensor:
-    blocks = decoder_blocks(model)
     with ExitStack() as stack:
         for layer, replace in replacements.items():
-            handle = mlp_module(blocks[layer]).register_forward_hook(_mlp_hook(replace, ordinary_BT))
-            stack.callback(handle.remove)
+            stack.enter_context(replace_mlp_out(model, layer, _splice(replace, ordinary_BT)))
         return model(input_ids=ids_BT, use_cache=False).logits.float()
 
 

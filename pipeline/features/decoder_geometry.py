@@ -7,8 +7,8 @@ Logit effects follow the direct path used by SAEDashboard and Neuronpedia
 
     effect[i, v] = (W_dec[i] * gamma) . W_U[v]
 
-with ``gamma`` the elementwise weight of the model's final norm (RMSNorm or
-LayerNorm). The norm's input-dependent division (by the RMS or the standard
+with ``gamma`` the elementwise gain of the model's final norm (RMSNorm or
+LayerNorm: its weight; Gemma's RMSNorm: 1 + its weight). The norm's input-dependent division (by the RMS or the standard
 deviation) and LayerNorm's centering are not applied: the numbers rank tokens
 by how directly the feature pushes them up (promoted) or down (suppressed).
 """
@@ -21,11 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.lm.families import final_norm_module, known_family
+
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 def final_norm_weight(model: nn.Module) -> torch.Tensor | None:
-    """Elementwise weight of the model's final normalization, if it has one."""
+    """Elementwise gain of the model's final normalization, if it has one (from its family description if known)."""
+    family = known_family(model)
+    if family is not None:
+        weight = getattr(final_norm_module(model, family), "weight", None)
+        if weight is None:
+            return None
+        return (1 + weight.detach()) if family.norm == "rms_one_plus" else weight.detach()
     base = model.base_model
     for name in FINAL_NORM_NAMES:
         module = getattr(base, name, None)

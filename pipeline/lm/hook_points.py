@@ -5,9 +5,14 @@ Shape legend: B batch, T positions, D d_model.
 Four kinds of hook point per block, named as TransformerLens/SAELens name them:
 
     resid-post  the block's output (the residual stream after it)  blocks.L.hook_resid_post
-    attn-out    the attention sublayer's output, before it is added blocks.L.hook_attn_out
-    mlp-in      the MLP's input: the residual after attention, normed blocks.L.ln2.hook_normalized
-    mlp-out     the MLP's output, before it is added                blocks.L.hook_mlp_out
+    attn-out    what attention adds to the residual                 blocks.L.hook_attn_out
+    mlp-in      the MLP's input: the residual, normed               blocks.L.ln2.hook_normalized
+    mlp-out     what the MLP adds to the residual                   blocks.L.hook_mlp_out
+
+Where each lives is the model family's description (``pipeline.lm.families``): for Gemma 2/3
+attn-out and mlp-out are the outputs of the post-attention and post-feedforward norms (the
+sandwich norms), elsewhere the outputs of the attention and MLP modules; resid-post needs
+no description, so it works on any decoder whose blocks ``decoder_blocks`` finds.
 
 ``capture`` runs the base model once and stops right after the deepest block
 that holds a requested point, so later blocks and the head never run.
@@ -23,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from pipeline.lm.families import Family, child, family_of
 from pipeline.lm.hooks import _StopForward, block_output, check_layer, decoder_blocks, replace_block_output
 
 KINDS = ("resid-post", "attn-out", "mlp-in", "mlp-out")
@@ -103,42 +110,85 @@ def attention_module(block: nn.Module) -> nn.Module:
     return _child(block, _ATTENTION_NAMES, "attention")
 
 
-def _register(block: nn.Module, kind: str, store) -> torch.utils.hooks.RemovableHandle:
+def _module(family: Family | None, block: nn.Module, kind: str) -> nn.Module:
+    """The module a hook point of ``kind`` reads: its output (resid-post, attn-out, mlp-out) or input (mlp-in)."""
     if kind == "resid-post":
-        return block.register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+        return block
     if kind == "attn-out":
-        return attention_module(block).register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+        return family.attn_out_module(block)
+    return child(block, family.mlp) if kind == "mlp-in" else family.mlp_out_module(block)
+
+
+def _register(family: Family | None, block: nn.Module, kind: str, store) -> RemovableHandle:
+    module = _module(family, block, kind)
     if kind == "mlp-in":
-        return mlp_module(block).register_forward_pre_hook(lambda _m, inputs: store(inputs[0]))
-    return mlp_module(block).register_forward_hook(lambda _m, _i, out: store(block_output(out)))
+        return module.register_forward_pre_hook(lambda _m, inputs: store(inputs[0]))
+    return module.register_forward_hook(lambda _m, _i, out: store(block_output(out)))
 
 
-def _register_edit(block: nn.Module, kind: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
+def _register_edit(family: Family | None, block: nn.Module, kind: str, fn: Callable) -> RemovableHandle:
     def replace_output(_module, _inputs, output):
         return replace_block_output(output, fn(block_output(output)))
 
     def replace_input(_module, inputs):
         return (fn(inputs[0]), *inputs[1:])
 
-    if kind == "resid-post":
-        return block.register_forward_hook(replace_output)
-    if kind == "attn-out":
-        return attention_module(block).register_forward_hook(replace_output)
+    module = _module(family, block, kind)
     if kind == "mlp-in":
-        return mlp_module(block).register_forward_pre_hook(replace_input)
-    return mlp_module(block).register_forward_hook(replace_output)
+        return module.register_forward_pre_hook(replace_input)
+    return module.register_forward_hook(replace_output)
+
+
+def _family_for(model: nn.Module, kinds: Iterable[str]) -> Family | None:
+    """The model's family description, needed by every kind but resid-post."""
+    return family_of(model) if any(kind != "resid-post" for kind in kinds) else None
+
+
+def check_points(model: nn.Module, points: Iterable[HookPoint]) -> None:
+    """Raise the ValueError ``capture`` would (a layer out of range, a family without a description)
+    without running the model."""
+    points = list(points)
+    blocks = decoder_blocks(model)
+    family = _family_for(model, [point.kind for point in points])
+    for point in points:
+        _module(family, blocks[check_layer(point.layer, len(blocks))], point.kind)
+
+
+@contextmanager
+def replace_mlp_out(
+    model: nn.Module, layer: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """While open, what MLP ``layer`` adds to the residual (mlp-out [B, T, D]) becomes ``fn(mlp_in, mlp_out)``.
+
+    ``mlp_in`` is the MLP's input of the same forward (for a transcoder splice or a feature edit).
+    Hooks always removed.
+    """
+    family = family_of(model)
+    block = decoder_blocks(model)[check_layer(layer, int(model.config.num_hidden_layers))]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(_module, inputs):
+        seen["mlp_in"] = inputs[0]
+
+    def replace_output(_module, _inputs, output):
+        return replace_block_output(output, fn(seen.pop("mlp_in"), block_output(output)))
+
+    with ExitStack() as stack:
+        stack.callback(child(block, family.mlp).register_forward_pre_hook(keep_input).remove)
+        stack.callback(family.mlp_out_module(block).register_forward_hook(replace_output).remove)
+        yield
 
 
 @contextmanager
 def edit_at(model: nn.Module, point: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """While open, every forward replaces the activation at ``point`` [B, T, D] with ``fn(it)`` [B, T, D].
 
-    resid-post edits the block's output, attn-out the attention module's output, mlp-in
-    the MLP's input (a pre-hook: the MLP computes from the edited input), mlp-out the
-    MLP's output; later computation sees the edit. The hook is always removed.
+    resid-post edits the block's output, attn-out and mlp-out what attention and the MLP add
+    to the residual (see the module docstring), mlp-in the MLP's input (a pre-hook: the MLP
+    computes from the edited input); later computation sees the edit. The hook is always removed.
     """
     block = decoder_blocks(model)[check_layer(point.layer, int(model.config.num_hidden_layers))]
-    handle = _register_edit(block, point.kind, fn)
+    handle = _register_edit(_family_for(model, [point.kind]), block, point.kind, fn)
     try:
         yield
     finally:
@@ -163,13 +213,14 @@ def capture(
     blocks = decoder_blocks(model)
     captured: dict[HookPoint, torch.Tensor] = {}
     deepest = max(check_layer(point.layer, n_layers) for point in wanted)
+    family = _family_for(model, [point.kind for point in wanted])
 
     def stop_after(_module, _inputs, _output):
         raise _StopForward
 
     with ExitStack() as stack:
         for point in wanted:
-            handle = _register(blocks[point.layer], point.kind, lambda t, p=point: captured.__setitem__(p, t))
+            handle = _register(family, blocks[point.layer], point.kind, lambda t, p=point: captured.__setitem__(p, t))
             stack.callback(handle.remove)
         stack.callback(blocks[deepest].register_forward_hook(stop_after).remove)
         try:

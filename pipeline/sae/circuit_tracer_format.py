@@ -34,6 +34,23 @@ from pipeline.sae.transcoder import Transcoder
 INPUT_HOOK = "mlp.hook_in"
 OUTPUT_HOOK = "hook_mlp_out"
 THRESHOLD = "activation_function.threshold"
+MLP_INPUT_HOOKS = (INPUT_HOOK, "ln2.hook_normalized")
+"""``feature_input_hook`` values that name the MLP's normalized input (saescope's mlp-in)."""
+MLP_OUTPUT_HOOKS = (OUTPUT_HOOK, "mlp.hook_out")
+"""``feature_output_hook`` values that name the MLP's output (saescope's mlp-out)."""
+
+
+def check_mlp_hooks(config: dict) -> None:
+    """ValueError unless config.yaml's hooks are the MLP's normalized input and its output, which saescope traces."""
+    hook_in, hook_out = config.get("feature_input_hook"), config.get("feature_output_hook")
+    if hook_in not in MLP_INPUT_HOOKS:
+        why = " (the residual stream before the MLP's norm)" if hook_in == "hook_resid_mid" else ""
+        raise ValueError(
+            f"feature_input_hook {hook_in!r}{why} is not the MLP's normalized input "
+            f"({' or '.join(MLP_INPUT_HOOKS)}), the only input saescope's tracer replaces"
+        )
+    if hook_out not in MLP_OUTPUT_HOOKS:
+        raise ValueError(f"feature_output_hook {hook_out!r} is not the MLP's output ({' or '.join(MLP_OUTPUT_HOOKS)})")
 
 
 def layer_file(layer: int) -> str:
@@ -78,18 +95,37 @@ def circuit_tracer_config(tcs: dict[int, Transcoder], model_name: str, scan_name
     return {**config, "transcoders": list(files)}
 
 
+def _topk_k(tensors: dict, config: dict) -> int:
+    """k of a TopK set: config.yaml's ``k``, else the ``k`` tensor circuit-tracer's ``to_safetensors`` saves."""
+    if config.get("k") is not None:
+        return int(config["k"])
+    if "k" in tensors:
+        return int(tensors["k"].reshape(-1)[0])
+    raise ValueError("a TopK set needs its k: config.yaml has no `k` and the layer file no `k` tensor")
+
+
 def transcoder_from_circuit_tracer(tensors: dict[str, torch.Tensor], config: dict) -> Transcoder:
     """An inference transcoder from one ``layer_{i}.safetensors`` and the set's config.yaml fields."""
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        if name not in tensors:
-            raise ValueError(f"circuit-tracer layer file lacks {name!r} (has {sorted(tensors)})")
-    d_sae, d_model = tensors["W_enc"].shape
-    if tuple(tensors["W_dec"].shape) != (d_sae, d_model):
-        raise ValueError(f"W_dec has shape {tuple(tensors['W_dec'].shape)}, expected {(d_sae, d_model)}")
+    weight = tensors.get("W_enc")
+    if weight is None or weight.ndim != 2:
+        raise ValueError(f"circuit-tracer layer file lacks a 2-d 'W_enc' [F, D] (has {sorted(tensors)})")
+    d_sae, d_model = weight.shape
     activation = config.get("activation") or ("jumprelu" if THRESHOLD in tensors else "relu")
     if activation not in ("topk", "relu", "jumprelu"):
         raise ValueError(f"activation {activation!r} is not supported (topk, relu, jumprelu)")
-    k = int(config["k"]) if activation == "topk" else min(32, d_sae - 1)
+    expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_model), "b_dec": (d_model,)}
+    if "W_skip" in tensors:
+        expected["W_skip"] = (d_model, d_model)
+    if activation == "jumprelu":
+        expected[THRESHOLD] = (d_sae,)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"circuit-tracer layer file lacks {name!r} (has {sorted(tensors)})")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    if activation == "jumprelu" and bool((tensors[THRESHOLD] < 0).any()):
+        raise ValueError("the JumpReLU thresholds have negative values: they must be >= 0")
+    k = _topk_k(tensors, config) if activation == "topk" else min(32, d_sae - 1)
     tc = Transcoder(SaeConfig(d_model, d_sae, activation, k), skip="W_skip" in tensors)
     with torch.no_grad():
         tc.W_enc_FD.copy_(tensors["W_enc"].float())

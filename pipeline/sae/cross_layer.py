@@ -13,7 +13,8 @@ For layers l = 0..L-1, with x_l the MLP input (mlp-in) of layer l and y_l its ML
 (Ameisen et al. 2025, "Circuit Tracing"). ``act`` is one of ``CLT_ARCHITECTURES``, per layer:
 ``topk`` (the k largest pre-activations per token), ``batchtopk`` (the k*N largest of the
 layer over the batch in training; inference as jumprelu with one learned global threshold
-per layer) or ``jumprelu`` (per-latent threshold).
+per layer), ``jumprelu`` (per-latent threshold) or ``relu`` (inference only: what
+circuit-tracer calls a CLT without thresholds; ``train_clt`` refuses it, having no L1 penalty).
 
 Decoder layout: source layer l holds ``W_dec[l]`` as one [F, (L - l) * D] matrix, a
 contiguous view of circuit-tracer's [F, L - l, D] (``decoder(l)``). A feature's writes
@@ -52,7 +53,8 @@ from torch import nn
 from pipeline.sae.model import SaeConfig, batch_topk_select, jumprelu
 from pipeline.sae.sparse_ops import encode_selected, sparse_matmul
 
-CLT_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
+CLT_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+TRAINABLE_CLT_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 DEFAULT_EXPANSION = 4
 """F = 4 * d_model latents per layer (see the memory table in the module docstring)."""
 
@@ -88,7 +90,7 @@ class CltConfig:
             raise ValueError(
                 f"n_layers, d_model and d_sae must be positive, got {self.n_layers}, {self.d_model}, {self.d_sae}"
             )
-        if self.architecture != "jumprelu" and not 0 < self.k < self.d_sae:
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k < self.d_sae:
             raise ValueError(f"k must be between 1 and d_sae - 1 = {self.d_sae - 1}, got {self.k}")
         if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
             raise ValueError("JumpReLU bandwidth and initial threshold must be positive")
@@ -98,6 +100,15 @@ class CltConfig:
         return SaeConfig(
             self.d_model, self.d_sae, self.architecture, self.k, self.jumprelu_init_threshold, self.jumprelu_bandwidth
         )
+
+    def activate(self, pre_NF: torch.Tensor, threshold_F: torch.Tensor | None) -> torch.Tensor:
+        """Dense codes from one layer's pre-activations, inference semantics (``threshold_F``: jumprelu/batchtopk)."""
+        if self.architecture == "topk":
+            vals, top = pre_NF.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre_NF).scatter(-1, top, torch.relu(vals))
+        if self.architecture == "relu":
+            return torch.relu(pre_NF)
+        return pre_NF * (pre_NF > threshold_F)
 
 
 class CltOutput(NamedTuple):
@@ -205,6 +216,10 @@ class CrossLayerTranscoder(nn.Module):
             return self.batch_threshold_L[layer].expand(self.cfg.d_sae)
         raise AttributeError(f"a {self.cfg.architecture} CLT has no threshold")
 
+    def layer_threshold(self, layer: int) -> torch.Tensor | None:
+        """``threshold(layer)``, or None for an architecture without one (topk, relu)."""
+        return self.threshold(layer) if self.cfg.architecture in ("jumprelu", "batchtopk") else None
+
     def pre_acts(self, layer: int, x_ND: torch.Tensor) -> torch.Tensor:
         """x @ W_enc[layer] + b_enc[layer], with autograd [..., F]."""
         return F.linear(x_ND, self.W_enc[layer], self.b_enc_LF[layer])
@@ -229,7 +244,7 @@ class CrossLayerTranscoder(nn.Module):
         if self.cfg.architecture == "jumprelu":
             feats_NF = jumprelu(pre_NF, self.threshold(layer), self.cfg.jumprelu_bandwidth)
         else:
-            feats_NF = pre_NF * (pre_NF > self.threshold(layer))
+            feats_NF = self.cfg.activate(pre_NF, self.layer_threshold(layer))
         width = max(1, int((feats_NF > 0).sum(1).max()))
         idx_NK = feats_NF.detach().topk(width, dim=1, sorted=False).indices
         return feats_NF.gather(1, idx_NK), idx_NK, pre_NF
@@ -287,12 +302,7 @@ class CrossLayerTranscoder(nn.Module):
         self._check_input(x_LND)
         codes = []
         for layer, x_ND in enumerate(x_LND):
-            pre_NF = self.pre_acts(layer, x_ND)
-            if self.cfg.architecture == "topk":
-                vals, top = pre_NF.topk(self.cfg.k, dim=-1, sorted=False)
-                codes.append(torch.zeros_like(pre_NF).scatter(-1, top, torch.relu(vals)))
-            else:
-                codes.append(pre_NF * (pre_NF > self.threshold(layer)))
+            codes.append(self.cfg.activate(self.pre_acts(layer, x_ND), self.layer_threshold(layer)))
         return torch.stack(codes)
 
     def decode(self, acts_LNF: torch.Tensor, x_LND: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,11 +376,7 @@ class CltLayer:
 
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Dense codes [N, F] of this layer's encoder (inference semantics)."""
-        pre_NF = self.clt.pre_acts(self.layer, x_ND)
-        if self.clt.cfg.architecture == "topk":
-            vals, top = pre_NF.topk(self.clt.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre_NF).scatter(-1, top, torch.relu(vals))
-        return pre_NF * (pre_NF > self.clt.threshold(self.layer))
+        return self.clt.cfg.activate(self.clt.pre_acts(self.layer, x_ND), self.clt.layer_threshold(self.layer))
 
 
 def init_clt(cfg: CltConfig, target_sample_LND: torch.Tensor, seed: int, encoder_scale: float = 0.5):

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.sae.cross_layer import CltOutput, CrossLayerTranscoder
+from pipeline.sae.cross_layer import TRAINABLE_CLT_ARCHITECTURES, CltOutput, CrossLayerTranscoder
 from pipeline.sae.initialization import normalization_factor
 from pipeline.sae.model import jumprelu_step
 from pipeline.sae.optimizers import ScheduleFreeSignum
@@ -218,6 +218,11 @@ def train_clt(
     where the checkpoint stopped). ``scales`` = (s_in [L], s_out [L]) multiplies each layer
     (``layer_scales`` on the first batch); None: the batches arrive normalized.
     """
+    if clt.cfg.architecture not in TRAINABLE_CLT_ARCHITECTURES:
+        raise ValueError(
+            f"a {clt.cfg.architecture} CLT cannot be trained here (no sparsity penalty): "
+            f"use one of {', '.join(TRAINABLE_CLT_ARCHITECTURES)}"
+        )
     state = state or CltTrainState.fresh(clt)
     optimizer = optimizer or make_clt_optimizer(clt, cfg)
     last = None

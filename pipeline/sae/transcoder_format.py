@@ -10,10 +10,14 @@ output hooks (``hook_name`` = ``blocks.L.ln2.hook_normalized``, ``hook_name_out`
 class: ``jumprelu_skip_transcoder`` (a BatchTopK transcoder after export),
 ``skip_transcoder`` (ReLU); SAELens has no TopK transcoder, so a TopK one is
 ``topk_skip_transcoder``, which SAELens refuses rather than misreads as ReLU.
+Also read: Gemma Scope's JumpReLU transcoders (``transcoder_from_gemma_scope``) and the
+layer a transcoder folder reads (``transcoder_layer``: from cfg.json, else its path).
 No file I/O here; bad input is a ValueError.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -117,3 +121,53 @@ def transcoder_from_saelens(tensors: dict[str, torch.Tensor], cfg: dict) -> Tran
         tensors.get("W_skip"),
         tensors.get("threshold"),
     )
+
+
+GEMMA_SCOPE_NAMES = {"w_enc": "W_enc", "w_dec": "W_dec", "affine_skip_connection": "W_skip_in_out"}
+"""Gemma Scope 2's lower-case names -> Gemma Scope 1's (``params.npz``); its skip is [D_in, D_out]."""
+
+
+def transcoder_from_gemma_scope(tensors: dict[str, torch.Tensor]) -> Transcoder:
+    """A JumpReLU transcoder from Gemma Scope's ``params.npz`` / ``params.safetensors`` tensors.
+
+    ``W_enc`` [D, F], ``W_dec`` [F, D], ``b_enc`` [F], ``b_dec`` [D], ``threshold`` [F]
+    (Gemma Scope 2: ``w_enc``, ``w_dec`` and an optional ``affine_skip_connection`` [D_in, D_out],
+    y += x @ A, which is saescope's W_skip = A^T). pre = x @ W_enc + b_enc: nothing is subtracted
+    from the input.
+    """
+    named = {GEMMA_SCOPE_NAMES.get(name, name): t.float() for name, t in tensors.items()}
+    weight = named.get("W_enc")
+    if weight is None or weight.ndim != 2:
+        raise ValueError(f"Gemma Scope weights lack a 2-d 'W_enc' [D, F] (have {sorted(tensors)})")
+    d_in, d_sae = weight.shape
+    expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    if "W_skip_in_out" in named:
+        expected["W_skip_in_out"] = (d_in, d_in)
+    _shaped(named, expected)
+    if bool((named["threshold"] < 0).any()):
+        raise ValueError("the JumpReLU thresholds have negative values: they must be >= 0")
+    skip = named.get("W_skip_in_out")
+    shape = SaeConfig(d_in, d_sae, "jumprelu", min(32, d_sae - 1))
+    return _build(shape, weight.t(), named["b_enc"], named["W_dec"], named["b_dec"],
+                  None if skip is None else skip.t(), named["threshold"])  # fmt: skip
+
+
+LAYER_IN_NAME = re.compile(r"(?:^|[^a-z])layers?[._-]?(\d+)(?:$|[^0-9])")
+"""``layer_12``, ``layer-12``, ``layers.12`` in a hook name or a folder name."""
+
+
+def transcoder_layer(cfg: dict, parts: tuple[str, ...]) -> int | None:
+    """The layer a transcoder folder reads: cfg.json's ``meta.hook_layer`` / ``hook_layer``, its hook name
+    (``blocks.L.``, Gemma Scope 2's ``hf_hook_point_in``), else the last ``layer_L`` in the folder's path ``parts``."""
+    for source in (cfg.get("meta") or {}, cfg):
+        if isinstance(source.get("hook_layer"), int):
+            return source["hook_layer"]
+    for name in ((cfg.get("meta") or {}).get("hook_name"), cfg.get("hook_name"), cfg.get("hf_hook_point_in")):
+        match = re.search(r"(?:blocks|layers)\.(\d+)\.", str(name or ""))
+        if match:
+            return int(match.group(1))
+    for part in reversed(parts):
+        match = LAYER_IN_NAME.search(part.lower())
+        if match:
+            return int(match.group(1))
+    return None

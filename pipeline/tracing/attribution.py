@@ -199,11 +199,20 @@ def active_features(rep: Replacement, constant_T: torch.Tensor) -> Sources:
 
 @torch.no_grad()
 def logit_readouts(model: nn.Module, rep: Replacement, tokens: torch.Tensor) -> tuple[Readouts, torch.Tensor]:
-    """Logit targets at the last position: W_U[v] - mean W_U; no bias."""
-    W_U = model.get_output_embeddings().weight.to(rep.record.embed_TD.dtype)
-    n, T = tokens.numel(), rep.record.ids_T.numel()
+    """Logit targets at the last position: W_U[v] - mean W_U, and b[v] - mean b as the bias.
+
+    With a final soft-cap (Gemma 2) each logit is z_v times its frozen factor f_v, so the rows
+    read f_v W_U[v] - mean_u f_u W_U[u] (f at the last position, ``record.logit_scale_TV``)."""
+    dtype, T = rep.record.embed_TD.dtype, rep.record.ids_T.numel()
+    head = model.get_output_embeddings()
+    W_U = head.weight.to(dtype)
+    scale_V = None if rep.record.logit_scale_TV is None else rep.record.logit_scale_TV[-1]
+    bias_V = torch.zeros(W_U.shape[0], dtype=dtype, device=W_U.device) if head.bias is None else head.bias.to(dtype)
+    if scale_V is not None:
+        W_U, bias_V = W_U * scale_V[:, None], bias_V * scale_V
+    n = tokens.numel()
     layer_R, pos_R = torch.full((n,), len(rep.acts), device=W_U.device), torch.full((n,), T - 1, device=W_U.device)
-    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), torch.zeros(n, dtype=W_U.dtype, device=W_U.device)
+    return Readouts(layer_R, pos_R, W_U[tokens] - W_U.mean(0)), bias_V[tokens] - bias_V.mean()
 
 
 @torch.no_grad()
@@ -306,9 +315,8 @@ def _values_and_constants(model, rep: Replacement, readouts: Readouts, bias_R: t
     kept_T1 = constant_T[:, None].to(zero.dtype)
     constant_writes = [kept_T1 * (rep.feature_writes(L) + rep.errors[L]) for L in range(len(rep.acts))]
     empty_out = replacement_forward(model, rep, zero, [w[None] for w in constant_writes])
-    final_TD = record.scale_final_T1 * record.resid_final_TD * model.base_model.norm.weight.to(zero.dtype)
     mlp_ins = tuple(layer.mlp_in_TD[None] for layer in record.layers)
-    true_out = LinearOutputs(mlp_ins, (final_TD + record.fix_final_TD)[None])
+    true_out = LinearOutputs(mlp_ins, record.final_TD[None])
     batch = torch.zeros(len(readouts), dtype=torch.long, device=zero.device)
     return _read(true_out, readouts, batch) + bias_R, _read(empty_out, readouts, batch) + bias_R
 

@@ -5,8 +5,12 @@ the browser is the same file the command writes. Labels (``feature_labels``)
 name what each kept feature fires on over ``label_contexts`` (held-out token
 contexts and their ordinary-position mask; None to label by output tokens only)
 and what it writes. The document's ``saescope.timings`` gain ``labels_s`` and
-``wall_s`` (this function's whole time). ``on_progress(stage, done, total)``, if given, hears
-of each backward pass (stage "backward passes") and each batch of label contexts ("label contexts").
+``wall_s`` (this function's whole time), and ``qk_s`` when ``settings.qk_targets`` asks for
+QK tracing (``qk``: the heads that move information into the strongest targets, and why they
+attend). ``on_progress(stage, done, total)``, if given, hears of each backward pass (stage
+"backward passes") and each batch of label contexts ("label contexts").
+Unless ``settings.group`` is off, suggested supernodes (``supernodes.with_suggestions``) go into
+``qParams`` and ``saescope.suggested_supernodes`` (with their own ``seconds``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pipeline.tracing.attribution import Graph
 from pipeline.tracing.feature_labels import feature_labels, graph_latents, top_input_tokens
 from pipeline.tracing.graph_json import graph_document
 from pipeline.tracing.pruning import Pruned, prune
+from pipeline.tracing.qk import qk_into_document
+from pipeline.tracing.supernodes import with_suggestions
 from pipeline.tracing.trace import trace
 
 
@@ -46,6 +52,11 @@ class TraceSettings:
     edge_threshold: float = 0.98
     batch_size: int = 32
     """Target rows per backward pass."""
+    group: bool = True
+    """Suggest supernodes (``supernodes.with_suggestions``, default ``GroupSettings``) in the document."""
+    qk_targets: int = 2
+    """Targets whose attention is QK-traced (``qk``): the strongest feature, the top logit, then more features;
+    0 turns it off."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +131,18 @@ def trace_document(
     if label_contexts is not None:
         inputs = top_input_tokens(model, transcoders, graph_latents(graph), *label_contexts,
                                   on_batch=_stage(on_progress, "label contexts"))  # fmt: skip
+    labels = feature_labels(model, transcoders, graph, tokenizer, inputs)
     document = graph_document(
         graph, pruned, lambda t: token_text(tokenizer, t), source.name, source.scan, source.prompt,
-        settings.node_threshold, settings.edge_threshold, source.provenance,
-        feature_labels(model, transcoders, graph, tokenizer, inputs), source.transcoder_list,
+        settings.node_threshold, settings.edge_threshold, source.provenance, labels, source.transcoder_list,
     )  # fmt: skip
     timings = document["saescope"]["timings"]
     timings["labels_s"] = time.perf_counter() - labelled
+    if settings.group:
+        with_suggestions(document, graph.adjacency, pruned, graph.features)
+    if settings.qk_targets:
+        qk_started = time.perf_counter()
+        qk_into_document(document, model, transcoders, graph, pruned, settings.qk_targets, labels=labels)
+        timings["qk_s"] = time.perf_counter() - qk_started
     timings["wall_s"] = time.perf_counter() - started
     return TracedPrompt(graph, pruned, document)

@@ -6,6 +6,7 @@ Pure arithmetic on the numbers a trace knows before the model loads. Symbols:
     H attention heads (D / 64 unknown)  F latents a layer  a active latents per token per layer
     R --batch-size                      M --max-feature-nodes                G target logits (<= 10)
     C label tokens (--label-contexts x context length)    P model parameters (2VD + 12LD^2 unknown)
+    O output layers a feature writes, on average (1; (L+1)/2 for a cross-layer transcoder)
 
 ``a`` is k for TopK transcoders (exact); for other activations the caller bounds it (twice the
 recorded L0, or F when nothing is recorded). Counts, as ``attribution`` lays the graph out:
@@ -18,8 +19,8 @@ recorded L0, or F when nothing is recorded). Counts, as ``attribution`` lays the
 
 Memory, in float32 numbers (4 bytes each), what stays while the stages run plus the largest stage:
 
-    weights   = P + L * (2FD + D^2 + 2F + D)           model and transcoders (skip included)
-    prompt    = T*V + L*(6TD + H*T^2) + L*T*F + L*T*D + n*D
+    weights   = P + L * ((1 + O) FD + D^2 + 2F + D)     model and transcoders (skip included)
+    prompt    = T*V + L*(6TD + H*T^2) + L*T*F + L*T*D + n*O*D
                 (logits, the record with every head's pattern, dense codes, errors, feature writes)
     backward  = 2 (m + G) S + m D + R T D (15 L + 3) + R T n / L
                 (rows kept, twice while selecting; readout vectors; one pass's autograd graph,
@@ -96,6 +97,8 @@ class GraphShape:
     """H (0: D // 64)."""
     n_params: int = 0
     """P (0: 2VD + 12LD^2, a Llama-shaped guess)."""
+    decoder_outputs: float = 1.0
+    """O: output layers a feature writes, on average (1 per-layer; (L+1)/2 for a cross-layer transcoder)."""
 
     def __post_init__(self):
         for name in ("n_tokens", "n_layers", "d_model", "vocab", "d_sae", "batch_size", "n_logits"):
@@ -103,6 +106,8 @@ class GraphShape:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.active_per_token <= self.d_sae:
             raise ValueError(f"active_per_token must be in (0, d_sae={self.d_sae}], got {self.active_per_token}")
+        if not 1 <= self.decoder_outputs <= self.n_layers:
+            raise ValueError(f"decoder_outputs must be in [1, n_layers={self.n_layers}], got {self.decoder_outputs}")
         if self.max_feature_nodes < 0 or self.label_tokens < 0:
             raise ValueError("max_feature_nodes and label_tokens must be >= 0")
 
@@ -137,8 +142,12 @@ class Estimate:
 def _memory(s: GraphShape, n: int, m: int, S: int, N: int) -> dict[str, int]:
     T, L, D, F, R, G = s.n_tokens, s.n_layers, s.d_model, s.d_sae, s.batch_size, s.n_logits
     return {
-        "weights": s.params + L * (2 * F * D + D * D + 2 * F + D),
-        "prompt": T * s.vocab + L * (6 * T * D + s.heads * T * T) + L * T * F + L * T * D + n * D,
+        "weights": s.params + L * (round((1 + s.decoder_outputs) * F * D) + D * D + 2 * F + D),
+        "prompt": T * s.vocab
+        + L * (6 * T * D + s.heads * T * T)
+        + L * T * F
+        + L * T * D
+        + round(n * s.decoder_outputs * D),
         "backward": 2 * (m + G) * S + m * D + R * T * D * (15 * L + 3) + R * T * n // L,
         "assemble": (m + G) * S + m * N + N * N,
         "prune": 12 * N * N,

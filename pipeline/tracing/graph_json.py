@@ -20,6 +20,12 @@ Node ids, per kind (``feature_type``):
     logit       "logit"                     "{n_layers + 1}_{token}_{pos}"; clerp 'Output "tok" (p=0.123)'
                                             (the viewer reads p from the clerp); the most likely is the target
 
+QK tracing (``qk``), when on: the node of each traced target carries ``qk_tracing_results``
+``{"pair_wise_contributors": [[q_id, k_id, a]], "top_q_marginal_contributors": [[id, a]],
+"top_k_marginal_contributors": [[id, a]]}`` for its strongest head, as Neuronpedia's graph
+server attaches it; contributors missing from the pruned nodes are described in the top-level
+``qk_only_nodes`` ({node_id: node}); every traced head is listed under ``saescope.qk_tracing``.
+
 ``influence`` is the node's cumulative influence share (``pruning.cumulative_share``).
 Nodes exist only where the graph has them: no feature or error node at BOS or another
 constant position (``attribution``). ``metadata.scores`` holds the graph's replacement
@@ -76,7 +82,8 @@ def uncantor(z: int) -> tuple[int, int]:
     return w - y, y
 
 
-def _node(node_id: str, feature: int, layer: str, pos: int, kind: str, js_id: str, **extra) -> dict[str, Any]:
+def node_entry(node_id: str, feature: int | None, layer: str, pos: int, kind: str, js_id: str, **extra) -> dict:
+    """One node in the viewer's form: the fields every node carries, then ``extra`` (also for ``qk_only_nodes``)."""
     base = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": kind}
     fields = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js_id}
     return {**base, **fields, "clerp": "", "influence": None, "activation": None, **extra}
@@ -95,19 +102,19 @@ def graph_nodes(
     ):
         clerp = (labels or {}).get((layer, latent), "")
         feature = cantor(layer, latent)
-        nodes.append(_node(f"{layer}_{latent}_{pos}", feature, str(layer), pos, FEATURE, f"{layer}_{latent}-0"))
+        nodes.append(node_entry(f"{layer}_{latent}_{pos}", feature, str(layer), pos, FEATURE, f"{layer}_{latent}-0"))
         nodes[-1].update(clerp=clerp, influence=cumulative[i], activation=act)
     for k in range(graph.n_errors):
         layer, pos = graph.error_node(k)
-        node = _node(f"{layer}_-1_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
+        node = node_entry(f"{layer}_-1_{pos}", -1, str(layer), pos, ERROR, f"err_{layer}_{pos}-0")
         nodes.append({**node, "influence": cumulative[len(nodes)]})
     for pos, token in enumerate(graph.prompt_ids.tolist()):
-        node = _node(f"E_{token}_{pos}", pos, "E", pos, EMBEDDING, f"E_{token}-{pos}")
+        node = node_entry(f"E_{token}_{pos}", pos, "E", pos, EMBEDDING, f"E_{token}-{pos}")
         nodes.append({**node, "influence": cumulative[len(nodes)]})
     last, logit_layer = graph.n_pos - 1, str(graph.n_layers + 1)
     for k, (token, prob) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_probs.tolist(), strict=True)):
         clerp = f'Output "{display_token(decode(token))}" (p={prob:.3f})'
-        node = _node(f"{logit_layer}_{token}_{last}", token, logit_layer, last, LOGIT, f"L_{token}-{last}")
+        node = node_entry(f"{logit_layer}_{token}_{last}", token, logit_layer, last, LOGIT, f"L_{token}-{last}")
         nodes.append({**node, "token_prob": prob, "is_target_logit": k == 0, "clerp": clerp})
     return nodes
 

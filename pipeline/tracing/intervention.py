@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.lm.hook_points import mlp_module
-from pipeline.lm.hooks import block_output, decoder_blocks, replace_block_output
+from pipeline.lm.hook_points import replace_mlp_out
+from pipeline.lm.hooks import decoder_blocks
 from pipeline.sae.transcoder import Transcoder
 from pipeline.steering.generation import SamplingConfig, sample
 
@@ -97,11 +97,11 @@ def intervene(
         by_layer.setdefault(edit.layer, []).append(edit)
     with ExitStack() as stack:
         for layer, layer_edits in by_layer.items():
-            _attach(stack, blocks[layer], transcoders[layer], layer, layer_edits, on_edit)
+            _attach(stack, model, blocks[layer], transcoders[layer], layer, layer_edits, on_edit)
         yield
 
 
-def _attach(stack: ExitStack, block: nn.Module, tc: Transcoder, layer: int, edits, on_edit) -> None:
+def _attach(stack: ExitStack, model: nn.Module, block: nn.Module, tc: Transcoder, layer: int, edits, on_edit) -> None:
     """Hooks on one block: read its positions, then edit its MLP's output."""
     state: dict = {"positions": None, "seen": 0}
 
@@ -113,17 +113,15 @@ def _attach(stack: ExitStack, block: nn.Module, tc: Transcoder, layer: int, edit
         state["seen"] += length
         state["positions"] = given if given is not None else torch.arange(start, start + length).unsqueeze(0)
 
-    def edit_output(_module, inputs, output):
-        out_BTD = block_output(output)
-        x_BTD = inputs[0]
+    def edit_output(x_BTD: torch.Tensor, out_BTD: torch.Tensor) -> torch.Tensor:
         positions_BT = state["positions"].to(out_BTD.device).expand(out_BTD.shape[0], out_BTD.shape[1])
         delta_BTD = edit_delta(tc, x_BTD, positions_BT, edits)
         if on_edit is not None:
             on_edit(layer, delta_BTD)
-        return replace_block_output(output, out_BTD + delta_BTD.to(out_BTD.dtype))
+        return out_BTD + delta_BTD.to(out_BTD.dtype)
 
     stack.callback(block.register_forward_pre_hook(read_positions, with_kwargs=True).remove)
-    stack.callback(mlp_module(block).register_forward_hook(edit_output).remove)
+    stack.enter_context(replace_mlp_out(model, layer, edit_output))
 
 
 @torch.inference_mode()
