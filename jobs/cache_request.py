@@ -28,7 +28,9 @@ class CacheConfig:
 
     run: str = option(help="run directory, e.g. runs/demo")
     model: str = option(
-        "default", "'default' (SmolLM2-135M-Instruct, offline), a hub id, a model folder or a .gguf file"
+        "default",
+        "'default' (SmolLM2-135M-Instruct, offline), 'gemma3-270m' (Gemma 3 270M, offline once installed: see the "
+        "README), a hub id, a model folder or a .gguf file",
     )
     layer: int | None = option(None, "cache a hook point of this block (0-based; default: the middle block)")
     layers: str | None = option(

