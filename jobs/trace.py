@@ -8,7 +8,9 @@ MemAvailable, or the GPU's free memory) is refused with the settings that would 
 A saved graph of the same name is refused without ``--force``; with it, the new graph's
 files replace the old ones (each written atomically) once it is traced, and only then are
 the old graph's supernodes removed: a failed trace or write leaves the old graph whole.
-The model runs in float32; the graph is pruned (pipeline.tracing.pruning) and written to
+The model runs in float32 (``--float64`` for models whose norm gains make float32 rounding
+grow through the skip paths; a completeness error above ``INCOMPLETE`` prints a warning that
+says so); the graph is pruned (pipeline.tracing.pruning) and written to
 ``runs/R/graphs/NAME.json`` in the JSON Neuronpedia's graph viewer uploads, with
 saescope's provenance under ``saescope`` and the replacement and completeness scores
 (unpruned and pruned) in ``metadata.scores``; the unpruned graph goes beside it in
@@ -102,6 +104,10 @@ class TraceConfig:
     )
     json: bool = option(False, "print the graph document as JSON on stdout (it is saved either way)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
+    float64: bool = option(
+        False, "trace in float64 (twice the memory, slower): where float32 rounding grows through skip paths "
+        "(Gemma's large norm gains), the completeness error printed says so"
+    )
     force: bool = option(False, "replace a saved graph of the same name (its supernodes go with it)")
 
     def __post_init__(self):
@@ -154,12 +160,15 @@ class Plan:
     clt: CrossLayerTranscoder | None = None
     """The set's cross-layer transcoder (``transcoders`` then holds its layer views), else None."""
 
-    def on_device(self, device: str) -> dict:
-        """Layer -> transcoder (or CLT layer view) on ``device``."""
+    def on_device(self, device: str, dtype: torch.dtype = torch.float32) -> dict:
+        """Layer -> transcoder (or CLT layer view) on ``device``, in ``dtype`` when that is float64."""
+        wide = dtype == torch.float64
         if self.clt is not None:
-            clt = self.clt.to(device)
+            clt = self.clt.to(device).to(torch.float64) if wide else self.clt.to(device)
             return {layer: clt.layer_view(layer) for layer in range(clt.cfg.n_layers)}
-        return {layer: tc.to(device) for layer, tc in self.transcoders.items()}
+        return {
+            layer: tc.to(device).to(torch.float64) if wide else tc.to(device) for layer, tc in self.transcoders.items()
+        }
 
 
 def check_name_free(run_dir: Path, name: str, force: bool) -> None:
@@ -208,6 +217,7 @@ def graph_shape(cfg: TraceConfig, manifest, n_tokens: int, layer_cfgs: dict, tcs
         n_logits=1 if target is not None else 10,
         label_tokens=cfg.label_contexts * manifest.ctx_len,
         decoder_outputs=_mean_outputs(tcs),
+        bytes_per_number=8 if cfg.float64 else 4,
     )
 
 
@@ -345,12 +355,13 @@ def run_trace(cfg: TraceConfig, say=lambda line: print(line, file=sys.stderr)) -
     plan = _load(cfg)
     est, free = estimate(plan.shape), free_memory(cfg.device)
     check_fits(plan, est, free)
-    seconds = est.seconds(linear_gflops(torch.float32, torch.device(cfg.device)) * 1e9, plan.shape.n_layers)
+    dtype = torch.float64 if cfg.float64 else torch.float32
+    seconds = est.seconds(linear_gflops(dtype, torch.device(cfg.device)) * 1e9, plan.shape.n_layers)
     say(estimate_line(plan, est, free, seconds))
     run_dir, manifest, tokenizer = plan.run_dir, plan.manifest, plan.tokenizer
     loaded = load_run_model(manifest, cfg.device)
-    model = loaded.model.float()
-    tcs = plan.on_device(cfg.device)
+    model = loaded.model.to(dtype)
+    tcs = plan.on_device(cfg.device, dtype)
     model_record = manifest.provenance["model"]
     source = set_source(plan.name, cfg.prompt, plan.ids, run_dir.resolve().name, plan.folder.name, sorted(tcs),
                         model_record)  # fmt: skip
@@ -457,6 +468,21 @@ def _all_nodes(graph: Graph, document: dict, tokenizer) -> dict[int, str]:
     return {i: _node_text(node) for i, node in enumerate(nodes)}
 
 
+INCOMPLETE = 1e-3
+"""A completeness error above this (in logits) is not float32 rounding of a healthy trace: it gets a warning."""
+
+
+def incomplete_warning(logit_error: float) -> list[str]:
+    """One warning line when the replacement model misses the model's logits by more than ``INCOMPLETE``."""
+    if logit_error <= INCOMPLETE:
+        return []
+    return [
+        f"  warning: completeness error {logit_error:.2g} > {INCOMPLETE:g}: float32 rounding grew through the "
+        "transcoders' skip paths (large norm gains, as in Gemma); the edges are approximate. "
+        "Trace again with --float64, or use plain transcoders (train --transcoder --no-skip)"
+    ]
+
+
 def format_trace(result: dict) -> str:
     s = result["summary"]
     t = s["timings"]
@@ -464,6 +490,7 @@ def format_trace(result: dict) -> str:
         f"traced {s['n_tokens']} tokens in {t.get('wall_s', 0):.0f}s ({s['backward_passes']} backward passes)",
         "  targets: " + ", ".join(f"{text!r} p={p:.3f}" for text, p in s["targets"]),
         f"  completeness: the replacement model's last logits are within {s['logit_error']:.2g} of the model's",
+        *incomplete_warning(s["logit_error"]),
         "  scores (unpruned / pruned): replacement {:.3f} / {:.3f}, completeness {:.3f} / {:.3f}".format(
             *(s["scores"][g][k] for k in ("replacement", "completeness") for g in ("unpruned", "pruned"))
         ),

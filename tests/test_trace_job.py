@@ -176,3 +176,13 @@ def test_the_trace_page_reads_every_field_trace_writes(traced_run):
     for node in carrying:
         for q, k, _ in node.qk.pairs:
             assert name_of(graph, q) != q and name_of(graph, k) != k
+
+
+def test_float64_traces_to_float64_rounding_and_a_poor_completeness_warns(traced_run, capsys):
+    from jobs.trace import incomplete_warning
+
+    assert main(["trace", "--run", str(traced_run), "--prompt", "The cat sat", "--name", "wide", "--float64"]) == 0
+    doc = read_graph_json(traced_run, "wide")
+    assert doc["saescope"]["logit_error"] < 1e-9  # float32 rounding alone is ~1e-7 here
+    assert "warning" not in capsys.readouterr().out
+    assert incomplete_warning(1e-3) == [] and "--float64" in incomplete_warning(0.03)[0]

@@ -17,7 +17,8 @@ recorded L0, or F when nothing is recorded). Counts, as ``attribution`` lays the
     graph nodes       N = m + L*T + T + G
     backward passes   B = ceil(G / R) + ceil(m / R)
 
-Memory, in float32 numbers (4 bytes each), what stays while the stages run plus the largest stage:
+Memory, in numbers (4 bytes each in float32, 8 with ``trace --float64``), what stays while the
+stages run plus the largest stage:
 
     weights   = P + L * ((1 + O) FD + D^2 + 2F + D)     model and transcoders (skip included)
     prompt    = T*V + L*(6TD + H*T^2) + L*T*F + L*T*D + n*O*D
@@ -30,7 +31,7 @@ Memory, in float32 numbers (4 bytes each), what stays while the stages run plus 
                                                         of N^2 edge scores with int64 indices)
     labels    = 2 N^2 + C * min(m, L F)                (adjacency and masks, per-token latent values)
 
-    peak = 4 bytes * (weights + max(prompt + max(backward, assemble), prune, labels)) + RUNTIME_BYTES
+    peak = 4 (or 8) bytes * (weights + max(prompt + max(backward, assemble), prune, labels)) + RUNTIME_BYTES
 
 The prompt's record and replacement are freed once the adjacency is built, before pruning.
 
@@ -98,6 +99,8 @@ class GraphShape:
     n_params: int = 0
     """P (0: 2VD + 12LD^2, a Llama-shaped guess)."""
     decoder_outputs: float = 1.0
+    bytes_per_number: int = BYTES_PER_NUMBER
+    """4 (float32, the default) or 8 (``trace --float64``)."""
     """O: output layers a feature writes, on average (1 per-layer; (L+1)/2 for a cross-layer transcoder)."""
 
     def __post_init__(self):
@@ -185,7 +188,7 @@ def estimate(shape: GraphShape) -> Estimate:
     passes = math.ceil(G / R) + math.ceil(m / R)
     stages = _memory(shape, n, m, S, N)
     during = stages["prompt"] + max(stages["backward"], stages["assemble"])
-    peak = BYTES_PER_NUMBER * (stages["weights"] + max(during, stages["prune"], stages["labels"])) + RUNTIME_BYTES
+    peak = shape.bytes_per_number * (stages["weights"] + max(during, stages["prune"], stages["labels"])) + RUNTIME_BYTES
     return Estimate(n, m, N, passes, peak, stages, _flops(shape, n, S, N, passes))
 
 
