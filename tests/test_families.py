@@ -36,6 +36,7 @@ from pipeline.tracing.replacement import (
 )
 from pipeline.tracing.trace import trace
 from tests.test_tracing import D, random_transcoder
+from tests.test_tracing_linearization import mlp_writes
 
 V, N_LAYERS, T = 100, 2, 10
 
@@ -357,17 +358,7 @@ def _frozen_attention(patterns):
 
 
 def _writes(graph, tc, layer, seen, alpha_S):
-    x_TD = seen[("in", layer)][0]
-    acts_TF = tc.encode(x_TD).detach()
-    error_TD = seen[("out", layer)][0] - (acts_TF @ tc.W_dec + tc.b_dec + x_TD @ tc.W_skip.T).detach()
-    constant_T1 = graph.constant_positions[:, None].double()
-    scale_TF = constant_T1.expand_as(acts_TF).clone()
-    here = (graph.features[:, 0] == layer).nonzero().flatten()
-    scale_TF = scale_TF.index_put((graph.features[here, 1], graph.features[here, 2]), alpha_S[here])
-    traced_P = graph.error_positions
-    start = graph.n_features + layer * traced_P.numel()
-    error_T1 = constant_T1.clone().index_put((traced_P,), alpha_S[start : start + traced_P.numel(), None])
-    return (scale_TF * acts_TF) @ tc.W_dec.detach() + error_T1 * error_TD
+    return mlp_writes(graph, tc, layer, seen, alpha_S, keys=("in", "out"))
 
 
 def _hooked_forward(model, layout, transcoders, ids, graph, rep, seen, norms, alpha_S):

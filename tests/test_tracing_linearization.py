@@ -60,11 +60,12 @@ def frozen_norm(x_recorded):
     return hook
 
 
-def mlp_writes(graph, tc, layer: int, seen: dict, alpha_S: torch.Tensor):
-    """What MLP ``layer`` writes in the frozen model, as a function of the sources' alphas."""
-    x_TD = seen[("mlp_in", layer)][0]
+def mlp_writes(graph, tc, layer: int, seen: dict, alpha_S: torch.Tensor, keys=("mlp_in", "mlp_out")):
+    """What MLP ``layer`` writes in the frozen model, as a function of the sources' alphas (``seen`` holds the
+    MLP's recorded input and output under ``(keys[0], layer)`` and ``(keys[1], layer)``)."""
+    x_TD = seen[(keys[0], layer)][0]
     acts_TF = tc.encode(x_TD).detach()
-    error_TD = seen[("mlp_out", layer)][0] - (acts_TF @ tc.W_dec + tc.b_dec + x_TD @ tc.W_skip.T).detach()
+    error_TD = seen[(keys[1], layer)][0] - (acts_TF @ tc.W_dec + tc.b_dec + x_TD @ tc.W_skip.T).detach()
     constant_T1 = graph.constant_positions[:, None].double()
     scale_TF = constant_T1.expand_as(acts_TF).clone()
     here = (graph.features[:, 0] == layer).nonzero().flatten()
