@@ -343,9 +343,15 @@ def test_a_file_s_view_opens_when_the_url_has_none(graph_run):
 
 
 def test_dense_latents_hide_until_asked_and_qk_tracing_shows_both_sides(graph_run):
-    (graph_run / "graphs" / "cat.json").write_text(json.dumps(rich_graph()), encoding="utf-8")
+    data = rich_graph()
+    data["saescope"]["qk_tracing"] = [{"target": "1_12_1", "layer": 1, "head": 3, "query_pos": 1, "key_pos": 0,
+                                       "pattern": 0.875, "score": 2.5}]  # fmt: skip
+    (graph_run / "graphs" / "cat.json").write_text(json.dumps(data), encoding="utf-8")
     app = page(graph="cat", clickedId="1_12_1").run()
     assert not app.exception, app.exception
+    tokens = data["metadata"]["prompt_tokens"]
+    assert any(f"head L1.H3 attends from {tokens[1]!r}@1 to {tokens[0]!r}@0 (pattern 0.88)" in m.value
+               for m in app.markdown)  # fmt: skip
     assert sorted(r["node_id"] for r in chart_rows(app) if "node_id" in r).count("0_3_1") == 0
     q_side, k_side, pairs = (d.value for d in app.dataframe)
     assert q_side["attribution"].tolist() == [-0.7, 0.2]  # strongest first

@@ -41,11 +41,11 @@ def details_html(node: TraceNode, transcoders: str | None = None) -> str:
         numbers += f"{' · ' if numbers else ''}density {format_density(node.density)}{' (dense)' if node.dense else ''}"
     url = feature_url(node, transcoders)
     link = f' · <a href="{html.escape(url)}" target="_self">feature page</a>' if url else ""
-    where = f"layer {node.layer}" if node.layer is not None else node.kind
+    where = f"layer {node.layer} · " if node.layer is not None else ""
     example = f'<div class="trace-example">{html.escape(node.example)}</div>' if node.example else ""
     return (
         f'<div class="trace-node" data-node="{html.escape(node.node_id)}"><b>{html.escape(node.label or "no label")}'
-        f"</b> <span style='color:#666'>· {html.escape(node.kind)} · {html.escape(where)} · position "
+        f"</b> <span style='color:#666'>· {html.escape(node.kind)} · {html.escape(where)}position "
         f"{node.position}{' · ' + numbers if numbers else ''}</span>{link}{example}</div>"
     )
 
@@ -62,11 +62,32 @@ def qk_frames(graph: TraceGraph, qk: QkTracing) -> tuple[pd.DataFrame, pd.DataFr
     return side(qk.q_marginal), side(qk.k_marginal), pd.DataFrame(pair_rows, columns=["query", "key", "attribution"])
 
 
+def qk_head_line(graph: TraceGraph, node_id: str) -> str:
+    """Which head the node's QK tracing decomposes (its strongest, the first of ``saescope.qk_tracing`` for it):
+    'head L23.H4 attends from " is"@5 to " France"@4 (pattern 0.88), score 5.39'; '' when the file lacks it."""
+    entry = next((e for e in graph.saescope.get("qk_tracing") or [] if e.get("target") == node_id), None)
+    if entry is None:
+        return ""
+    tokens = graph.prompt_tokens
+
+    def at(pos: int) -> str:
+        return f"{tokens[pos]!r}@{pos}" if 0 <= pos < len(tokens) else f"@{pos}"
+
+    return (
+        f"head L{entry['layer']}.H{entry['head']} attends from {at(int(entry['query_pos']))} to "
+        f"{at(int(entry['key_pos']))} (pattern {float(entry['pattern']):.2f}), pre-softmax score "
+        f"{float(entry['score']):.3g}: what the query and the key are made of"
+    )
+
+
 def qk_panel(graph: TraceGraph, node: TraceNode) -> None:
     """Q and K marginal contributors side by side, then the top query-key pairs (nothing without QK tracing)."""
     if node.qk is None:
         return
     q_side, k_side, pairs = qk_frames(graph, node.qk)
+    head = qk_head_line(graph, node.node_id)
+    if head:
+        st.markdown(f"**QK tracing** · {head}", help="pipeline/tracing/qk.py: pairs sum to the score")
     left, right = st.columns(2)
     left.caption("Q marginal: what feeds the query")
     left.dataframe(q_side, hide_index=True, key="trace_qk_q")
