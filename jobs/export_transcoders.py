@@ -83,10 +83,15 @@ def load_set(folder: Path) -> dict[int, Transcoder]:
     return tcs
 
 
+OFFLINE_MODEL_HUB_IDS = {DEFAULT_MODEL: DEFAULT_MODEL_HUB_ID, "gemma3-270m": "google/gemma-3-270m"}
+"""The hub id of each offline model spec. Both ship quantised GGUFs (SmolLM2 in Q4_1, Gemma 3 270M in Q4_K_M):
+circuit-tracer loads the full-precision hub weights, close to but not the weights the set was trained on."""
+
+
 def hub_model_name(spec: str, name: str) -> str:
-    """What circuit-tracer should load: the default model's hub id, a hub id as given, else the model's name."""
-    if spec == DEFAULT_MODEL:
-        return DEFAULT_MODEL_HUB_ID
+    """What circuit-tracer should load: an offline model's hub id, a hub id as given, else the model's name."""
+    if spec in OFFLINE_MODEL_HUB_IDS:
+        return OFFLINE_MODEL_HUB_IDS[spec]
     return spec if spec.count("/") == 1 and not Path(spec).exists() else name
 
 

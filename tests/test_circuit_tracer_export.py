@@ -123,3 +123,12 @@ def test_bad_exports_are_one_line_and_write_nothing(transcoder_run, tmp_path, ca
     assert main(["export-transcoders", "--run", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs a transcoder at every layer from 0" in err and "\n" not in err and not out.exists()
+
+
+def test_the_offline_models_export_under_their_hub_ids():
+    from jobs.export_transcoders import hub_model_name
+
+    assert hub_model_name("default", "SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_name("gemma3-270m", "gemma-3-270m-q4_k_m") == "google/gemma-3-270m"
+    assert hub_model_name("Qwen/Qwen3-0.6B", "Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+    assert hub_model_name("/no/such/model.gguf", "model") == "model"
