@@ -301,6 +301,11 @@ def test_document_form(model, ids, rep, tokenizer):
     targets = qk_target_nodes(graph, pruned, 2)
     assert targets[1] == graph.adjacency.shape[0] - graph.n_logits
     assert targets[0] < graph.n_features and pruned.node_mask_N[targets[0]]
+    every = qk_target_nodes(graph, pruned, graph.adjacency.shape[0])
+    features = [i for i in every if i < graph.n_features]
+    assert len(features) >= 3
+    # a dense strongest feature goes after every other: the next strongest becomes the first target
+    assert qk_target_nodes(graph, pruned, 3, dense=frozenset({targets[0]})) == [features[1], targets[1], features[2]]
     traced = trace_qk(model, rep, graph, targets, heads_per_target=2)
     attach_qk(document, traced, graph, rep, top=5)
     carrying = [node for node in document["nodes"] if "qk_tracing_results" in node]

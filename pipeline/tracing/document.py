@@ -111,6 +111,14 @@ class TracedPrompt:
     document: dict
 
 
+def dense_features(graph, facts: dict[tuple[int, int], LatentFacts]) -> frozenset[int]:
+    """Feature-node indices whose latent the index marks dense."""
+    return frozenset(
+        i for i, (layer, _pos, latent) in enumerate(graph.features.tolist())
+        if (known := facts.get((layer, latent))) is not None and known.dense
+    )  # fmt: skip
+
+
 def mark_density(nodes: list[dict], facts: dict[tuple[int, int], LatentFacts]) -> None:
     """Add ``saescope_density`` and ``saescope_dense`` to every feature node (null where unknown), and
     ``saescope_example`` (its strongest indexed example as plain text) where the index has one."""
@@ -165,7 +173,8 @@ def trace_document(
         with_suggestions(document, graph.adjacency, pruned, graph.features)
     if settings.qk_targets:
         qk_started = time.perf_counter()
-        qk_into_document(document, model, transcoders, graph, pruned, settings.qk_targets, labels=labels)
+        qk_into_document(document, model, transcoders, graph, pruned, settings.qk_targets, labels=labels,
+                         dense=dense_features(graph, facts))  # fmt: skip
         timings["qk_s"] = time.perf_counter() - qk_started
     timings["wall_s"] = time.perf_counter() - started
     return TracedPrompt(graph, pruned, document)

@@ -663,11 +663,13 @@ def strongest_heads(model: nn.Module, rep: Replacement, readout: Readouts, n: in
     return spots
 
 
-def qk_target_nodes(graph: Graph, pruned: Pruned, n: int) -> list[int]:
+def qk_target_nodes(graph: Graph, pruned: Pruned, n: int, dense: frozenset[int] = frozenset()) -> list[int]:
     """Adjacency indices of the targets to QK-trace, in this order: the kept feature of highest influence, the
-    top logit, then the next kept features by influence; the first ``n`` of them."""
+    top logit, then the next kept features by influence; the first ``n`` of them. Features in ``dense`` (dense
+    latents, which the page hides by default, often attention sinks at BOS) come after every other feature."""
     kept = pruned.node_mask_N[: graph.n_features].nonzero().flatten()
     by_influence = kept[pruned.influence_N[kept].argsort(descending=True, stable=True)].tolist()
+    by_influence = [i for i in by_influence if i not in dense] + [i for i in by_influence if i in dense]
     top_logit = graph.adjacency.shape[0] - graph.n_logits
     return ([*by_influence[:1], top_logit, *by_influence[1:]])[:n]
 
@@ -796,8 +798,10 @@ def qk_into_document(
     n_targets: int,
     heads_per_target: int = 3,
     labels: dict | None = None,
+    dense: frozenset[int] = frozenset(),
 ) -> None:
-    """QK-trace the first ``n_targets`` targets of ``qk_target_nodes`` and ``attach_qk`` them to ``document``.
+    """QK-trace the first ``n_targets`` targets of ``qk_target_nodes`` (``dense`` features last) and ``attach_qk``
+    them to ``document``.
 
     The prompt is recorded again (one forward of the model; the graph keeps no replacement model).
     A model that is not Llama-style is not traced: ``saescope.qk_skipped`` says why.
@@ -809,5 +813,5 @@ def qk_into_document(
         return
     device = next(model.parameters()).device
     rep = build_replacement(record_prompt(model, graph.prompt_ids.to(device)), transcoders)
-    traced = trace_qk(model, rep, graph, qk_target_nodes(graph, pruned, n_targets), heads_per_target)
+    traced = trace_qk(model, rep, graph, qk_target_nodes(graph, pruned, n_targets, dense), heads_per_target)
     attach_qk(document, traced, graph, rep, labels)
