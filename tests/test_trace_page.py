@@ -382,3 +382,13 @@ def test_every_chart_layer_is_axisless_and_small_charts_are_svg(graph_run):
         for channel in ("x", "y"):
             assert layer["encoding"][channel].get("axis", "missing") is None, (layer["mark"], channel)
     assert spec["usermeta"]["embedOptions"]["renderer"] == "svg"
+
+
+def test_boxes_whose_tops_meet_name_only_the_largest_saved_first():
+    from dashboards.views.trace.layout import group_boxes
+
+    placed = {"a": (1.0, 0.0), "b": (1.0, 1.0), "c": (1.2, 0.0), "d": (3.0, 0.0), "e": (3.0, 1.0)}
+    groups = [("small", ["a", "c"], True), ("big", ["a", "b", "c"], True), ("mine", ["a", "c"], False),
+              ("apart", ["d"], True)]  # fmt: skip
+    labels = {b["name"]: b["label"] for b in group_boxes(groups, placed)}
+    assert labels == {"small": "", "big": "big", "mine": "mine", "apart": "apart"}

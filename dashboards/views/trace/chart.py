@@ -114,7 +114,7 @@ def box_layers(boxes: pd.DataFrame) -> list[alt.Chart]:
     ).add_params(pick)  # fmt: skip
     text = alt.Chart(boxes).mark_text(dy=-8, fontWeight="bold", align="left")
     text = text.encode(
-        x=x, y=alt.Y("y2:Q", **_axisless()), text="name:N", color=alt.Color("source:N", scale=scale, legend=None)
+        x=x, y=alt.Y("y2:Q", **_axisless()), text="label:N", color=alt.Color("source:N", scale=scale, legend=None)
     )
     return [rect, text]
 

@@ -332,7 +332,9 @@ def edge_rows(graph: TraceGraph, placed: dict[str, tuple[float, float]]) -> list
 
 def group_boxes(groups: list[tuple[str, list[str], bool]], placed: dict[str, tuple[float, float]], pad: float = 0.3):
     """One box per supernode (name, members, suggested?) around its members' positions (members missing from the
-    graph are ignored); ``source`` says 'suggested' or 'saved'."""
+    graph are ignored); ``source`` says 'suggested' or 'saved'. ``label`` is the name drawn above the box, '' for
+    all but the largest box whose top sits in the same column and row (the rest would print over each other:
+    the demo's 30 suggestions crowd layer 0); every box names itself in its tooltip."""
     boxes = []
     for name, members, suggested in groups:
         points = [placed[m] for m in members if m in placed]
@@ -342,4 +344,9 @@ def group_boxes(groups: list[tuple[str, list[str], bool]], placed: dict[str, tup
         boxes.append({"name": name, "x": min(xs) - pad, "x2": max(xs) + pad, "y": min(ys) - pad,
                       "y2": max(ys) + pad, "members": len(points),
                       "source": "suggested" if suggested else "saved"})  # fmt: skip
+    labelled: set[tuple[int, int]] = set()
+    for box in sorted(boxes, key=lambda b: (b["source"] != "saved", -b["members"])):
+        spot = (round(box["x"] + pad), round(box["y2"]))
+        box["label"] = "" if spot in labelled else box["name"]
+        labelled.add(spot)
     return boxes
