@@ -392,3 +392,9 @@ def test_boxes_whose_tops_meet_name_only_the_largest_saved_first():
               ("apart", ["d"], True)]  # fmt: skip
     labels = {b["name"]: b["label"] for b in group_boxes(groups, placed)}
     assert labels == {"small": "", "big": "big", "mine": "mine", "apart": "apart"}
+
+
+def test_the_chart_carries_each_box_s_label(graph_run):
+    (graph_run / "graphs" / "cat.json").write_text(json.dumps(rich_graph()), encoding="utf-8")
+    rows = [r for r in chart_rows(page(graph="cat").run()) if "members" in r]
+    assert rows and all(r["label"] in ("", r["name"]) for r in rows) and any(r["label"] for r in rows)

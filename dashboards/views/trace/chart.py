@@ -149,7 +149,7 @@ def frames(
     return (
         pd.DataFrame(node_rows(graph, placed, clicked, pinned)),
         edges,
-        pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members", "source"]),
+        pd.DataFrame(group_boxes(groups, placed), columns=["name", "x", "x2", "y", "y2", "members", "source", "label"]),
     )
 
 
