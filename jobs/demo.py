@@ -55,7 +55,9 @@ class DemoConfig(serve.ServeConfig):
     tokens: int = option(DEMO_TOKENS, "tokens to cache", parse=counted(1))
     d_sae: int = option(DEMO_D_SAE, "SAE latents", parse=counted(2))
     serve: bool = option(True, "serve the dashboard at the end (--no-serve stops after the last stage)")
-    trace: bool = option(False, "also train transcoders at every layer and trace two prompts (about 30-40 min more)")
+    trace: bool = option(
+        False, "also train transcoders at every layer, index them and trace two prompts (about 25-50 min more)"
+    )
 
 
 def register(subparsers) -> None:
