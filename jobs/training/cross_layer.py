@@ -32,7 +32,7 @@ from jobs.options import ConfigError, config_to_mapping
 from jobs.run import load_run_model
 from jobs.torchrun import agreed_dtype
 from jobs.training.start import saved_weights_config, weights_config
-from jobs.training.transcoders import ContextBatches, _stream, plan, trainer_config, training_tokens
+from jobs.training.transcoders import ContextBatches, mlp_io_stream, plan, trainer_config, training_tokens
 from pipeline.lm.activations import mlp_io
 from pipeline.lm.packing import special_mask
 from pipeline.runtime.distributed import SINGLE
@@ -120,8 +120,8 @@ def _start(cfg, p, d_model: int, tcfg, model, batches, tree: dict | None, device
         optimizer = make_clt_optimizer(clt, tcfg)
         state = restore_clt_state_tree(tree["clt"], clt, optimizer)
         scales = tuple(torch.tensor(s, dtype=torch.float32) for s in tree["scales"])
-        return clt, optimizer, state, scales, _stream(model, batches, p.layers, state.step, device)
-    stream = _stream(model, batches, p.layers, 0, device)
+        return clt, optimizer, state, scales, mlp_io_stream(model, batches, p.layers, state.step, device)
+    stream = mlp_io_stream(model, batches, p.layers, 0, device)
     first = next(stream)
     scales = layer_scales({layer: (x.cpu(), y.cpu()) for layer, (x, y) in first.items()}, L)
     _, y_LND = stack_batch(first, L, scales)

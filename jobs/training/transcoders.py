@@ -174,7 +174,7 @@ class ContextBatches:
         return ids, ~special_mask(ids, self.special)
 
 
-def _stream(model, batches: ContextBatches, layers, first: int, device) -> Iterator[dict]:
+def mlp_io_stream(model, batches: ContextBatches, layers, first: int, device) -> Iterator[dict]:
     step = first
     while True:
         ids, ordinary = batches.contexts(step)
@@ -277,7 +277,7 @@ def _train(cfg, run_dir: Path, manifest: CacheManifest, p: TranscoderPlan, say, 
         say(f"resuming transcoder set {cfg.name!r} from its checkpoint at step {first_step} of {p.steps}")
     else:
         tcs, scales = _fresh(
-            cfg, p, next(_stream(stream_model, batches, p.layers, 0, device)), manifest.d_model, device
+            cfg, p, next(mlp_io_stream(stream_model, batches, p.layers, 0, device)), manifest.d_model, device
         )
         members = {
             layer: (tc, make_optimizer(tc, tcfg), TrainState.fresh(p.d_sae, device)) for layer, tc in tcs.items()
@@ -375,7 +375,7 @@ def _train_per_layer(p, members, scales, tcfg, batches, model, first_step, devic
         Trainee(tc, opt, state, tcfg, on_log(layer), on_checkpoint(layer), pick=_picker(layer, scales[layer]))
         for layer, (tc, opt, state) in members.items()
     ]
-    train_many(trainees, _stream(model, batches, p.layers, first_step, device), first_step)
+    train_many(trainees, mlp_io_stream(model, batches, p.layers, first_step, device), first_step)
 
 
 def _exported(tc: Transcoder, optimizer, scale: tuple[float, float]) -> Transcoder:

@@ -103,14 +103,14 @@ from pipeline.tracing.pruning import Pruned
 from pipeline.tracing.replacement import (
     FrozenNorm,
     Replacement,
-    _freeze,
-    _output,
-    _recording_attention,
-    _values,
     build_replacement,
+    freeze_norm,
     frozen_norm,
+    output_projection,
     record_prompt,
+    recording_attention_call,
     replacement_forward,
+    value_vectors,
 )
 
 QK_ATTENTION = "saescope_qk"
@@ -314,7 +314,7 @@ def _keeping_queries_keys(model: nn.Module, attn: nn.Module, seen: dict):
     def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if module is attn:
             seen.update(query=query[0], key=key[0], scaling=query.shape[-1] ** -0.5 if scaling is None else scaling)
-        return _recording_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return recording_attention_call(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     def keep_rotary(_m, _args, kwargs):
         seen["cos_sin"] = kwargs.get("position_embeddings")
@@ -395,7 +395,7 @@ def head_map(
     fix_d = bias_d.new_zeros(bias_d.shape)
     if norm is not None:
         raw_1d = (weight_dD @ h_D.double() + bias_d)[None]
-        frozen = _freeze(family.norm, norm, raw_1d, norm(raw_1d.to(norm.weight.dtype)).double())
+        frozen = freeze_norm(family.norm, norm, raw_1d, norm(raw_1d.to(norm.weight.dtype)).double())
         linear = FrozenNorm(frozen.scale_T1, torch.zeros_like(frozen.fix_TD))
         weight_dD = frozen_norm(family.norm, norm, weight_dD.T, linear).T
         bias_d, fix_d = frozen_norm(family.norm, norm, bias_d[None], linear)[0], frozen.fix_TD[0]
@@ -621,7 +621,7 @@ def _output_vjp(family: Family, block: nn.Module, rec, pos: int, g_D: Tensor) ->
     width = rec.pattern_HTT.shape[0] * head_dim(family, attn)
 
     def write(z):
-        a = _output(family, attn, z.to(next(attn.parameters()).dtype)).to(z)
+        a = output_projection(family, attn, z.to(next(attn.parameters()).dtype)).to(z)
         if family.attn_post_norm is None:
             return a
         post = _as_norm(_norm_at(rec.attn_post_norm, pos), a)
@@ -641,7 +641,7 @@ def value_effects(model: nn.Module, rep: Replacement, readout: Readouts) -> torc
         attn, rec = child(blocks[layer], family.attention), rep.record.layers[layer]
         d, H = head_dim(family, attn), rec.pattern_HTT.shape[0]
         h_kD = _attention_input(model, rep, layer)[: pos + 1].to(rep.record.embed_TD.dtype)
-        v_hkd = _values(family, attn, h_kD[None])[0]
+        v_hkd = value_vectors(family, attn, h_kD[None])[0]
         v_kHd = v_hkd.repeat_interleave(H // v_hkd.shape[0], dim=0).transpose(0, 1).double()
         u_Hd = _output_vjp(family, blocks[layer], rec, pos, g_D).view(H, d).double()
         layer_HT = rec.pattern_HTT.new_zeros(H, T, dtype=torch.float64)

@@ -182,7 +182,7 @@ def frozen_norm(kind: str, norm: nn.Module, x_BTD: torch.Tensor, frozen: FrozenN
     return (y_BTD if bias is None else y_BTD + _as(bias, y_BTD)) + frozen.fix_TD
 
 
-def _freeze(kind: str, norm: nn.Module, x_TD: torch.Tensor, y_TD: torch.Tensor) -> FrozenNorm:
+def freeze_norm(kind: str, norm: nn.Module, x_TD: torch.Tensor, y_TD: torch.Tensor) -> FrozenNorm:
     """Freeze a norm at its recorded input x and output y: scale from x, fix = y - the frozen norm of x."""
     scale_T1 = _norm_scale(kind, norm, x_TD)
     return FrozenNorm(scale_T1, y_TD - frozen_norm(kind, norm, x_TD, FrozenNorm(scale_T1, torch.zeros_like(x_TD))))
@@ -221,7 +221,7 @@ def attention_pattern(attn: nn.Module, h_TD: torch.Tensor, cos_sin: tuple[torch.
     return scores_HTT.masked_fill(hidden_TT, float("-inf")).softmax(-1)
 
 
-def _recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
+def recording_attention_call(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
     """Eager attention [B, H, T, d] that returns its pattern, softmax in the inputs' dtype (float32 for half
     precision). Called by every supported family with its own queries, keys, scaling, soft-cap and mask."""
     if kw.get("s_aux") is not None:
@@ -240,11 +240,11 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
 
 @contextmanager
 def recording_attention(model: nn.Module) -> Iterator[None]:
-    """While open, the model's attention modules run ``_recording_attention`` (and return its pattern)."""
+    """While open, the model's attention modules run ``recording_attention_call`` (and return its pattern)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
+    AttentionInterface.register(RECORDING_ATTENTION, recording_attention_call)
     AttentionMaskInterface.register(RECORDING_ATTENTION, eager_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(RECORDING_ATTENTION)
@@ -294,7 +294,7 @@ def _layer_record(family: Family, block: nn.Module, seen: dict) -> LayerRecord:
 
     def freeze(role: str) -> FrozenNorm | None:
         name = getattr(family, role)
-        return None if name is None else _freeze(family.norm, child(block, name), *seen[role])
+        return None if name is None else freeze_norm(family.norm, child(block, name), *seen[role])
 
     return LayerRecord(
         resid_pre_TD=seen["resid_pre"],
@@ -338,7 +338,7 @@ def record_prompt(model: nn.Module, ids_T: torch.Tensor) -> PromptRecord:
         embed_TD=layers[0].resid_pre_TD,
         layers=layers,
         resid_final_TD=x_TD,
-        final_norm=_freeze(family.norm, final_norm, x_TD, y_TD),
+        final_norm=freeze_norm(family.norm, final_norm, x_TD, y_TD),
         final_TD=y_TD,
         logits_TV=logits_TV,
         logit_scale_TV=_logit_scale(model, family, final["z"], logits_TV),
@@ -390,7 +390,7 @@ def _heads(x_BTX: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x_BTX.view(B, T, -1, head_dim).transpose(1, 2)
 
 
-def _values(family: Family, attn: nn.Module, h_BTD: torch.Tensor) -> torch.Tensor:
+def value_vectors(family: Family, attn: nn.Module, h_BTD: torch.Tensor) -> torch.Tensor:
     """The value vectors [B, H_kv, T, d] (bias included) of attention's input."""
     if family.value_layout == "gpt2":
         D = attn.split_size
@@ -404,7 +404,7 @@ def _values(family: Family, attn: nn.Module, h_BTD: torch.Tensor) -> torch.Tenso
     return _heads(attn.v_proj(h_BTD), attn.head_dim)
 
 
-def _output(family: Family, attn: nn.Module, z_BTX: torch.Tensor) -> torch.Tensor:
+def output_projection(family: Family, attn: nn.Module, z_BTX: torch.Tensor) -> torch.Tensor:
     if family.value_layout == "gpt2":
         return attn.c_proj(z_BTX)
     return attn.dense(z_BTX) if family.value_layout == "neox" else attn.o_proj(z_BTX)
@@ -413,10 +413,10 @@ def _output(family: Family, attn: nn.Module, z_BTX: torch.Tensor) -> torch.Tenso
 def _value_path(family: Family, attn: nn.Module, h_BTD: torch.Tensor, pattern_HTT: torch.Tensor) -> torch.Tensor:
     """Attention with its pattern frozen: output projection of (pattern @ values); linear in h (plus biases)."""
     B, T, _ = h_BTD.shape
-    v_BhTd = _values(family, attn, h_BTD)
+    v_BhTd = value_vectors(family, attn, h_BTD)
     v_BHTd = v_BhTd.repeat_interleave(pattern_HTT.shape[0] // v_BhTd.shape[1], dim=1)
     z_BTHd = (pattern_HTT @ v_BHTd).transpose(1, 2)
-    return _output(family, attn, z_BTHd.reshape(B, T, -1))
+    return output_projection(family, attn, z_BTHd.reshape(B, T, -1))
 
 
 @dataclass(frozen=True)
