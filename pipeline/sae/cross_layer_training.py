@@ -33,7 +33,7 @@ from pipeline.sae.initialization import normalization_factor
 from pipeline.sae.model import jumprelu_step
 from pipeline.sae.optimizers import ScheduleFreeSignum
 from pipeline.sae.sparse_ops import encode_selected, sparse_matmul
-from pipeline.sae.training import TrainConfig, step_lr
+from pipeline.sae.training import TrainConfig, checkpoint_tree, restore_checkpoint_tree, step_lr
 
 Batch = Mapping[int, tuple[torch.Tensor, torch.Tensor]]
 """layer -> (mlp-in [N, D], mlp-out [N, D]) for every layer of the CLT."""
@@ -244,25 +244,14 @@ def train_clt(
 
 
 def clt_state_tree(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, state: CltTrainState) -> dict:
-    """Everything a resumed run needs, as a tree of tensors and scalars (no file format)."""
-    return {
-        "clt": clt.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "train": {
-            "step": state.step,
-            "tokens_seen": state.tokens_seen,
-            "tokens_since_fired_LF": state.tokens_since_fired_LF,
-        },
-        "rng": {"torch": torch.get_rng_state()},
-    }
+    """A CLT run's ``checkpoint_tree``."""
+    train = {"step": state.step, "tokens_seen": state.tokens_seen, "tokens_since_fired_LF": state.tokens_since_fired_LF}
+    return checkpoint_tree("clt", clt, optimizer, train)
 
 
 def restore_clt_state_tree(tree: dict, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> CltTrainState:
     """Load ``clt_state_tree`` output back into ``clt`` and ``optimizer``; return the state."""
-    clt.load_state_dict(tree["clt"])
-    optimizer.load_state_dict(tree["optimizer"])
-    torch.set_rng_state(tree["rng"]["torch"])
-    train = tree["train"]
+    train = restore_checkpoint_tree(tree, "clt", clt, optimizer)
     return CltTrainState(
         tokens_since_fired_LF=train["tokens_since_fired_LF"].to(clt.b_dec_LD.device),
         step=int(train["step"]),

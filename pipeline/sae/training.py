@@ -391,26 +391,30 @@ def train_many(
         trainee.sae.eval()
 
 
+def checkpoint_tree(key: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, train: dict) -> dict:
+    """Everything a resumed run needs, as a tree of tensors and scalars (no file format): the module's weights
+    under ``key``, the optimizer, the ``train`` counters and the torch RNG."""
+    return {key: module.state_dict(), "optimizer": optimizer.state_dict(), "train": train,
+            "rng": {"torch": torch.get_rng_state()}}  # fmt: skip
+
+
+def restore_checkpoint_tree(tree: dict, key: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load ``checkpoint_tree`` output back into ``module``, ``optimizer`` and the RNG; return its ``train``."""
+    module.load_state_dict(tree[key])
+    optimizer.load_state_dict(tree["optimizer"])
+    torch.set_rng_state(tree["rng"]["torch"])
+    return tree["train"]
+
+
 def state_tree(sae: Sae, optimizer: torch.optim.Optimizer, state: TrainState) -> dict:
-    """Everything a resumed run needs, as a tree of tensors and scalars (no file format)."""
-    return {
-        "sae": sae.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "train": {
-            "step": state.step,
-            "tokens_seen": state.tokens_seen,
-            "tokens_since_fired_F": state.tokens_since_fired_F,
-        },
-        "rng": {"torch": torch.get_rng_state()},
-    }
+    """An SAE run's ``checkpoint_tree``."""
+    train = {"step": state.step, "tokens_seen": state.tokens_seen, "tokens_since_fired_F": state.tokens_since_fired_F}
+    return checkpoint_tree("sae", sae, optimizer, train)
 
 
 def restore_state_tree(tree: dict, sae: Sae, optimizer: torch.optim.Optimizer) -> TrainState:
     """Load ``state_tree`` output back into ``sae`` and ``optimizer``; return the TrainState."""
-    sae.load_state_dict(tree["sae"])
-    optimizer.load_state_dict(tree["optimizer"])
-    torch.set_rng_state(tree["rng"]["torch"])
-    train = tree["train"]
+    train = restore_checkpoint_tree(tree, "sae", sae, optimizer)
     return TrainState(
         tokens_since_fired_F=train["tokens_since_fired_F"].to(sae.W_dec.device),
         step=int(train["step"]),
