@@ -124,7 +124,7 @@ def run_tracing_stages(run: str, stage) -> None:
     print(index_transcoders.format_summary(index_transcoders.run_transcoder_index(index_cfg), run))
     stage(7, "tracing the demo prompts through the transcoders")
     for prompt, name in DEMO_PROMPTS:
-        if traced_with(Path(run), name) == DEMO_TRANSCODERS and labelled_from_index(Path(run), name):
+        if is_reusable(saved_graph(Path(run), name)):
             print(f"  graph {name!r} already traced: reusing it (saescope trace --name {name} --force redoes it)")
             continue
         force = bool(graph_files(Path(run), name))  # traced with another set: trace it again
@@ -132,18 +132,27 @@ def run_tracing_stages(run: str, stage) -> None:
         print(trace.format_trace(trace.run_trace(cfg)))
 
 
-def labelled_from_index(run: Path, name: str) -> bool:
-    """Whether a saved graph's feature labels came from a transcoder index (its feature nodes carry densities)."""
-    features = [n for n in read_graph_json(run, name)["nodes"] if n["feature_type"] == "cross layer transcoder"]
+def saved_graph(run: Path, name: str) -> dict | None:
+    """A saved graph's document (None: no readable graph of that name)."""
+    try:
+        return read_graph_json(run, name)
+    except ValueError:
+        return None
+
+
+def is_reusable(document: dict | None) -> bool:
+    """Whether a saved graph was traced with the demo's set and labelled from its index (feature nodes carry
+    densities)."""
+    if document is None or document.get("saescope", {}).get("transcoders") != DEMO_TRANSCODERS:
+        return False
+    features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
     return all(n.get("saescope_density") is not None for n in features)
 
 
 def traced_with(run: Path, name: str) -> str | None:
     """The transcoder set a saved graph was traced with (None: no readable graph of that name)."""
-    try:
-        return read_graph_json(run, name).get("saescope", {}).get("transcoders")
-    except ValueError:
-        return None
+    document = saved_graph(run, name)
+    return None if document is None else document.get("saescope", {}).get("transcoders")
 
 
 def index_is_current(sae_folder) -> bool:
