@@ -18,12 +18,11 @@ import torch
 
 from jobs import index_transcoders
 from jobs.console import human_bytes, human_count, progress
+from jobs.index_writing import finish_index, vocab_strings
 from jobs.options import add_config_arguments, auto_or, config_from_args, option, require
 from jobs.run import Run, check_fits_cache, open_run
 from pipeline.features.decoder_geometry import (
     final_norm_weight,
-    logit_effect_rankings,
-    nearest_by_decoder,
     unembedding,
 )
 from pipeline.features.statistics import CodeBatch, FeatureAccumulator
@@ -110,10 +109,6 @@ def _encode_batches(sae: Sae, manifest: CacheManifest, folder: Path, cfg: IndexC
             yield context_C, tokens_CT, codes, int(ordinary_CT.sum())
 
 
-def _vocab_strings(tokenizer, vocab_size: int) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in range(vocab_size)], clean_up_tokenization_spaces=False)
-
-
 def _metadata(
     manifest: CacheManifest,
     sae: Sae,
@@ -173,16 +168,11 @@ def _index_locked(cfg, run: Run, device, started) -> IndexSummary:
                 builder.add_contexts(context_C, tokens_CT)
                 bar.update(tokens_CT.numel())
                 tick = time.perf_counter()
-        builder.write_features(acc.count_F, acc.density_F(), acc.max_F, acc.mean_F())
-        builder.write_top_examples(acc.top_value_FK, acc.top_context_FK, acc.top_position_FK)
-        gamma = final_norm_weight(loaded.model)
-        raw, standardized = logit_effect_rankings(sae.W_dec.detach(), unembedding(loaded.model), gamma)
-        builder.write_logit_effects(*raw)
-        builder.write_standardized_effects(standardized)
-        builder.write_neighbours(*nearest_by_decoder(sae.W_dec.detach()))
-        builder.write_vocab(_vocab_strings(loaded.tokenizer, loaded.info.vocab_size))
-        builder.write_metadata(_metadata(manifest, sae, sae_cfg, sae_folder.name, fingerprint, cfg, acc))
-        path = builder.finish(manifest.ctx_len, cfg.window, cfg.width_bins, cfg.quantile_bins, cfg.samples_per_bin)
+        path = finish_index(
+            builder, acc, sae.W_dec, unembedding(loaded.model), final_norm_weight(loaded.model),
+            vocab_strings(loaded.tokenizer, loaded.info.vocab_size),
+            _metadata(manifest, sae, sae_cfg, sae_folder.name, fingerprint, cfg, acc), manifest, cfg,
+        )  # fmt: skip
     n_dead = int((acc.count_F == 0).sum())
     return IndexSummary(path, acc.n_tokens, sae.cfg.d_sae, n_dead, time.perf_counter() - started, encode_seconds)
 

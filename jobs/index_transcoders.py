@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from jobs.console import human_count, progress
+from jobs.index_writing import finish_index, vocab_strings
 from jobs.options import ConfigError
 from jobs.run import load_run_model
 from pipeline.features.decoder_geometry import (
     final_norm_weight,
-    logit_effect_rankings,
-    nearest_by_decoder,
     unembedding,
 )
 from pipeline.features.statistics import CodeBatch, FeatureAccumulator
@@ -236,7 +235,7 @@ def _index_layers(cfg, manifest, folder: Path, todo: list[int], fingerprints, se
                     entry.builder.add_contexts(context_B, tokens_BT)
                 bar.update(tokens_BT.numel())
                 tick = time.perf_counter()
-        vocab = _vocab_strings(loaded.tokenizer, loaded.info.vocab_size)
+        vocab = vocab_strings(loaded.tokenizer, loaded.info.vocab_size)
         W_U, gamma = unembedding(loaded.model), final_norm_weight(loaded.model)
         built = {}
         with progress(len(layers), "finish layer indexes", unit="layer") as bar:
@@ -246,26 +245,13 @@ def _index_layers(cfg, manifest, folder: Path, todo: list[int], fingerprints, se
     return built, layers[0].acc.n_tokens, layers[0].tc.cfg.d_sae, encode_seconds
 
 
-def _vocab_strings(tokenizer, vocab_size: int) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in range(vocab_size)], clean_up_tokenization_spaces=False)
-
-
 def _finish_layer(entry: _Layer, cfg, manifest, set_name: str, settings: dict, vocab, W_U, gamma) -> LayerSummary:
-    acc, builder, W_dec = entry.acc, entry.builder, entry.tc.W_dec.detach()
+    acc, builder = entry.acc, entry.builder
     builder.set_memory_limit(cfg.memory_limit)
     builder.con.execute(f"SET threads = {int(torch.get_num_threads())}")
-    density = acc.density_F()
-    builder.write_features(acc.count_F, density, acc.max_F, acc.mean_F(), dense_threshold=cfg.dense_threshold)
-    builder.write_top_examples(acc.top_value_FK, acc.top_context_FK, acc.top_position_FK)
-    gamma = None if gamma is None else gamma.to(W_dec.device)
-    raw, standardized = logit_effect_rankings(W_dec, W_U.to(W_dec.device), gamma)
-    builder.write_logit_effects(*raw)
-    builder.write_standardized_effects(standardized)
-    builder.write_neighbours(*nearest_by_decoder(W_dec))
-    builder.write_vocab(vocab)
-    n_dense = int((density > cfg.dense_threshold).sum())
-    builder.write_metadata(_metadata(entry, manifest, set_name, settings, acc, n_dense, cfg))
-    path = builder.finish(manifest.ctx_len, cfg.window, cfg.width_bins, cfg.quantile_bins, cfg.samples_per_bin)
+    n_dense = int((acc.density_F() > cfg.dense_threshold).sum())
+    metadata = _metadata(entry, manifest, set_name, settings, acc, n_dense, cfg)
+    path = finish_index(builder, acc, entry.tc.W_dec, W_U, gamma, vocab, metadata, manifest, cfg, cfg.dense_threshold)
     return LayerSummary(entry.layer, path, int((acc.count_F == 0).sum()), n_dense, skipped=False)
 
 

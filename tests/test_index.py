@@ -4,7 +4,7 @@ import duckdb
 import pytest
 import torch
 
-import jobs.index as index_job
+import jobs.index_writing as index_writing
 from jobs.cli import main
 from jobs.index import IndexConfig, run_index
 from jobs.run import read_sae
@@ -160,7 +160,7 @@ def test_killed_rebuild_leaves_the_old_index_readable(indexed_run, monkeypatch):
             assert during.summary(3) == before
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(index_job, "nearest_by_decoder", killed)
+    monkeypatch.setattr(index_writing, "nearest_by_decoder", killed)  # a step of finishing, after every code
     with pytest.raises(KeyboardInterrupt):
         run_index(IndexConfig(run=str(run), device="cpu", top_k=5, window=4))
     assert reader.summary(3) == before
