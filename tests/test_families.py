@@ -36,7 +36,7 @@ from pipeline.tracing.replacement import (
 )
 from pipeline.tracing.trace import trace
 from tests.test_tracing import D, random_transcoder
-from tests.test_tracing_linearization import mlp_writes
+from tests.test_tracing_linearization import assert_rows_are_gradients, mlp_writes
 
 V, N_LAYERS, T = 100, 2, 10
 
@@ -419,15 +419,7 @@ def test_adjacency_rows_are_gradients_through_the_hooked_model(family_model, tra
     with torch.enable_grad():
         logits, mlp_ins = _hooked_forward(model, layout, transcoders, ids, graph, rep, seen, norms, alpha_S)
         torch.testing.assert_close(logits.detach(), rep.record.logits_TV, rtol=0, atol=1e-5)  # HF RMSNorm: float32
-        targets = [(n_sources + k, logits[-1, v] - logits[-1].mean()) for k, v in enumerate(graph.logit_tokens[:3])]
-        late = (graph.features[:, 0] >= 1).nonzero().flatten()
-        for row in late[torch.linspace(0, late.numel() - 1, 3).long()].tolist():
-            layer, pos, latent = graph.features[row].tolist()
-            targets.append((row, mlp_ins[layer][pos] @ transcoders[layer].W_enc_FD[latent].detach()))
-        for row, value in targets:
-            (gradient,) = torch.autograd.grad(value, alpha_S, retain_graph=True)
-            torch.testing.assert_close(graph.adjacency[row, :n_sources], gradient, rtol=1e-9, atol=1e-12)
-            assert gradient.abs().max() > 1e-6
+        late = assert_rows_are_gradients(graph, transcoders, logits, mlp_ins, alpha_S, n_late=3)
     assert late.numel() > 0
 
 

@@ -60,6 +60,23 @@ def frozen_norm(x_recorded):
     return hook
 
 
+def assert_rows_are_gradients(graph, transcoders, logits, mlp_ins, alpha_S, n_late: int) -> torch.Tensor:
+    """Adjacency rows of the top 3 logits (demeaned) and of ``n_late`` features past layer 0 equal the gradients
+    of those targets, computed through the hooked model, with respect to every source's scale ``alpha_S``;
+    returns the features past layer 0."""
+    n_sources = alpha_S.numel()
+    targets = [(n_sources + k, logits[-1, v] - logits[-1].mean()) for k, v in enumerate(graph.logit_tokens[:3])]
+    late = (graph.features[:, 0] >= 1).nonzero().flatten()
+    for row in late[torch.linspace(0, late.numel() - 1, n_late).long()].tolist():
+        layer, pos, latent = graph.features[row].tolist()
+        targets.append((row, mlp_ins[layer][pos] @ transcoders[layer].W_enc_FD[latent].detach()))
+    for row, value in targets:
+        (gradient,) = torch.autograd.grad(value, alpha_S, retain_graph=True)
+        torch.testing.assert_close(graph.adjacency[row, :n_sources], gradient, rtol=1e-9, atol=1e-12)
+        assert gradient.abs().max() > 1e-6
+    return late
+
+
 def mlp_writes(graph, tc, layer: int, seen: dict, alpha_S: torch.Tensor, keys=("mlp_in", "mlp_out")):
     """What MLP ``layer`` writes in the frozen model, as a function of the sources' alphas (``seen`` holds the
     MLP's recorded input and output under ``(keys[0], layer)`` and ``(keys[1], layer)``)."""
@@ -116,13 +133,5 @@ def test_adjacency_columns_are_gradients_through_the_hooked_model(setup):
     with torch.no_grad():
         real = model(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(logits.detach(), real, rtol=0, atol=1e-6)  # HF norms round in float32
-    targets = [(n_sources + k, logits[-1, v] - logits[-1].mean()) for k, v in enumerate(graph.logit_tokens[:3])]
-    late = (graph.features[:, 0] >= 1).nonzero().flatten()
-    for row in late[torch.linspace(0, late.numel() - 1, 4).long()].tolist():
-        layer, pos, latent = graph.features[row].tolist()
-        targets.append((row, mlp_ins[layer][pos] @ transcoders[layer].W_enc_FD[latent].detach()))
-    for row, value in targets:
-        (gradient,) = torch.autograd.grad(value, alpha_S, retain_graph=True)
-        torch.testing.assert_close(graph.adjacency[row, :n_sources], gradient, rtol=1e-9, atol=1e-12)
-        assert gradient.abs().max() > 1e-6
+    assert_rows_are_gradients(graph, transcoders, logits, mlp_ins, alpha_S, n_late=4)
     assert graph.constant_positions[0] and not (graph.features[:, 1] == 0).any()
